@@ -1,0 +1,1 @@
+"""Lifelong-MoE continual-learning toolkit."""

@@ -1,0 +1,436 @@
+"""lifelong-moe-bench: time the MoE dispatch core against its baselines, in the same run.
+
+Every MoE timing is reported beside a dense FFN with the same active parameters per token
+(hidden k*h, the compute limit: ratio 1.0), as scattermoe's benchmarks do. Baselines: the
+per-expert loop, GShard-style one-hot einsum dispatch and all experts run densely on all
+tokens; plus a training step with a fraction of the experts frozen against none frozen.
+
+Needs torch alone (it also runs on GPU boxes with nothing else installed):
+    python -m lifelong_moe.bench dispatch --device cpu --threads 2 --tokens 8192 --experts 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lifelong_moe.errors import ConfigError
+from lifelong_moe.moe import MoELayer
+from lifelong_moe.moe.layer import ACTIVATIONS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EINSUM_CAPACITY_FACTOR = 1.25
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+class DenseFFN(torch.nn.Module):
+    """The dense twin: one bias-free MLP with hidden k*h, i.e. the active parameters per token."""
+
+    def __init__(self, d: int, h: int, activation: str) -> None:
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(d, h) / math.sqrt(d))
+        self.w2 = torch.nn.Parameter(torch.randn(h, d) / math.sqrt(h))
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x @ self.w1) @ self.w2
+
+
+def _route(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    routing = layer.router(x)
+    return routing.expert_ids, routing.gates
+
+
+class GShardEinsum(torch.nn.Module):
+    """GShard-style dispatch: one-hot [T, E, C] dispatch/combine tensors and einsums.
+
+    Capacity C = ceil(1.25 * T * k / E); slot 0 of every token has priority over slot 1, as in
+    GShard; overflow is dropped. Shares the router and expert weights of `layer`.
+    """
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        n_tokens, n_experts, top_k = x.shape[0], layer.n_experts, layer.top_k
+        capacity = math.ceil(EINSUM_CAPACITY_FACTOR * n_tokens * top_k / n_experts)
+        ids, gates = _route(layer, x)
+        one_hot = torch.nn.functional.one_hot(ids.t().reshape(-1), n_experts)  # slot-major
+        position = (one_hot.cumsum(0) - 1).gather(1, ids.t().reshape(-1, 1)).view(top_k, -1).t()
+        keep = position < capacity
+        flat_slot = ids * capacity + position.clamp_max(capacity - 1)  # [T, k] into E*C
+        combine = x.new_zeros(n_tokens, n_experts * capacity, dtype=torch.float32)
+        combine = combine.scatter(1, flat_slot, gates * keep)
+        combine = combine.view(n_tokens, n_experts, capacity).to(x.dtype)
+        dispatch = (combine != 0).to(x.dtype)
+        w1, w2 = layer.experts.w1, layer.experts.w2
+        expert_in = torch.einsum("tec,td->ecd", dispatch, x)
+        hidden = ACTIVATIONS[layer.activation](torch.einsum("ecd,edh->ech", expert_in, w1))
+        expert_out = torch.einsum("ech,ehd->ecd", hidden, w2)
+        return torch.einsum("tec,ecd->td", combine, expert_out)
+
+
+class AllExpertsDense(torch.nn.Module):
+    """Every expert on every token, then the top-k gates select: the no-sparsity upper bound."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        ids, gates = _route(layer, x)
+        dense_gates = torch.zeros(x.shape[0], layer.n_experts, device=x.device)
+        dense_gates = dense_gates.scatter(1, ids, gates).to(x.dtype)
+        w1, w2 = layer.experts.w1, layer.experts.w2
+        hidden = ACTIVATIONS[layer.activation](torch.einsum("td,edh->eth", x, w1))
+        return torch.einsum("te,etd->td", dense_gates, torch.einsum("eth,ehd->etd", hidden, w2))
+
+
+def split_banks(layer: MoELayer, n_frozen: int) -> MoELayer:
+    """A copy of a no-frozen layer whose first n_frozen experts and gate rows are frozen."""
+    out = MoELayer.from_config({**layer.get_config(), "n_frozen": n_frozen})
+    sd = layer.state_dict()
+    out.load_state_dict(
+        {
+            "router.weight_frozen": sd["router.weight"][:n_frozen],
+            "router.weight": sd["router.weight"][n_frozen:],
+            "experts.w1_frozen": sd["experts.w1"][:n_frozen],
+            "experts.w1": sd["experts.w1"][n_frozen:],
+            "experts.w2_frozen": sd["experts.w2"][:n_frozen],
+            "experts.w2": sd["experts.w2"][n_frozen:],
+            "expert_usage": sd["expert_usage"],
+        }
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Milliseconds of one call: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], None]) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+@dataclass
+class Case:
+    name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    params: list[torch.nn.Parameter]
+    cost: float  # estimated fwd+bwd time relative to dense-active
+    gib: float  # estimated peak extra memory
+    train_step: bool = False  # time fwd+bwd+AdamW step instead of fwd / fwd+bwd
+    skipped: str | None = None
+    fwd_ms: list[float] = field(default_factory=list)
+    fwdbwd_ms: list[float] = field(default_factory=list)
+
+
+def _moe_forward(layer: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y, aux = layer(x)
+        return y + 0.0 * aux.balance_loss.to(y.dtype)  # the aux loss is part of every MoE step
+
+    return run
+
+
+def _fwd(case: Case, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            case.forward(x)
+
+    return run
+
+
+def _fwd_bwd(case: Case, x: torch.Tensor, grad: torch.Tensor, opt) -> Callable[[], None]:
+    def run() -> None:
+        y = case.forward(x.detach().requires_grad_(True))
+        y.backward(grad)
+        if opt is not None:
+            opt.step()
+        for p in case.params:
+            p.grad = None
+
+    return run
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device, dtype) -> list:
+    d, h, k = args.d_model, args.d_hidden, args.top_k
+    nbytes = torch.finfo(dtype).bits // 8
+    layer = MoELayer(d, h, n_experts, k, activation=args.activation).to(device, dtype)
+    loop = MoELayer.from_config({**layer.get_config(), "dispatch": "loop"}).to(device, dtype)
+    loop.load_state_dict(layer.state_dict())
+    n_frozen = int(n_experts * args.frozen_fraction)  # floor: at least one stays trainable
+    frozen = split_banks(layer, n_frozen).to(device, dtype)
+    dense = DenseFFN(d, k * h, args.activation).to(device, dtype)
+    einsum, all_dense = GShardEinsum(layer), AllExpertsDense(layer)
+    grouped_fn, frozen_fn, dense_fn = _moe_forward(layer), _moe_forward(frozen), dense
+    if args.compile:
+        # fullgraph: a graph break inside the layer is an error, not a silent slowdown.
+        grouped_fn = torch.compile(grouped_fn, fullgraph=True)
+        frozen_fn = torch.compile(frozen_fn, fullgraph=True)
+        dense_fn = torch.compile(dense, fullgraph=True)
+    capacity = math.ceil(EINSUM_CAPACITY_FACTOR * n_tokens * k / n_experts)
+    onehot = n_tokens * n_experts * capacity
+    # einsum dispatch + combine cost 2*T*E*C*d MACs each way vs the dense 2*T*d*k*h.
+    einsum_cost = 1.0 + 3.0 * onehot * d / (n_tokens * d * k * h)
+    layer_mem = 6 * n_tokens * k * h * nbytes / 2**30
+    return [
+        Case("dense-active", dense_fn, _trainable(dense), 1.0, layer_mem),
+        Case("moe-grouped", grouped_fn, _trainable(layer), 1.2, layer_mem),
+        Case("moe-loop", _moe_forward(loop), _trainable(loop), 2.0 + n_experts / 32, layer_mem),
+        Case("gshard-einsum", einsum, _trainable(layer), einsum_cost, 5 * onehot * 4 / 2**30),
+        Case(
+            "all-experts-dense",
+            all_dense,
+            _trainable(layer),
+            n_experts / k,
+            3 * n_experts * n_tokens * h * nbytes / 2**30,
+        ),
+        Case("step-0-frozen", grouped_fn, _trainable(layer), 1.3, layer_mem, train_step=True),
+        Case(
+            f"step-{n_frozen}/{n_experts}-frozen",
+            frozen_fn,
+            _trainable(frozen),
+            1.3,
+            layer_mem,
+            train_step=True,
+        ),
+    ]
+
+
+def bench_one(args: argparse.Namespace, n_experts: int, n_tokens: int, device, dtype) -> dict:
+    tag = f"[E={n_experts} T={n_tokens}]"
+    cases = build_cases(args, n_experts, n_tokens, device, dtype)
+    x = torch.randn(n_tokens, args.d_model, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+    timer = Timer(device)
+    runs: dict[str, tuple[Callable, Callable | None]] = {}
+    for case in cases:
+        opt = torch.optim.AdamW(case.params, lr=1e-4) if case.train_step else None
+        runs[case.name] = (_fwd_bwd(case, x, grad, opt), None if case.train_step else _fwd(case, x))
+    # Warm-up dense first: its time calibrates the skip rule for the expensive baselines.
+    dense_ms = None
+    for case in cases:
+        fwd_bwd, fwd = runs[case.name]
+        if dense_ms is not None:
+            estimate_s = case.cost * dense_ms * (args.warmup + args.repeats) * 1.5 / 1e3
+            if estimate_s > args.max_case_seconds:
+                case.skipped = f"skipped: estimated {estimate_s:.0f} s > --max-case-seconds"
+            elif case.gib > args.max_gib:
+                case.skipped = f"skipped: estimated {case.gib:.1f} GiB > --max-gib"
+            if case.skipped:
+                log(f"{tag} {case.name}: {case.skipped}")
+                continue
+        log(f"{tag} warm-up {case.name}")
+        for _ in range(args.warmup):
+            ms = timer(fwd_bwd)
+            if fwd is not None:
+                timer(fwd)
+        if dense_ms is None:
+            dense_ms = ms
+    # Interleaved repeats: load changes from other CPU users hit every case alike.
+    for r in range(args.repeats):
+        for case in cases:
+            if case.skipped:
+                continue
+            fwd_bwd, fwd = runs[case.name]
+            if fwd is not None:
+                case.fwd_ms.append(timer(fwd))
+            case.fwdbwd_ms.append(timer(fwd_bwd))
+        log(f"{tag} repeat {r + 1}/{args.repeats} done")
+    return {
+        "n_experts": n_experts,
+        "n_tokens": n_tokens,
+        "cases": [
+            {
+                "name": c.name,
+                "train_step": c.train_step,
+                "skipped": c.skipped,
+                "fwd_ms": c.fwd_ms,
+                "fwdbwd_ms": c.fwdbwd_ms,
+                "fwd_median_ms": statistics.median(c.fwd_ms) if c.fwd_ms else None,
+                "fwdbwd_median_ms": statistics.median(c.fwdbwd_ms) if c.fwdbwd_ms else None,
+            }
+            for c in cases
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| E | T | impl | fwd ms | fwd / dense | fwd+bwd ms | fwd+bwd / dense |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        by_name = {c["name"]: c for c in res["cases"]}
+        dense = by_name["dense-active"]
+        for c in res["cases"]:
+            label = c["name"] + (" (fwd+bwd+AdamW)" if c["train_step"] else "")
+            if c["skipped"]:
+                lines.append(
+                    f"| {res['n_experts']} | {res['n_tokens']} | {label} | {c['skipped']} ||||"
+                )
+                continue
+            f, fb = c["fwd_median_ms"], c["fwdbwd_median_ms"]
+            rf = f / dense["fwd_median_ms"] if f is not None else None
+            rfb = fb / dense["fwdbwd_median_ms"]
+            lines.append(
+                f"| {res['n_experts']} | {res['n_tokens']} | {label} | {_fmt(f)} | "
+                f"{_fmt(rf, '{:.2f}')} | {_fmt(fb)} | {_fmt(rfb, '{:.2f}')} |"
+            )
+    lines.append("")
+    lines.append(
+        "| E | T | grouped fwd+bwd: x faster than loop | than einsum | frozen step / none |"
+    )
+    lines.append("|---:|---:|---:|---:|---:|")
+    for res in results:
+        med = {c["name"]: c["fwdbwd_median_ms"] for c in res["cases"]}
+        grouped = med["moe-grouped"]
+        steps = [c for c in res["cases"] if c["train_step"]]
+        ratio = None
+        if steps[0]["fwdbwd_median_ms"] and steps[1]["fwdbwd_median_ms"]:
+            ratio = steps[1]["fwdbwd_median_ms"] / steps[0]["fwdbwd_median_ms"]
+        loop = med["moe-loop"] / grouped if med["moe-loop"] else None
+        einsum = med["gshard-einsum"] / grouped if med["gshard-einsum"] else None
+        lines.append(
+            f"| {res['n_experts']} | {res['n_tokens']} | {_fmt(loop, '{:.2f}')} | "
+            f"{_fmt(einsum, '{:.2f}')} | {_fmt(ratio, '{:.2f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lifelong-moe-bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("dispatch", help="MoE layer vs dense-active, loop, einsum, all-dense")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--tokens", type=int, nargs="+", default=[8192])
+    p.add_argument("--experts", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-hidden", type=int, default=1024)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--activation", default="gelu", choices=sorted(ACTIVATIONS))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--frozen-fraction", type=float, default=0.875)
+    p.add_argument("--compile", action="store_true", help="torch.compile grouped MoE and dense")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-case-seconds", type=float, default=300.0, help="skip slower baselines")
+    p.add_argument("--max-gib", type=float, default=6.0, help="skip baselines needing more memory")
+    p.add_argument("--json", default=None, help="write all raw numbers here")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 1:
+        parser.error("--repeats and --warmup must be >= 1")
+    if not 0.0 <= args.frozen_fraction < 1.0:
+        parser.error("--frozen-fraction must be in [0, 1)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    results = []
+    try:
+        for n_experts in args.experts:
+            for n_tokens in args.tokens:
+                results.append(bench_one(args, n_experts, n_tokens, device, dtype))
+    except ConfigError as err:
+        print(f"lifelong-moe-bench: {err}", file=sys.stderr)
+        return 2
+    report = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "compile": args.compile,
+        "shapes": {
+            "d_model": args.d_model,
+            "d_hidden": args.d_hidden,
+            "top_k": args.top_k,
+            "activation": args.activation,
+            "frozen_fraction": args.frozen_fraction,
+            "einsum_capacity_factor": EINSUM_CAPACITY_FACTOR,
+        },
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "results": results,
+    }
+    print(
+        f"device: {report['device']}, torch {report['torch']}, {args.dtype}, "
+        f"d={args.d_model} h={args.d_hidden} k={args.top_k}, median of {args.repeats}\n"
+    )
+    print(markdown(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""``lifelong-moe-compare``: aggregate finished runs over seeds into one table per matrix kind.
+
+Reads the layout that :mod:`lifelong_moe.tracking.mlflow_run` writes (one run per method,
+benchmark and seed; tags ``kind``, ``matrix``; end-of-stream metrics at the last step), groups
+runs by tags or params, and reports mean, std and n per group. Accuracy and perplexity runs never
+share a table: their columns mean different things.
+
+It talks to the store through ``MlflowClient(uri)`` rather than ``mlflow.search_runs``, which
+reads the process-wide tracking URI; the rows are few, so plain Python replaces pandas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lifelong_moe.errors import ConfigError
+from lifelong_moe.evaluation.metrics import mean_std
+
+# Columns per matrix kind: the end-of-stream quality metrics, then the costs.
+QUALITY = {
+    "accuracy": ["acc/final", "acc/avg_incremental", "forgetting", "bwt", "fwt"],
+    "perplexity": ["ppl/final", "ppl/forgetting", "loss/bwt"],
+}
+COSTS = ["params/total", "params/trainable", "params/active", "time/train_total_s"]
+# Per-experience metrics behind the plots: the seen-so-far curve and the forgetting bars.
+CURVE = {"accuracy": "acc/seen", "perplexity": "ppl/seen"}
+BARS = {"accuracy": "forgetting", "perplexity": "ppl/forgetting"}
+
+_SHORTHAND = re.compile(r"([A-Za-z_][\w.\-/]*)=([^'\"]*)")
+_PREFIXES = {"tags": "tags", "tag": "tags", "params": "params", "param": "params"}
+_PREFIXES |= {"metrics": "metrics", "metric": "metrics", "attributes": "attributes"}
+
+
+class StoreError(RuntimeError):
+    """The store cannot be read, or holds nothing that matches: one line, exit status 2."""
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+    @property
+    def matrix(self) -> str:
+        """Matrix kind from the tag; runs from before the tag existed are told by their metrics."""
+        kind = self.tags.get("matrix")
+        if kind:
+            return kind
+        return "perplexity" if "ppl/final" in self.metrics else "accuracy"
+
+
+@dataclass
+class Group:
+    matrix: str
+    key: tuple[str, ...]
+    runs: list[RunRecord] = field(default_factory=list)
+
+    def stats(self, metric: str) -> tuple[float, float, int]:
+        return mean_std([r.metrics.get(metric, math.nan) for r in self.runs])
+
+
+# --- filters ------------------------------------------------------------------------------------
+
+
+def _quote(value: str) -> str:
+    return f'"{value}"' if "'" in value else f"'{value}'"
+
+
+def filter_clause(text: str) -> str:
+    """One ``--filter`` value as an MLflow filter clause.
+
+    ``key=value`` (no spaces around ``=``) is shorthand for a tag; ``params.x=y``,
+    ``tags.x=y``, ``metrics.x=0.5`` and ``attributes.x=y`` name the entity. Anything else is
+    taken as an MLflow filter string as is (``"metrics.`acc/final` > 0.5"``).
+    """
+    match = _SHORTHAND.fullmatch(text.strip())
+    if not match:
+        return text.strip()
+    key, value = match.groups()
+    prefix, _, rest = key.partition(".")
+    if prefix in _PREFIXES and rest:
+        entity, key = _PREFIXES[prefix], rest
+    else:
+        entity = "tags"
+    if entity == "metrics":
+        try:
+            return f"metrics.`{key}` = {float(value)}"
+        except ValueError:
+            raise ConfigError(f"--filter {text}: a metric filter needs a number") from None
+    if entity == "attributes":
+        return f"attributes.{key} = {_quote(value)}"
+    return f"{entity}.`{key}` = {_quote(value)}"
+
+
+def build_filter(filters: Sequence[str], include_unfinished: bool) -> str:
+    """User clauses AND kind=experiment (unless the user filters on kind) AND status FINISHED."""
+    clauses = [filter_clause(f) for f in filters if f.strip()]
+    if not any(re.search(r"tags?\.`?kind\b", c) for c in clauses):
+        clauses.append("tags.`kind` = 'experiment'")
+    if not include_unfinished:
+        clauses.append("attributes.status = 'FINISHED'")
+    return " AND ".join(clauses)
+
+
+# --- reading the store --------------------------------------------------------------------------
+
+
+def _check_store(uri: str) -> None:
+    """Refuse stores that do not exist: opening one would silently create an empty store."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise StoreError(f"no MLflow store at {uri} ({path} does not exist)")
+    elif uri.startswith("file:") or "://" not in uri:
+        path = Path(uri.removeprefix("file://").removeprefix("file:"))
+        if not path.is_dir():
+            raise StoreError(f"no MLflow store at {uri} ({path} is not a folder)")
+    else:
+        # Fail fast instead of retrying with backoff for minutes (MLflow's default).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def search(client, experiments: Sequence[str], filter_string: str) -> list[RunRecord]:
+    """All runs of the named experiments that match, following MLflow's pages."""
+    ids = []
+    for name in experiments:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise StoreError(f"no experiment named {name!r} in the store")
+        ids.append(found.experiment_id)
+    records, token = [], None
+    while True:
+        page = client.search_runs(ids, filter_string, max_results=1000, page_token=token)
+        for run in page:
+            records.append(
+                RunRecord(run.info.run_id, run.data.tags, run.data.params, run.data.metrics)
+            )
+        token = page.token
+        if not token:
+            return records
+
+
+def history(client, run_id: str, key: str) -> list[float]:
+    """A per-experience metric as a list indexed by step (NaN where a step is missing)."""
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    if not points:
+        return []
+    values = [math.nan] * (points[-1].step + 1)
+    for m in points:  # a step logged twice (a resumed run) keeps its latest value
+        values[m.step] = m.value
+    return values
+
+
+# --- grouping and tables ------------------------------------------------------------------------
+
+
+def _lookup(run: RunRecord, key: str) -> str | None:
+    prefix, _, rest = key.partition(".")
+    if prefix in ("tags", "tag") and rest:
+        return run.tags.get(rest)
+    if prefix in ("params", "param") and rest:
+        return run.params.get(rest)
+    return run.tags.get(key, run.params.get(key))
+
+
+def group_runs(runs: Sequence[RunRecord], group_by: Sequence[str]) -> list[Group]:
+    """Groups by (matrix kind, group-by values), sorted; a key no run has is a user mistake."""
+    for key in group_by:
+        if all(_lookup(r, key) is None for r in runs):
+            raise ConfigError(f"--group-by {key}: no matching run has a tag or param of that name")
+    groups: dict[tuple[str, tuple[str, ...]], Group] = {}
+    for run in runs:
+        key = tuple(_lookup(run, k) or "-" for k in group_by)
+        groups.setdefault((run.matrix, key), Group(run.matrix, key)).runs.append(run)
+    return [groups[k] for k in sorted(groups)]
+
+
+def columns(matrix: str) -> list[str]:
+    return QUALITY.get(matrix, []) + COSTS
+
+
+def _fmt(metric: str, mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    if metric.startswith("params/"):
+        return f"{mean:,.0f} ± {std:,.0f}"
+    if metric.startswith("time/"):
+        return f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def to_markdown(groups: Sequence[Group], group_by: Sequence[str]) -> str:
+    """One table per matrix kind, mean ± std over seeds; n counts the runs in a group."""
+    kinds = sorted({g.matrix for g in groups})
+    parts = []
+    for kind in kinds:
+        cols = columns(kind)
+        header = [*group_by, "n", *cols]
+        lines = [
+            "| " + " | ".join(header) + " |",
+            "|"
+            + "|".join("---" if i < len(group_by) else "---:" for i in range(len(header)))
+            + "|",
+        ]
+        for g in (g for g in groups if g.matrix == kind):
+            cells = [*g.key, str(len(g.runs))]
+            cells += [_fmt(c, *g.stats(c)[:2]) for c in cols]
+            lines.append("| " + " | ".join(cells) + " |")
+        title = [f"### {kind}", ""] if len(kinds) > 1 else []
+        parts.append("\n".join(title + lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def to_csv(groups: Sequence[Group], group_by: Sequence[str]) -> str:
+    """Full precision: ``<metric>_mean`` and ``<metric>_std`` per metric; empty where missing."""
+    kinds = sorted({g.matrix for g in groups})
+    cols = list(dict.fromkeys(c for k in kinds for c in columns(k)))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(
+        ["matrix", *group_by, "n", *(f"{c}_{s}" for c in cols for s in ("mean", "std"))]
+    )
+    for g in groups:
+        row = [g.matrix, *g.key, len(g.runs)]
+        for c in cols:
+            mean, std, n = g.stats(c)
+            row += ["", ""] if n == 0 else [repr(mean), repr(std)]
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def to_records(groups: Sequence[Group], group_by: Sequence[str]) -> list[dict]:
+    """JSON rows: group values, n, run ids, and per metric mean/std/n (its own n: runs that
+    logged it). NaN becomes null."""
+    rows = []
+    for g in groups:
+        metrics = {}
+        for c in columns(g.matrix):
+            mean, std, n = g.stats(c)
+            metrics[c] = {"mean": None if n == 0 else mean, "std": None if n == 0 else std, "n": n}
+        rows.append(
+            {
+                "matrix": g.matrix,
+                **dict(zip(group_by, g.key, strict=True)),
+                "n": len(g.runs),
+                "run_ids": [r.run_id for r in g.runs],
+                "metrics": metrics,
+            }
+        )
+    return rows
+
+
+def render(groups: Sequence[Group], group_by: Sequence[str], fmt: str, meta: dict) -> str:
+    if fmt == "csv":
+        return to_csv(groups, group_by)
+    if fmt == "json":
+        return json.dumps({**meta, "rows": to_records(groups, group_by)}, indent=2) + "\n"
+    return to_markdown(groups, group_by)
+
+
+# --- plots and the comparison run ---------------------------------------------------------------
+
+
+def write_plots(client, groups: Sequence[Group], folder: Path) -> list[Path]:
+    """Per matrix kind: the seen-so-far curve with a std band, and forgetting bars per group."""
+    from lifelong_moe.evaluation.plots import plot_bars, plot_curves
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind in sorted({g.matrix for g in groups}):
+        mine = [g for g in groups if g.matrix == kind]
+        curve_key, bar_key = CURVE.get(kind), BARS.get(kind)
+        if curve_key is None:
+            continue
+        label = {id(g): "/".join(g.key) for g in mine}
+        curves = {
+            label[id(g)]: [history(client, r.run_id, curve_key) for r in g.runs] for g in mine
+        }
+        curves = {k: [c for c in v if c] for k, v in curves.items()}
+        curves = {k: v for k, v in curves.items() if v}
+        if curves:
+            path = folder / f"{kind}_curves.png"
+            ylabel = "A_t (accuracy on seen experiences)" if kind == "accuracy" else curve_key
+            plot_curves(curves, path, ylabel=ylabel, title=f"{curve_key}: mean ± std over seeds")
+            written.append(path)
+        bars = {label[id(g)]: [r.metrics.get(bar_key, math.nan) for r in g.runs] for g in mine}
+        path = folder / f"{kind}_forgetting.png"
+        plot_bars(bars, path, ylabel=bar_key, title=f"{bar_key} after the last experience")
+        written.append(path)
+    return written
+
+
+def log_comparison(
+    client, experiment: str, tables: dict[str, str], plots: Sequence[Path], meta: dict
+) -> str:
+    """A run of its own (``kind=comparison``) so the table and plots show in the MLflow UI.
+
+    The default filter (``kind=experiment``) keeps such runs out of later comparisons.
+    """
+    from mlflow.entities import Param
+
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    tags = {"kind": "comparison", "group_by": ",".join(meta["group_by"])}
+    run = client.create_run(experiment_id, run_name="compare " + tags["group_by"], tags=tags)
+    run_id = run.info.run_id
+    params = {
+        "experiments": ",".join(meta["experiments"]),
+        "filter": meta["filter"][:6000],
+        "group_by": tags["group_by"],
+        "n_runs": str(meta["n_runs"]),
+    }
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    for name, text in tables.items():
+        client.log_text(run_id, text, name)
+    for path in plots:
+        client.log_artifact(run_id, str(path), "plots")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lifelong-moe-compare",
+        description="Aggregate lifelong-moe runs over seeds: mean ± std and n per group.",
+    )
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument(
+        "--experiment",
+        action="extend",
+        nargs="+",
+        help="MLflow experiment name(s) (default: lifelong-moe); repeatable",
+    )
+    parser.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        help="key=value on a tag, params.x=y, tags.x=y, or an MLflow filter string; repeatable",
+    )
+    parser.add_argument(
+        "--group-by", default="method,benchmark", help="comma-separated tags/params"
+    )
+    parser.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    parser.add_argument("--output", type=Path, help="write the table here instead of stdout")
+    parser.add_argument("--plot", type=Path, metavar="DIR", help="write curves and bar charts here")
+    parser.add_argument("--log", action="store_true", help="record the comparison as an MLflow run")
+    parser.add_argument(
+        "--include-unfinished", action="store_true", help="also RUNNING/FAILED runs"
+    )
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
+    experiments = args.experiment or ["lifelong-moe"]
+    group_by = [k.strip() for k in args.group_by.split(",") if k.strip()]
+    if not group_by:
+        raise ConfigError(
+            f"--group-by {args.group_by!r}: expected comma-separated tag or param names"
+        )
+    filter_string = build_filter(args.filter, args.include_unfinished)
+
+    _check_store(args.tracking_uri)
+    client = MlflowClient(args.tracking_uri)
+    try:
+        runs = search(client, experiments, filter_string)
+    except StoreError:
+        raise
+    except Exception as error:  # transport, SQL or filter-syntax errors: say which store, once
+        raise StoreError(
+            f"cannot read runs from {args.tracking_uri}: {_first_line(error)}"
+        ) from None
+    if not runs:
+        raise StoreError(
+            f"no runs match in experiment(s) {', '.join(experiments)} with filter: {filter_string}"
+        )
+    groups = group_runs(runs, group_by)
+    meta = {
+        "experiments": experiments,
+        "filter": filter_string,
+        "group_by": group_by,
+        "n_runs": len(runs),
+    }
+    text = render(groups, group_by, args.format, meta)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+    plots: list[Path] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.plot or args.log:
+            plots = write_plots(client, groups, args.plot or Path(tmp))
+            if args.plot:
+                print(f"wrote {len(plots)} plots to {args.plot}", file=sys.stderr)
+        if args.log:
+            tables = {
+                f"comparison.{f}": render(groups, group_by, f, meta) for f in ("md", "csv", "json")
+            }
+            run_id = log_comparison(client, experiments[0], tables, plots, meta)
+            print(f"logged comparison run {run_id} in experiment {experiments[0]}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lifelong-moe-compare``; returns the exit status (2 on user errors)."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, StoreError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

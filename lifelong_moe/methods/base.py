@@ -1,0 +1,94 @@
+"""The shared LightningModule of every continual-learning method.
+
+The runner drives it: ``before_experience`` -> ``Trainer.fit`` on ``train_dataset(exp)`` ->
+evaluation -> ``after_experience``. A method changes the data it trains on, the extra loss
+terms, or the model between experiences; everything else (optimizer, logging, NaN guard) is here.
+
+Optimizer state: Lightning builds a fresh optimizer at every ``fit``, so AdamW moments start
+from zero at each experience. That is deliberate: the parameter set changes between experiences
+(Lifelong-MoE adds experts, freezes others) and stale moments of another task would only bias
+the first steps.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from lifelong_moe.data.stream import Experience, Stream
+from lifelong_moe.errors import ConfigError
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN or inf: the run stops and is marked FAILED."""
+
+
+class ContinualMethod(L.LightningModule):
+    """Cross-entropy training of ``model`` (which returns ``(logits, aux)``) on one experience at a time."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ConfigError(f"method.lr={lr} must be a positive number")
+        if weight_decay < 0:
+            raise ConfigError(f"method.weight_decay={weight_decay} must be >= 0")
+        self.model = model
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.stream: Stream | None = None
+        self.experience: Experience | None = None
+        self.seen: list[Experience] = []
+
+    # -- the runner's hooks -------------------------------------------------------------------
+    def setup_stream(self, stream: Stream) -> None:
+        """Called once before the first experience; methods check here that they fit the stream."""
+        self.stream = stream
+
+    def before_experience(self, exp: Experience) -> None:
+        self.experience = exp
+        self.seen.append(exp)
+
+    def train_dataset(self, exp: Experience) -> Dataset:
+        return exp.train
+
+    def after_experience(self, exp: Experience, train_data: Dataset) -> None:
+        """Called after evaluation of experience ``exp``; e.g. EWC's Fisher, replay buffer updates."""
+
+    # -- Lightning ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+    def extra_loss(
+        self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, aux: list
+    ) -> dict[str, torch.Tensor]:
+        """Named loss terms added to cross-entropy (already weighted)."""
+        return {}
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        logits, aux = self.model(x)
+        terms = {"ce": nn.functional.cross_entropy(logits, y)}
+        terms.update(self.extra_loss(x, y, logits, aux))
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            index = self.experience.index if self.experience is not None else "?"
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at experience {index}, step {self.global_step} "
+                f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+
+    # -- state for checkpoints ----------------------------------------------------------------
+    def method_state(self) -> dict:
+        """What the method must carry across experiences beyond the model's weights."""
+        return {}
+
+    def load_method_state(self, state: dict) -> None:
+        pass

@@ -1,0 +1,149 @@
+"""Lifelong-MoE (Chen et al., ICML 2023): grow experts, freeze the old ones, distill to the past.
+
+Before every experience t > 0, each MoE layer moves all its experts and gate rows into the
+frozen bank and appends ``experts_per_experience`` new trainable ones. Training then minimises
+
+    CE(student) + lambda_aux * balance + lambda_kd * T^2 * KL(teacher || student)
+
+on the current batch, the teacher being the model as it stood at the end of experience t-1.
+The teacher shares the frozen banks with the student by reference (``deepcopy`` with a memo),
+so its cost is the shared (non-expert) weights only; with ``freeze_shared`` nothing is copied:
+the teacher is the student with the new experts masked out. top_k is fixed, so compute per
+token stays constant while capacity grows.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lifelong_moe.data.stream import Experience
+from lifelong_moe.errors import ConfigError
+from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.models import moe_layers
+
+
+class LifelongMoE(ContinualMethod):
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        experts_per_experience: int = 2,
+        freeze_old: bool = True,
+        freeze_shared: bool = False,
+        lambda_kd: float = 1.0,
+        temperature: float = 2.0,
+        lambda_aux: float = 0.01,
+        lambda_z: float = 0.0,
+        expand_init: str = "random",
+        gate_init: str = "mean",
+    ) -> None:
+        super().__init__(model, lr=lr, weight_decay=weight_decay)
+        if experts_per_experience < 0:
+            raise ConfigError(
+                f"method.experts_per_experience={experts_per_experience} must be >= 0"
+            )
+        for key, value in (
+            ("lambda_kd", lambda_kd),
+            ("lambda_aux", lambda_aux),
+            ("lambda_z", lambda_z),
+        ):
+            if value < 0:
+                raise ConfigError(f"method.{key}={value} must be >= 0")
+        if not temperature > 0:
+            raise ConfigError(f"method.temperature={temperature} must be > 0")
+        self.layers = moe_layers(model)
+        if not self.layers:
+            raise ConfigError(
+                f"method=lifelong_moe needs a backbone with MoE layers, got {type(model).__name__} "
+                "without any; use model=moe_mlp, model=moe_vit or model=moe_lm"
+            )
+        self.experts_per_experience = experts_per_experience
+        self.freeze_old = freeze_old
+        self.freeze_shared = freeze_shared
+        self.lambda_kd = lambda_kd
+        self.temperature = temperature
+        self.lambda_aux = lambda_aux
+        self.lambda_z = lambda_z
+        self.expand_init = expand_init
+        self.gate_init = gate_init
+        # Distillation target: a separate module, or the student with the new experts masked.
+        self.teacher: nn.Module | None = None
+        self.teacher_mask: torch.Tensor | None = None
+
+    def before_experience(self, exp: Experience) -> None:
+        super().before_experience(exp)
+        self.teacher, self.teacher_mask = None, None
+        if exp.index == 0:
+            return
+        n_old = next(iter(self.layers.values())).n_experts
+        if self.freeze_old:
+            for layer in self.layers.values():
+                layer.freeze_existing()
+        if self.freeze_shared:
+            self._freeze_shared()
+        # Masking the new experts reproduces the old model only if nothing old can change.
+        mask_teacher = self.freeze_shared and self.freeze_old
+        if self.lambda_kd > 0 and not mask_teacher:
+            self.teacher = self._snapshot_teacher()
+        for layer in self.layers.values():
+            if self.experts_per_experience:
+                layer.expand(
+                    self.experts_per_experience, init=self.expand_init, gate_init=self.gate_init
+                )
+        if self.lambda_kd > 0 and mask_teacher:
+            n_new = next(iter(self.layers.values())).n_experts
+            self.teacher_mask = torch.arange(n_new) < n_old
+
+    def _freeze_shared(self) -> None:
+        """Every non-expert weight stops training; the new experts and gate rows stay trainable."""
+        expert_params = {id(p) for layer in self.layers.values() for p in layer.parameters()}
+        for p in self.model.parameters():
+            if id(p) not in expert_params:
+                p.requires_grad_(False)
+
+    def _snapshot_teacher(self) -> nn.Module:
+        """A copy of the model whose frozen expert banks are the student's own tensors."""
+        shared = {id(b): b for layer in self.layers.values() for b in layer.buffers()}
+        teacher = copy.deepcopy(self.model, memo=dict(shared))
+        teacher.requires_grad_(False)
+        return teacher.eval()
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        with torch.no_grad():
+            if self.teacher is not None:
+                return self.teacher(x)[0]
+            if self.teacher_mask is not None:
+                was_training = self.model.training
+                self.model.eval()
+                logits = self.model(x, expert_mask=self.teacher_mask.to(x.device))[0]
+                self.model.train(was_training)
+                return logits
+        return None
+
+    def extra_loss(
+        self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, aux: list
+    ) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        if self.lambda_aux > 0 and aux:
+            terms["balance"] = self.lambda_aux * sum(a.balance_loss for a in aux)
+        if self.lambda_z > 0 and aux:
+            terms["z"] = self.lambda_z * sum(a.z_loss for a in aux)
+        target = self.teacher_logits(x) if self.lambda_kd > 0 else None
+        if target is not None:
+            terms["kd"] = self.lambda_kd * distillation(logits, target, self.temperature)
+        return terms
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) on temperature-softened distributions (Hinton et al. 2015)."""
+    # Sequence outputs [B, L, V] count every position as one distribution.
+    student = student.reshape(-1, student.shape[-1]).float()
+    teacher = teacher.reshape(-1, teacher.shape[-1]).float()
+    log_p_student = nn.functional.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = nn.functional.log_softmax(teacher / temperature, dim=-1)
+    kl = nn.functional.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    return temperature**2 * kl

@@ -1,0 +1,47 @@
+"""Save and reload a (possibly grown) backbone: config + MoE layer shapes + weights.
+
+A grown model cannot be rebuilt from its Hydra config alone, because every MoE layer has
+gained experts; each layer's own config records its size and frozen bank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import torch
+from torch import nn
+
+from lifelong_moe.moe import MoELayer
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
+    """The model's MoE layers by module name, in forward order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+
+
+def save_model(model: nn.Module, model_cfg: dict[str, Any], path: str | Path, **build: Any) -> None:
+    """``build`` holds the constructor arguments that are not in the config (input_shape, ...)."""
+    torch.save(
+        {
+            "model_cfg": model_cfg,
+            "build": build,
+            "moe": {name: layer.get_config() for name, layer in moe_layers(model).items()},
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild the backbone at its saved size and load its weights."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = {k: v for k, v in saved["model_cfg"].items() if k != "name"}
+    model = hydra.utils.instantiate(cfg, **saved["build"], _convert_="all")
+    for name, layer_cfg in saved["moe"].items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MoELayer.from_config(layer_cfg))
+    model.load_state_dict(saved["state_dict"])
+    return model

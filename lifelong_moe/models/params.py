@@ -1,0 +1,23 @@
+"""Parameter counts the way MoE papers report them: total, trainable, and active per token."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lifelong_moe.models.checkpoint import moe_layers
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total includes frozen expert banks (buffers); active = shared + top_k x (expert + gate row).
+
+    That is what a token runs through, so it stays constant as Lifelong-MoE grows. The router
+    also scores every expert (d_model multiply-adds per expert per token): negligible, not counted.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen_params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    total = trainable + frozen_params
+    inactive = 0
+    for layer in moe_layers(model).values():
+        total += sum(b.numel() for name, b in layer.named_buffers() if "frozen" in name)
+        inactive += (layer.n_experts - layer.top_k) * (2 * layer.d_hidden + 1) * layer.d_model
+    return {"total": total, "trainable": trainable, "active": total - inactive}

@@ -1,0 +1,95 @@
+"""Stacked expert weights in two banks: frozen (lowest ids, buffers) and trainable (Parameters).
+
+Each expert is a bias-free MLP x -> act(x @ w1[e]) @ w2[e] with w1 [d, h] and w2 [h, d], stored
+stacked as [E, d, h] and [E, h, d]: exactly the layout grouped_mm takes as its right operand.
+Frozen weights are persistent buffers, so they are saved and moved with the module but no
+optimizer ever sees them and autograd never computes their gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lifelong_moe.errors import ConfigError
+
+EXPERT_INITS = ("random", "copy_most_used")
+
+
+def _uniform(n: int, fan_in: int, fan_out: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, fan_in, fan_out] initialised like nn.Linear(fan_in, fan_out): U(+-1/sqrt(fan_in))."""
+    kw = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(n, fan_in, fan_out, **kw).uniform_(-bound, bound)
+
+
+class Experts(nn.Module):
+    """The expert weights; dispatch.py does the computation."""
+
+    def __init__(self, d_model: int, d_hidden: int, n_experts: int, *, n_frozen: int = 0) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.d_hidden = d_hidden
+        n_trainable = n_experts - n_frozen
+        self.register_buffer("w1_frozen", _uniform(n_frozen, d_model, d_hidden))
+        self.register_buffer("w2_frozen", _uniform(n_frozen, d_hidden, d_model))
+        self.w1 = nn.Parameter(_uniform(n_trainable, d_model, d_hidden))
+        self.w2 = nn.Parameter(_uniform(n_trainable, d_hidden, d_model))
+
+    @property
+    def n_frozen(self) -> int:
+        return self.w1_frozen.shape[0]
+
+    @property
+    def n_trainable(self) -> int:
+        return self.w1.shape[0]
+
+    @property
+    def n_experts(self) -> int:
+        return self.n_frozen + self.n_trainable
+
+    def weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w1, w2) of one expert by its id; used by the loop reference and by expand()."""
+        if expert < self.n_frozen:
+            return self.w1_frozen[expert], self.w2_frozen[expert]
+        return self.w1[expert - self.n_frozen], self.w2[expert - self.n_frozen]
+
+    @torch.no_grad()
+    def expand(
+        self,
+        n_new: int,
+        init: str = "random",
+        noise_std: float = 0.01,
+        usage: torch.Tensor | None = None,
+    ) -> None:
+        """Append n_new trainable experts.
+
+        "random": fresh nn.Linear-scale weights. "copy_most_used": every new expert is a copy of
+        the expert with the largest `usage` (ties -> lowest id) plus N(0, noise_std^2) noise, so
+        new experts start from what already works but can diverge.
+        """
+        if init not in EXPERT_INITS:
+            raise ConfigError(f"expand init={init!r}: expected one of {EXPERT_INITS}")
+        like = self.w1
+        if init == "copy_most_used":
+            source = 0 if usage is None else int(torch.argmax(usage).item())
+            w1_src, w2_src = self.weights(source)
+            w1_new = w1_src.detach().unsqueeze(0).repeat(n_new, 1, 1)
+            w2_new = w2_src.detach().unsqueeze(0).repeat(n_new, 1, 1)
+            w1_new += torch.randn_like(w1_new) * noise_std
+            w2_new += torch.randn_like(w2_new) * noise_std
+        else:
+            w1_new = _uniform(n_new, self.d_model, self.d_hidden, like=like)
+            w2_new = _uniform(n_new, self.d_hidden, self.d_model, like=like)
+        self.w1 = nn.Parameter(torch.cat([self.w1.detach(), w1_new], dim=0))
+        self.w2 = nn.Parameter(torch.cat([self.w2.detach(), w2_new], dim=0))
+
+    @torch.no_grad()
+    def freeze_existing(self) -> None:
+        """Move every expert into the frozen bank; the trainable bank becomes empty."""
+        self.w1_frozen = torch.cat([self.w1_frozen, self.w1.detach()], dim=0)
+        self.w2_frozen = torch.cat([self.w2_frozen, self.w2.detach()], dim=0)
+        self.w1 = nn.Parameter(self.w1.detach()[:0].clone())
+        self.w2 = nn.Parameter(self.w2.detach()[:0].clone())

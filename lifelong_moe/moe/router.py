@@ -1,0 +1,157 @@
+"""Top-k router whose gate rows live in a frozen bank (lowest ids) and a trainable bank.
+
+Frozen rows are a persistent buffer, never a Parameter, so no optimizer (weight decay included)
+can touch them. Logits, softmax and both auxiliary losses are computed in fp32 whatever the
+model dtype, because routing decisions and the losses are sensitive to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lifelong_moe.errors import ConfigError
+
+BALANCE_SCOPES = ("all", "trainable")
+GATE_INITS = ("random", "mean")
+
+
+@dataclass
+class Routing:
+    """What the router decided for a flat batch of T tokens."""
+
+    expert_ids: torch.Tensor  # long [T, k], original expert ids
+    gates: torch.Tensor  # fp32 [T, k]
+    valid: torch.Tensor | None  # bool [T, k]; False where a masked expert had to be picked
+    balance_loss: torch.Tensor  # fp32 scalar
+    z_loss: torch.Tensor  # fp32 scalar
+
+
+def _uniform_rows(n: int, d: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows initialised like nn.Linear(d, n).weight: U(-1/sqrt(d), 1/sqrt(d))."""
+    kw = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    bound = 1.0 / math.sqrt(d)
+    return torch.empty(n, d, **kw).uniform_(-bound, bound)
+
+
+class Router(nn.Module):
+    """logits = x W_g^T in fp32 -> optional noise and mask -> softmax -> top-k -> gates."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        *,
+        noise_std: float = 0.0,
+        normalize_top_k: bool = True,
+        balance_scope: str = "all",
+        n_frozen: int = 0,
+    ) -> None:
+        super().__init__()
+        if balance_scope not in BALANCE_SCOPES:
+            raise ConfigError(f"balance_scope={balance_scope!r}: expected one of {BALANCE_SCOPES}")
+        self.d_model = d_model
+        self.top_k = top_k
+        self.noise_std = float(noise_std)
+        self.normalize_top_k = bool(normalize_top_k)
+        self.balance_scope = balance_scope
+        self.register_buffer("weight_frozen", _uniform_rows(n_frozen, d_model))
+        self.weight = nn.Parameter(_uniform_rows(n_experts - n_frozen, d_model))
+
+    @property
+    def n_frozen(self) -> int:
+        return self.weight_frozen.shape[0]
+
+    @property
+    def n_trainable(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def n_experts(self) -> int:
+        return self.n_frozen + self.n_trainable
+
+    def full_weight(self) -> torch.Tensor:
+        """All gate rows in expert-id order (frozen first)."""
+        if self.n_frozen == 0:
+            return self.weight
+        if self.n_trainable == 0:
+            return self.weight_frozen
+        return torch.cat([self.weight_frozen, self.weight], dim=0)
+
+    def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> Routing:
+        """Route a flat batch x [T, d]; expert_mask is bool [E], False = never picked."""
+        logits = x.float() @ self.full_weight().float().t()  # [T, E]
+        if expert_mask is not None:
+            logits = logits.masked_fill(~expert_mask, float("-inf"))
+        route_logits = logits
+        if self.training and self.noise_std > 0:
+            route_logits = logits + torch.randn_like(logits) * self.noise_std
+        probs = torch.softmax(route_logits, dim=-1)
+        # top-k on logits, not probs: a masked expert (-inf) never ties with an underflowed prob.
+        top_logits, expert_ids = torch.topk(route_logits, self.top_k, dim=-1)
+        gates = probs.gather(1, expert_ids)
+        if self.normalize_top_k:
+            gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+        valid = None
+        if expert_mask is not None:
+            # Fewer enabled experts than k: the surplus slots carry weight 0 and go nowhere.
+            valid = torch.isfinite(top_logits)
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        balance = self._balance_loss(route_logits, probs, expert_ids, valid, expert_mask)
+        return Routing(expert_ids, gates, valid, balance, z_loss)
+
+    def _balance_loss(
+        self,
+        logits: torch.Tensor,
+        probs: torch.Tensor,
+        expert_ids: torch.Tensor,
+        valid: torch.Tensor | None,
+        expert_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Switch loss n_S * sum_{i in S} f_i * P_i over the scoped, enabled experts S.
+
+        f_i: share of the (token, slot) assignments into S that picked expert i (router choice,
+        before any capacity drop); P_i: mean over tokens of the router probability of i,
+        renormalised over S. A uniform router gives exactly 1 for any scope.
+        """
+        n_tokens, n_experts = logits.shape
+        picked = 1.0 if valid is None else valid.float()
+        chosen = torch.zeros_like(logits).scatter_(1, expert_ids, picked)  # [T, E]; ids unique
+        scope = torch.ones(n_experts, dtype=torch.bool, device=logits.device)
+        if self.balance_scope == "trainable":
+            if self.n_trainable == 0:
+                return logits.new_zeros(())
+            scope[: self.n_frozen] = False
+        if expert_mask is not None:
+            scope = scope & expert_mask
+        if expert_mask is None and self.balance_scope == "all":
+            p_mean = probs.mean(dim=0)
+        else:
+            scoped = torch.where(scope, logits, torch.finfo(logits.dtype).min)
+            p_mean = torch.softmax(scoped, dim=-1).mean(dim=0) * scope
+        counts = chosen.sum(dim=0) * scope
+        f = counts / counts.sum().clamp_min(1.0)
+        return scope.sum() * (f * p_mean).sum()
+
+    @torch.no_grad()
+    def expand(self, n_new: int, init: str = "random", noise_std: float = 0.01) -> None:
+        """Append n_new trainable gate rows: random (nn.Linear scale) or the mean of old rows."""
+        if init not in GATE_INITS:
+            raise ConfigError(f"gate_init={init!r}: expected one of {GATE_INITS}")
+        old = self.full_weight().detach()
+        if init == "mean" and old.shape[0] > 0:
+            new = old.mean(dim=0, keepdim=True).expand(n_new, -1).clone()
+            new += torch.randn_like(new) * noise_std
+        else:
+            new = _uniform_rows(n_new, self.d_model, like=self.weight)
+        self.weight = nn.Parameter(torch.cat([self.weight.detach(), new], dim=0))
+
+    @torch.no_grad()
+    def freeze_existing(self) -> None:
+        """Move every current row into the frozen buffer; the trainable bank becomes empty."""
+        self.weight_frozen = self.full_weight().detach().clone()
+        self.weight = nn.Parameter(self.weight.detach()[:0].clone())

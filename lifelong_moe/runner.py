@@ -1,0 +1,308 @@
+"""The experience loop: build everything, then per experience fit -> evaluate -> log.
+
+Everything that can be wrong with the user's input is checked while building, before the
+MLflow run exists, so a bad command never leaves a run behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import lightning as L
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lifelong_moe.data.stream import Stream
+from lifelong_moe.errors import ConfigError
+from lifelong_moe.evaluation import metrics
+from lifelong_moe.evaluation.evaluate import Evaluation, evaluate
+from lifelong_moe.evaluation.plots import plot_matrix, plot_routing
+from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.models import count_parameters, moe_layers, save_model
+from lifelong_moe.tracking.mlflow_run import (
+    RunTracker,
+    check_store,
+    flatten,
+    git_commit,
+    library_versions,
+)
+
+# Lightning's per-fit banners (GPU available, tips) would repeat at every experience.
+for _name in ("lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def instantiate(node: DictConfig, group: str, **kwargs: Any) -> Any:
+    """Instantiate a config group node, surfacing the user's ConfigError as itself."""
+    cfg = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs, _convert_="all", _recursive_=False)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, TypeError):
+            raise ConfigError(f"{group}: {cause}") from None
+        raise
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    for key in ("max_epochs", "batch_size", "eval_batch_size", "devices", "num_nodes"):
+        value = cfg[key]
+        if not (isinstance(value, int) and value > 0) and not (
+            key == "devices" and value == "auto"
+        ):
+            raise ConfigError(f"trainer.{key}={value} must be a positive integer")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"trainer.num_workers={cfg.num_workers} must be >= 0")
+
+
+@dataclass
+class Experiment:
+    """Everything built from the config, validated, before any training."""
+
+    cfg: DictConfig
+    stream: Stream
+    model: nn.Module
+    method: ContinualMethod
+
+
+def build(cfg: DictConfig) -> Experiment:
+    check_trainer(cfg.trainer)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    stream = instantiate(cfg.benchmark, "benchmark")
+    model = instantiate(
+        cfg.model, "model", input_shape=list(stream.input_shape), n_classes=stream.n_classes
+    )
+    method = instantiate(cfg.method, "method", model=model)
+    method.setup_stream(stream)
+    check_store(cfg.tracking.uri)
+    return Experiment(cfg, stream, model, method)
+
+
+@dataclass
+class History:
+    R: list[list[float]] = field(default_factory=list)
+    R_task: list[list[float]] = field(default_factory=list)
+    b: list[float] = field(default_factory=list)
+    b_task: list[float] = field(default_factory=list)
+    expert_counts: list[int] = field(default_factory=list)
+    routing: list = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def make_trainer(cfg: DictConfig) -> L.Trainer:
+    t = cfg.trainer
+    return L.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.progress_bar,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def row_metrics(i: int, prefix: str, R: list[list[float]]) -> dict[str, float]:
+    Ri = np.array(R)
+    out = {f"{prefix}/exp_{j}": v for j, v in enumerate(R[i])}
+    out[f"{prefix}/seen"] = metrics.average_accuracy(Ri, i)
+    name = "" if prefix == "acc" else f"{prefix}/"
+    out[f"{name}forgetting"] = metrics.forgetting(Ri, i)
+    out[f"{name}bwt"] = metrics.bwt(Ri, i)
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment end to end; returns the summary that is also logged as summary.json."""
+    exp = build(cfg)
+    stream, model = exp.stream, exp.model
+    tracker = RunTracker(cfg.tracking.uri, cfg.tracking.experiment)
+    method_name = cfg.method.get("name", "method")
+    tags = {
+        "method": method_name,
+        "benchmark": cfg.benchmark.get("name", stream.name),
+        "model": cfg.model.get("name", type(model).__name__),
+        "seed": str(cfg.seed),
+        "kind": "experiment",
+        "matrix": "accuracy",
+        "scenario": stream.scenario,
+        "git_commit": git_commit(),
+        **library_versions(),
+    }
+    if cfg.tracking.get("sweep_id"):
+        tags["sweep_id"] = str(cfg.tracking.sweep_id)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_name = cfg.tracking.run_name or f"{tags['method']}-{tags['benchmark']}-s{cfg.seed}"
+    run_id = tracker.start(run_name, tags, flatten(resolved))
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    print(f"run {run_id} ({run_name}): {len(stream)} experiences of {stream.name}", flush=True)
+    try:
+        summary = _loop(cfg, exp, tracker)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        print(f"interrupted: run {run_id} marked KILLED", file=sys.stderr)
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    print(f"\nSee this run: {tracker.ui_command()}   (run id {run_id})", flush=True)
+    return summary
+
+
+def _loop(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> dict[str, Any]:
+    stream, model, method = exp.stream, exp.model, exp.method
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    h = History()
+    base = evaluate(model.to(device), stream, cfg.trainer.eval_batch_size, device)
+    h.b = base.accuracy
+    h.b_task = base.accuracy_task or []
+    T = len(stream)
+    for i, experience in enumerate(stream.experiences):
+        method.before_experience(experience)
+        data = method.train_dataset(experience)
+        loader = DataLoader(
+            data,
+            batch_size=cfg.trainer.batch_size,
+            shuffle=True,
+            num_workers=cfg.trainer.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed * 1_000 + i),
+            persistent_workers=cfg.trainer.num_workers > 0,
+        )
+        start = time.perf_counter()
+        trainer = make_trainer(cfg)
+        trainer.fit(method, loader)
+        h.train_seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ev: Evaluation = evaluate(model.to(device), stream, cfg.trainer.eval_batch_size, device)
+        eval_seconds = time.perf_counter() - start
+        method.after_experience(experience, data)
+
+        h.R.append(ev.accuracy)
+        h.routing.append(ev.routing)
+        layers = moe_layers(model)
+        h.expert_counts.append(next(iter(layers.values())).n_experts if layers else 0)
+        logged = row_metrics(i, "acc", h.R)
+        if ev.accuracy_task is not None:
+            h.R_task.append(ev.accuracy_task)
+            logged |= row_metrics(i, "acc_til", h.R_task)
+        params = count_parameters(model)
+        logged |= {f"params/{k}": v for k, v in params.items()}
+        logged["time/train_s"] = h.train_seconds[-1]
+        logged["time/eval_s"] = eval_seconds
+        logged["memory/peak_mb"] = peak_memory_mb(device)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            logged["train/loss"] = float(loss)
+        tracker.log_metrics(logged, step=i)
+        print(
+            f"[{i + 1}/{T}] {method.__class__.__name__} on experience {i}: "
+            f"acc {ev.accuracy[i]:.3f}  seen {logged['acc/seen']:.3f}  "
+            f"forgetting {logged['forgetting']:.3f}  bwt {logged['bwt']:+.3f}  "
+            f"params {params['total']:,} ({params['active']:,} active)  "
+            f"train {h.train_seconds[-1]:.1f}s  eval {eval_seconds:.2f}s",
+            flush=True,
+        )
+        if cfg.tracking.log_checkpoints:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"model_exp_{i}.pt"
+                save_model(
+                    model,
+                    OmegaConf.to_container(cfg.model, resolve=True),
+                    path,
+                    input_shape=list(stream.input_shape),
+                    n_classes=stream.n_classes,
+                )
+                tracker.log_file(path, "checkpoints")
+    return _finish(cfg, stream, h, tracker)
+
+
+def _finish(cfg: DictConfig, stream: Stream, h: History, tracker: RunTracker) -> dict[str, Any]:
+    R, b = np.array(h.R), np.array(h.b)
+    final = metrics.summarize(R, b)
+    final["time/train_total_s"] = float(sum(h.train_seconds))
+    if h.R_task:
+        til = metrics.summarize(np.array(h.R_task), np.array(h.b_task))
+        final |= {f"acc_til/{k.removeprefix('acc/')}": v for k, v in til.items()}
+    tracker.log_metrics(final, step=len(stream) - 1)
+    experiences = [
+        {"index": e.index, "classes": e.classes, "task": e.task_id} for e in stream.experiences
+    ]
+    matrix = {"R": h.R, "b": h.b, "experiences": experiences}
+    if h.R_task:
+        matrix |= {"R_task": h.R_task, "b_task": h.b_task}
+    tracker.log_json(matrix, "accuracy_matrix.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "accuracy_matrix.png"
+        plot_matrix(R, path, title=f"{cfg.method.name} on {stream.name}: accuracy R[i][j]")
+        tracker.log_file(path)
+        if h.routing and h.routing[-1]:
+            routing = routing_record(h)
+            tracker.log_json(routing, "routing.json")
+            path = Path(tmp) / "routing.png"
+            plot_routing(routing, path)
+            tracker.log_file(path)
+    summary = {
+        "run_id": tracker.run_id,
+        "method": cfg.method.name,
+        "benchmark": cfg.benchmark.name,
+        "seed": cfg.seed,
+        "metrics": final,
+        "R": h.R,
+        "b": h.b,
+    }
+    tracker.log_json(summary, "summary.json")
+    print_report(summary)
+    return summary
+
+
+def routing_record(h: History) -> dict[str, Any]:
+    """Final routing shares plus which experience created each expert (for grouping in the plot)."""
+    origin: list[int] = []
+    for i, count in enumerate(h.expert_counts):
+        origin += [i] * (count - len(origin))
+    names = [f"layer_{k}" for k in range(len(h.routing[-1]))]
+    return {
+        "layers": dict(zip(names, h.routing[-1], strict=True)),
+        "expert_origin": origin,
+        "per_experience": [dict(zip(names, r, strict=True)) for r in h.routing],
+    }
+
+
+def print_report(summary: dict[str, Any]) -> None:
+    R = summary["R"]
+    T = len(R)
+    print("\nAccuracy matrix R[i][j] (row: after training on i, column: test experience j)")
+    print("      " + "".join(f"  exp{j:<3}" for j in range(T)))
+    for i, row in enumerate(R):
+        print(f"after {i}" + "".join(f"  {v:6.3f}" for v in row))
+    print("b     " + "".join(f"  {v:6.3f}" for v in summary["b"]))
+    print("\n| metric | value |\n|---|---|")
+    for key, value in summary["metrics"].items():
+        print(f"| {key} | {value:.4f} |")

@@ -1,0 +1,142 @@
+"""The MLflow layout of one experiment run, in one place (compare reads what this writes).
+
+Run = one (method, benchmark, seed). Params: the flattened resolved config. Tags: method,
+benchmark, model, seed, kind=experiment, matrix, git commit, library versions, sweep_id.
+Metrics use step = experience index, so curves from successive Trainers never overlap.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from lifelong_moe.errors import ConfigError
+
+LIBRARIES = ("torch", "lightning", "avalanche-lib", "hydra-core", "mlflow", "torchmetrics")
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"method": {"lr": 0.1}}`` -> ``{"method.lr": "0.1"}`` (MLflow params are flat strings)."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def git_commit() -> str:
+    """The commit of the lifelong-moe checkout that ran, with ``-dirty`` when it has local edits."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if commit and dirty else commit or "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[f"version.{name}"] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[f"version.{name}"] = "missing"
+    return versions
+
+
+def check_store(uri: str) -> None:
+    """Fail before training, in one line, when the tracking store cannot be used."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise ConfigError(f"tracking.uri={uri}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise ConfigError(f"tracking.uri={uri}: {path} is not writable")
+        return
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as error:  # any transport or server error means: cannot track
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(
+                f"tracking.uri={uri} is not reachable ({first[:200]}); start it with "
+                "`mlflow server` or choose another tracking.uri"
+            ) from None
+
+
+class RunTracker:
+    """Writes one run: params once, metrics per experience, artifacts at the end."""
+
+    def __init__(self, uri: str, experiment: str, run_id: str | None = None) -> None:
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self._create_experiment(experiment)
+        self.run_id = run_id
+
+    def _create_experiment(self, name: str) -> str:
+        try:
+            return self.client.create_experiment(name)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel run
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def start(self, run_name: str | None, tags: dict[str, str], params: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_json(self, data: Any, name: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(data, indent=2), name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_file(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def ui_command(self) -> str:
+        return f"mlflow ui --backend-store-uri {self.uri}"

@@ -1,0 +1,63 @@
+"""Shared helpers: run the real CLI in a temp directory and read back what MLflow stored."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["trainer.max_epochs=2", "trainer.progress_bar=false", "tracking.log_checkpoints=false"]
+
+
+def cli(*names: str) -> list[str]:
+    """The installed console script when present (what a user runs), else the module."""
+    script = Path(sys.executable).parent / names[0]
+    return [str(script)] if script.exists() else [sys.executable, "-m", names[1]]
+
+
+def run_cli(
+    cwd: Path, *args: str, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    result = subprocess.run(
+        [*cli("lifelong-moe", "lifelong_moe.cli"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"CLI failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def store_uri(path: Path) -> str:
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def runs(uri: str, experiment: str = "lifelong-moe") -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def artifact_json(uri: str, run_id: str, name: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    local = MlflowClient(uri).download_artifacts(run_id, name)
+    return json.loads(Path(local).read_text())
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

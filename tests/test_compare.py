@@ -1,0 +1,260 @@
+"""lifelong-moe-compare against a temporary sqlite store written in the runner's exact layout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lifelong_moe.compare import build_filter, filter_clause, main
+from lifelong_moe.evaluation.metrics import (
+    average_accuracy,
+    average_perplexity,
+    bwt,
+    forgetting,
+    summarize,
+    summarize_loss,
+)
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+
+T = 3
+B = [0.1, 0.1, 0.1]
+PARAMS = {"total": 5000, "trainable": 3000, "active": 2000}
+
+
+def accuracy_matrix(method: str, seed: int) -> np.ndarray:
+    """Fake but consistent: naive forgets a lot, lifelong_moe little; seeds shift values."""
+    drop = {"naive": 0.3, "lifelong_moe": 0.05}.get(method, 0.9)
+    R = np.full((T, T), 0.1)
+    for i in range(T):
+        for j in range(i + 1):
+            R[i, j] = 0.9 + 0.01 * seed - drop * (1 + 0.1 * seed) * (i - j)
+    return R
+
+
+def log_run(client, experiment_id, method, seed, status="FINISHED", matrix="accuracy") -> str:
+    benchmark = "char_lm" if matrix == "perplexity" else "permuted_digits"
+    tags = {
+        "method": method,
+        "benchmark": benchmark,
+        "model": "moe_mlp",
+        "seed": str(seed),
+        "kind": "experiment",
+        "matrix": matrix,
+        "sweep_id": "s1",
+    }
+    run_id = client.create_run(experiment_id, run_name=f"{method}-{seed}", tags=tags).info.run_id
+    params = {"method.name": method, "method.lr": "0.01", "benchmark.n_experiences": str(T)}
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    R = accuracy_matrix(method, seed)
+    metrics = []
+    for i in range(T):
+        if matrix == "accuracy":
+            step = {f"acc/exp_{j}": R[i, j] for j in range(T)}
+            step |= {"acc/seen": average_accuracy(R, i), "forgetting": forgetting(R, i)}
+            step["bwt"] = bwt(R, i)
+        else:
+            L = np.log(1.0 / R)  # any positive loss matrix will do
+            step = {f"ppl/exp_{j}": float(np.exp(L[i, j])) for j in range(T)}
+            step["ppl/seen"] = average_perplexity(L, i)
+        step |= {f"params/{k}": v + 100 * i for k, v in PARAMS.items()}
+        step |= {"time/train_s": 1.0 + seed, "memory/peak_mb": 100.0}
+        metrics += [Metric(k, float(v), 1000 + i, i) for k, v in step.items()]
+    if matrix == "accuracy":
+        final = summarize(R, B)
+        final.pop("forgetting"), final.pop("bwt")  # already logged per step
+    else:
+        final = summarize_loss(np.log(1.0 / R))
+    final["time/train_total_s"] = T * (1.0 + seed)
+    metrics += [Metric(k, float(v), 2000, T - 1) for k, v in final.items()]
+    client.log_batch(run_id, metrics=metrics, tags=[RunTag("mlflow.note.content", "fake")])
+    matrix_json = {"R": R.tolist(), "b": B, "experiences": list(range(T))}
+    client.log_text(run_id, json.dumps(matrix_json), "accuracy_matrix.json")
+    client.log_text(run_id, "method:\n  lr: 0.01\n", "config.yaml")
+    client.log_text(run_id, json.dumps({"metrics": final}), "summary.json")
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """2 methods x 2 seeds, a FAILED run, a run elsewhere, and one perplexity run."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    main_id = client.create_experiment("lifelong-moe", artifact_location=str(root / "artifacts"))
+    other_id = client.create_experiment("other", artifact_location=str(root / "artifacts-other"))
+    for method in ("naive", "lifelong_moe"):
+        for seed in (0, 1):
+            log_run(client, main_id, method, seed)
+    log_run(client, main_id, "naive", 7, status="FAILED")  # must be ignored
+    log_run(client, other_id, "naive", 8)  # other experiment: must be ignored
+    log_run(client, main_id, "lifelong_moe", 0, matrix="perplexity")
+    return {"uri": uri, "root": root, "client": client}
+
+
+def json_rows(store, capsys, *args) -> list[dict]:
+    assert main(["--tracking-uri", store["uri"], "--format", "json", *args]) == 0
+    return json.loads(capsys.readouterr().out)["rows"]
+
+
+def expected(method: str, metric: str, seeds=(0, 1)) -> tuple[float, float]:
+    values = [summarize(accuracy_matrix(method, s), B)[metric] for s in seeds]
+    return float(np.mean(values)), float(np.std(values, ddof=1))
+
+
+def test_json_means_stds_and_counts(store, capsys):
+    rows = json_rows(store, capsys)
+    accuracy = {r["method"]: r for r in rows if r["matrix"] == "accuracy"}
+    assert set(accuracy) == {"naive", "lifelong_moe"}
+    for method, row in accuracy.items():
+        assert row["n"] == 2 and len(row["run_ids"]) == 2
+        assert row["benchmark"] == "permuted_digits"
+        for metric in ("acc/final", "acc/avg_incremental", "forgetting", "bwt", "fwt"):
+            mean, std = expected(method, metric)
+            assert row["metrics"][metric]["mean"] == pytest.approx(mean), metric
+            assert row["metrics"][metric]["std"] == pytest.approx(std), metric
+            assert row["metrics"][metric]["n"] == 2
+        # Costs: the latest step's value per run (after the last expansion).
+        assert row["metrics"]["params/total"] == {"mean": 5200.0, "std": 0.0, "n": 2}
+        time = row["metrics"]["time/train_total_s"]
+        assert time["mean"] == pytest.approx(4.5) and time["std"] == pytest.approx(
+            np.std([3, 6], ddof=1)
+        )
+    # The FAILED run (seed 7) or the other experiment's run (seed 8) would shift naive's means.
+    for seeds in ((0, 1, 7), (0, 1, 8)):
+        for metric in ("acc/final", "forgetting"):
+            polluted = expected("naive", metric, seeds)[0]
+            assert accuracy["naive"]["metrics"][metric]["mean"] != pytest.approx(polluted)
+
+
+def test_perplexity_runs_get_their_own_table(store, capsys):
+    rows = json_rows(store, capsys)
+    [ppl] = [r for r in rows if r["matrix"] == "perplexity"]
+    assert ppl["benchmark"] == "char_lm" and ppl["n"] == 1
+    assert set(ppl["metrics"]) == {"ppl/final", "ppl/forgetting", "loss/bwt", *COST_KEYS}
+    L = np.log(1.0 / accuracy_matrix("lifelong_moe", 0))
+    assert ppl["metrics"]["ppl/final"]["mean"] == pytest.approx(summarize_loss(L)["ppl/final"])
+    assert ppl["metrics"]["ppl/final"]["std"] == 0.0
+
+
+COST_KEYS = ("params/total", "params/trainable", "params/active", "time/train_total_s")
+
+
+def test_markdown_default(store, capsys):
+    assert main(["--tracking-uri", store["uri"]]) == 0
+    out = capsys.readouterr().out
+    assert "### accuracy" in out and "### perplexity" in out
+    mean, std = expected("naive", "acc/final")
+    [line] = [x for x in out.splitlines() if x.startswith("| naive |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:3] == ["naive", "permuted_digits", "2"]
+    assert cells[3] == f"{mean:.3f} ± {std:.3f}"
+
+
+def test_csv_and_output_file(store, tmp_path, capsys):
+    out = tmp_path / "table.csv"
+    args = ["--format", "csv", "--output", str(out), "--filter", "matrix=accuracy"]
+    assert main(["--tracking-uri", store["uri"], *args]) == 0
+    assert capsys.readouterr().out == ""
+    import csv
+
+    rows = {r["method"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"naive", "lifelong_moe"}
+    mean, std = expected("lifelong_moe", "forgetting")
+    assert float(rows["lifelong_moe"]["forgetting_mean"]) == pytest.approx(mean)
+    assert float(rows["lifelong_moe"]["forgetting_std"]) == pytest.approx(std)
+    assert rows["lifelong_moe"]["n"] == "2" and rows["lifelong_moe"]["matrix"] == "accuracy"
+
+
+def test_filters_and_group_by(store, capsys):
+    rows = json_rows(store, capsys, "--filter", "method=naive", "--group-by", "seed")
+    assert sorted(r["seed"] for r in rows) == ["0", "1"]
+    rows = json_rows(store, capsys, "--filter", "params.method.name=lifelong_moe")
+    assert {r["matrix"] for r in rows} == {"accuracy", "perplexity"}
+    rows = json_rows(store, capsys, "--filter", "metrics.`acc/final` < 0.8")
+    assert [r["method"] for r in rows] == ["naive"]
+    rows = json_rows(store, capsys, "--include-unfinished", "--filter", "method=naive")
+    assert rows[0]["n"] == 3  # the FAILED run joins
+    rows = json_rows(
+        store, capsys, "--experiment", "lifelong-moe", "other", "--filter", "method=naive"
+    )
+    assert rows[0]["n"] == 3  # the other experiment's run joins
+
+
+def test_filter_clauses():
+    assert filter_clause("method=naive") == "tags.`method` = 'naive'"
+    assert filter_clause("params.method.lr=0.01") == "params.`method.lr` = '0.01'"
+    assert filter_clause("tags.seed=1") == "tags.`seed` = '1'"
+    assert filter_clause("tags.method != 'naive'") == "tags.method != 'naive'"
+    assert build_filter([], include_unfinished=False) == (
+        "tags.`kind` = 'experiment' AND attributes.status = 'FINISHED'"
+    )
+    assert (
+        build_filter(["kind=comparison"], include_unfinished=True) == "tags.`kind` = 'comparison'"
+    )
+
+
+def test_plot_writes_pngs(store, tmp_path, capsys):
+    assert main(["--tracking-uri", store["uri"], "--plot", str(tmp_path / "plots")]) == 0
+    names = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert names == [
+        "accuracy_curves.png",
+        "accuracy_forgetting.png",
+        "perplexity_curves.png",
+        "perplexity_forgetting.png",
+    ]
+    assert all((tmp_path / "plots" / n).stat().st_size > 1000 for n in names)
+
+
+def test_log_creates_comparison_run(store, capsys):
+    before = json_rows(store, capsys)
+    assert main(["--tracking-uri", store["uri"], "--log", "--filter", "matrix=accuracy"]) == 0
+    assert "logged comparison run" in capsys.readouterr().err
+    client = store["client"]
+    experiment = client.get_experiment_by_name("lifelong-moe")
+    [run] = client.search_runs([experiment.experiment_id], "tags.kind = 'comparison'")
+    assert run.info.status == "FINISHED"
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"comparison.md", "comparison.csv", "comparison.json", "plots"} <= files
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/accuracy_curves.png", "plots/accuracy_forgetting.png"}
+    # The comparison run itself never enters a later comparison.
+    assert json_rows(store, capsys) == before
+
+
+def test_errors_are_one_line_with_status_2(store, tmp_path, capsys):
+    cases = [
+        ["--tracking-uri", store["uri"], "--filter", "method=nonexistent"],
+        ["--tracking-uri", store["uri"], "--experiment", "missing"],
+        ["--tracking-uri", f"sqlite:///{tmp_path}/absent.db"],
+        ["--tracking-uri", store["uri"], "--group-by", "colour"],
+        ["--tracking-uri", store["uri"], "--filter", "metrics.x >>> 1"],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert not (tmp_path / "absent.db").exists()  # reading never creates a store
+
+
+def test_console_entry_point_nothing_matches(store):
+    """The real process: exactly one line on stderr (no MLflow log noise) and exit status 2."""
+    argv = ["--tracking-uri", store["uri"], "--filter", "method=nonexistent"]
+    result = subprocess.run(
+        [sys.executable, "-m", "lifelong_moe.compare", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "no runs match" in result.stderr
