@@ -11,7 +11,7 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from lifelong_moe.evaluation.evaluate import Evaluation, evaluate
 from lifelong_moe.evaluation.plots import plot_matrix, plot_routing
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.models import count_parameters, moe_layers, save_model
+from lifelong_moe.models.checkpoint import model_payload, restore_model
+from lifelong_moe.resume import STATE, capture_rng, find_run, load_state, restore_rng, run_config
 from lifelong_moe.tracking.mlflow_run import (
     RunTracker,
     check_store,
@@ -94,6 +96,8 @@ def build(cfg: DictConfig) -> Experiment:
 
 @dataclass
 class History:
+    """Everything the loop accumulates; saved after each experience so a run can resume."""
+
     R: list[list[float]] = field(default_factory=list)
     R_task: list[list[float]] = field(default_factory=list)
     b: list[float] = field(default_factory=list)
@@ -101,6 +105,7 @@ class History:
     expert_counts: list[int] = field(default_factory=list)
     routing: list = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    logged: list[dict[str, float]] = field(default_factory=list)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -140,12 +145,43 @@ def row_metrics(i: int, prefix: str, R: list[list[float]]) -> dict[str, float]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment end to end; returns the summary that is also logged as summary.json."""
+    resume_id = None
+    if cfg.get("resume"):
+        resume_id = find_run(cfg.tracking.uri, cfg.tracking.experiment, str(cfg.resume))
+        stored = run_config(cfg.tracking.uri, resume_id)
+        stored.tracking.uri, stored.resume = cfg.tracking.uri, resume_id
+        cfg = stored
     exp = build(cfg)
-    stream, model = exp.stream, exp.model
     tracker = RunTracker(cfg.tracking.uri, cfg.tracking.experiment)
-    method_name = cfg.method.get("name", "method")
+    state = None
+    if resume_id:
+        tracker.reopen(resume_id)
+        state = load_state(cfg.tracking.uri, resume_id)
+        done = state["next"] if state else 0
+        print(f"resuming run {resume_id} after {done} of {len(exp.stream)} experiences", flush=True)
+    else:
+        start_run(cfg, exp, tracker)
+    try:
+        summary = _loop(cfg, exp, tracker, state)
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
+        tracker.finish("KILLED")
+        print(
+            f"interrupted: run {tracker.run_id} marked KILLED; continue it with resume={tracker.run_id}",
+            file=sys.stderr,
+        )
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    print(f"\nSee this run: {tracker.ui_command()}   (run id {tracker.run_id})", flush=True)
+    return summary
+
+
+def start_run(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> None:
+    stream, model = exp.stream, exp.model
     tags = {
-        "method": method_name,
+        "method": cfg.method.get("name", "method"),
         "benchmark": cfg.benchmark.get("name", stream.name),
         "model": cfg.model.get("name", type(model).__name__),
         "seed": str(cfg.seed),
@@ -162,29 +198,52 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_id = tracker.start(run_name, tags, flatten(resolved))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     print(f"run {run_id} ({run_name}): {len(stream)} experiences of {stream.name}", flush=True)
-    try:
-        summary = _loop(cfg, exp, tracker)
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        print(f"interrupted: run {run_id} marked KILLED", file=sys.stderr)
-        raise
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
-    print(f"\nSee this run: {tracker.ui_command()}   (run id {run_id})", flush=True)
-    return summary
 
 
-def _loop(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> dict[str, Any]:
+def restore(exp: Experiment, state: dict[str, Any], tracker: RunTracker) -> History:
+    """Bring model, method, RNG and history to the end of the last completed experience."""
+    restore_model(exp.model, state["model"])
+    exp.method.load_method_state(state["method"])
+    exp.method.seen = exp.stream.experiences[: state["next"]]
+    h = History(**state["history"])
+    # Metrics of the last experience may not have reached MLflow before the crash.
+    logged_steps = {m.step for m in tracker.client.get_metric_history(tracker.run_id, "acc/seen")}
+    for i, row in enumerate(h.logged):
+        if i not in logged_steps:
+            tracker.log_metrics(row, step=i)
+    restore_rng(state["rng"])
+    return h
+
+
+def save_state(exp: Experiment, h: History, tracker: RunTracker, next_index: int) -> None:
+    state = {
+        "next": next_index,
+        "history": asdict(h),
+        "model": model_payload(exp.model),
+        "method": exp.method.method_state(),
+        "rng": capture_rng(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(STATE).name
+        torch.save(state, path)
+        tracker.log_file(path, str(Path(STATE).parent))
+
+
+def _loop(
+    cfg: DictConfig, exp: Experiment, tracker: RunTracker, state: dict[str, Any] | None
+) -> dict[str, Any]:
     stream, model, method = exp.stream, exp.model, exp.method
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
-    h = History()
-    base = evaluate(model.to(device), stream, cfg.trainer.eval_batch_size, device)
-    h.b = base.accuracy
-    h.b_task = base.accuracy_task or []
+    if state:
+        h = restore(exp, state, tracker)
+    else:
+        h = History()
+        base = evaluate(model.to(device), stream, cfg.trainer.eval_batch_size, device)
+        h.b = base.accuracy
+        h.b_task = base.accuracy_task or []
     T = len(stream)
-    for i, experience in enumerate(stream.experiences):
+    for i in range(len(h.R), T):
+        experience = stream.experiences[i]
         method.before_experience(experience)
         data = method.train_dataset(experience)
         loader = DataLoader(
@@ -197,7 +256,7 @@ def _loop(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> dict[str, An
         )
         start = time.perf_counter()
         trainer = make_trainer(cfg)
-        trainer.fit(method, loader)
+        method.fit_experience(experience, loader, trainer)
         h.train_seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
         ev: Evaluation = evaluate(model.to(device), stream, cfg.trainer.eval_batch_size, device)
@@ -220,6 +279,10 @@ def _loop(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> dict[str, An
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             logged["train/loss"] = float(loss)
+        h.logged.append(logged)
+        # State first, metrics second: a crash in between re-logs the row on resume,
+        # the other order could log a step twice.
+        save_state(exp, h, tracker, i + 1)
         tracker.log_metrics(logged, step=i)
         print(
             f"[{i + 1}/{T}] {method.__class__.__name__} on experience {i}: "
@@ -250,7 +313,8 @@ def _finish(cfg: DictConfig, stream: Stream, h: History, tracker: RunTracker) ->
     if h.R_task:
         til = metrics.summarize(np.array(h.R_task), np.array(h.b_task))
         final |= {f"acc_til/{k.removeprefix('acc/')}": v for k, v in til.items()}
-    tracker.log_metrics(final, step=len(stream) - 1)
+    # forgetting and bwt of the last step are already logged with the row: log each step once.
+    tracker.log_metrics({k: v for k, v in final.items() if k not in h.logged[-1]}, len(stream) - 1)
     experiences = [
         {"index": e.index, "classes": e.classes, "task": e.task_id} for e in stream.experiences
     ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
@@ -52,6 +52,10 @@ class ContinualMethod(L.LightningModule):
 
     def train_dataset(self, exp: Experience) -> Dataset:
         return exp.train
+
+    def fit_experience(self, exp: Experience, loader: DataLoader, trainer: L.Trainer) -> None:
+        """Train on one experience; Lightning's loop unless a method brings its own (peers)."""
+        trainer.fit(self, loader)
 
     def after_experience(self, exp: Experience, train_data: Dataset) -> None:
         """Called after evaluation of experience ``exp``; e.g. EWC's Fisher, replay buffer updates."""

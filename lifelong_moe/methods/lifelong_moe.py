@@ -55,8 +55,7 @@ class LifelongMoE(ContinualMethod):
                 raise ConfigError(f"method.{key}={value} must be >= 0")
         if not temperature > 0:
             raise ConfigError(f"method.temperature={temperature} must be > 0")
-        self.layers = moe_layers(model)
-        if not self.layers:
+        if not moe_layers(model):
             raise ConfigError(
                 f"method=lifelong_moe needs a backbone with MoE layers, got {type(model).__name__} "
                 "without any; use model=moe_mlp, model=moe_vit or model=moe_lm"
@@ -73,6 +72,11 @@ class LifelongMoE(ContinualMethod):
         # Distillation target: a separate module, or the student with the new experts masked.
         self.teacher: nn.Module | None = None
         self.teacher_mask: torch.Tensor | None = None
+
+    @property
+    def layers(self) -> dict:
+        """Looked up each time: a resumed run swaps in layers of the grown size."""
+        return moe_layers(self.model)
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)

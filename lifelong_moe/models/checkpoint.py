@@ -23,15 +23,7 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
 
 def save_model(model: nn.Module, model_cfg: dict[str, Any], path: str | Path, **build: Any) -> None:
     """``build`` holds the constructor arguments that are not in the config (input_shape, ...)."""
-    torch.save(
-        {
-            "model_cfg": model_cfg,
-            "build": build,
-            "moe": {name: layer.get_config() for name, layer in moe_layers(model).items()},
-            "state_dict": model.state_dict(),
-        },
-        path,
-    )
+    torch.save({"model_cfg": model_cfg, "build": build, **model_payload(model)}, path)
 
 
 def load_model(path: str | Path) -> nn.Module:
@@ -39,9 +31,27 @@ def load_model(path: str | Path) -> nn.Module:
     saved = torch.load(path, map_location="cpu", weights_only=False)
     cfg = {k: v for k, v in saved["model_cfg"].items() if k != "name"}
     model = hydra.utils.instantiate(cfg, **saved["build"], _convert_="all")
-    for name, layer_cfg in saved["moe"].items():
+    restore_model(model, saved)
+    return model
+
+
+def model_payload(model: nn.Module) -> dict[str, Any]:
+    """What ``restore_model`` needs to bring a freshly built model to this (grown) state."""
+    return {
+        "moe": {name: layer.get_config() for name, layer in moe_layers(model).items()},
+        "state_dict": model.state_dict(),
+        "frozen_parameters": [n for n, p in model.named_parameters() if not p.requires_grad],
+    }
+
+
+def restore_model(model: nn.Module, payload: dict[str, Any]) -> None:
+    """In place: resize every MoE layer, load the weights, re-freeze what was frozen."""
+    for name, layer_cfg in payload["moe"].items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MoELayer.from_config(layer_cfg))
-    model.load_state_dict(saved["state_dict"])
-    return model
+        device = next(model.parameters()).device
+        setattr(parent, child, MoELayer.from_config(layer_cfg).to(device))
+    model.load_state_dict(payload["state_dict"])
+    frozen = set(payload["frozen_parameters"])
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)

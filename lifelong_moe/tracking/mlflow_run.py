@@ -112,6 +112,11 @@ class RunTracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         return self.run_id
 
+    def reopen(self, run_id: str) -> None:
+        """Continue an existing run (resume): it is RUNNING again until finish()."""
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import time
 

@@ -1,0 +1,72 @@
+"""A run killed mid-stream resumes in the same MLflow run and ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import artifact_json, cli, run_cli, runs, store_uri
+
+pytestmark = pytest.mark.slow
+ARGS = [
+    "method=lifelong_moe",
+    "benchmark=permuted_digits",
+    "trainer.max_epochs=3",
+    "trainer.progress_bar=false",
+    "tracking.log_checkpoints=false",
+    "seed=7",
+]
+
+
+def test_same_seed_same_R_bit_for_bit(workdir):
+    uri = store_uri(workdir)
+    for _ in range(2):
+        run_cli(workdir, f"tracking.uri={uri}", *ARGS)
+    first, second = runs(uri)
+    R1 = artifact_json(uri, first.info.run_id, "accuracy_matrix.json")["R"]
+    R2 = artifact_json(uri, second.info.run_id, "accuracy_matrix.json")["R"]
+    assert R1 == R2
+    tags = first.data.tags
+    assert tags["git_commit"] and tags["version.torch"].startswith("2.")
+
+
+def test_sigkill_then_resume_matches_uninterrupted(workdir):
+    reference_uri = store_uri(workdir / "reference")
+    (workdir / "reference").mkdir()
+    run_cli(workdir, f"tracking.uri={reference_uri}", *ARGS)
+    (reference,) = runs(reference_uri)
+    expected = artifact_json(reference_uri, reference.info.run_id, "accuracy_matrix.json")
+
+    uri = store_uri(workdir)
+    process = subprocess.Popen(
+        [*cli("lifelong-moe", "lifelong_moe.cli"), f"tracking.uri={uri}", *ARGS],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:
+        if line.startswith("[2/5]"):  # experience 3 of 5 is now training
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    (killed,) = runs(uri)
+    assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to mark it
+
+    result = run_cli(workdir, f"tracking.uri={uri}", "resume=last")
+    assert "resuming run" in result.stdout
+    (resumed,) = runs(uri)
+    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    got = artifact_json(uri, resumed.info.run_id, "accuracy_matrix.json")
+    assert got["R"] == expected["R"] and got["b"] == expected["b"]
+    client = MlflowClient(uri)
+    for key in ("acc/seen", "forgetting", "acc/exp_0", "params/total"):
+        steps = [m.step for m in client.get_metric_history(resumed.info.run_id, key)]
+        assert sorted(steps) == list(range(5)), (key, steps)
+    for key in ("acc/final", "forgetting", "bwt", "fwt"):
+        assert resumed.data.metrics[key] == reference.data.metrics[key]
