@@ -7,11 +7,13 @@ Metrics use step = experience index, so curves from successive Trainers never ov
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import json
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +90,36 @@ def check_store(uri: str) -> None:
             ) from None
 
 
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a sqlite store across processes (parallel sweep jobs).
+
+    MLflow creates and migrates the schema on first connection; two processes doing that at
+    once break the migration. Later writes are ordinary sqlite transactions and need no lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class RunTracker:
     """Writes one run: params once, metrics per experience, artifacts at the end."""
 
     def __init__(self, uri: str, experiment: str, run_id: str | None = None) -> None:
         self.uri = uri
-        self.client = MlflowClient(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self._create_experiment(experiment)
+        with store_lock(uri):
+            self.client = MlflowClient(uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (
+                found.experiment_id if found else self._create_experiment(experiment)
+            )
         self.run_id = run_id
 
     def _create_experiment(self, name: str) -> str:
