@@ -243,7 +243,7 @@ def to_csv(groups: Sequence[Group], group_by: Sequence[str]) -> str:
         row = [g.matrix, *g.key, len(g.runs)]
         for c in cols:
             mean, std, n = g.stats(c)
-            row += ["", ""] if n == 0 else [repr(mean), repr(std)]
+            row += ["", ""] if n == 0 else [repr(round(mean, 10)), repr(round(std, 10))]
         writer.writerow(row)
     return buffer.getvalue()
 
@@ -291,18 +291,17 @@ def write_plots(client, groups: Sequence[Group], folder: Path) -> list[Path]:
         curve_key, bar_key = CURVE.get(kind), BARS.get(kind)
         if curve_key is None:
             continue
-        label = {id(g): "/".join(g.key) for g in mine}
-        curves = {
-            label[id(g)]: [history(client, r.run_id, curve_key) for r in g.runs] for g in mine
-        }
-        curves = {k: [c for c in v if c] for k, v in curves.items()}
-        curves = {k: v for k, v in curves.items() if v}
+        curves = {}
+        for g in mine:
+            seeds = [h for r in g.runs if (h := history(client, r.run_id, curve_key))]
+            if seeds:
+                curves["/".join(g.key)] = seeds
         if curves:
             path = folder / f"{kind}_curves.png"
             ylabel = "A_t (accuracy on seen experiences)" if kind == "accuracy" else curve_key
             plot_curves(curves, path, ylabel=ylabel, title=f"{curve_key}: mean ± std over seeds")
             written.append(path)
-        bars = {label[id(g)]: [r.metrics.get(bar_key, math.nan) for r in g.runs] for g in mine}
+        bars = {"/".join(g.key): [r.metrics.get(bar_key, math.nan) for r in g.runs] for g in mine}
         path = folder / f"{kind}_forgetting.png"
         plot_bars(bars, path, ylabel=bar_key, title=f"{bar_key} after the last experience")
         written.append(path)
@@ -345,7 +344,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="lifelong-moe-compare",
         description="Aggregate lifelong-moe runs over seeds: mean ± std and n per group.",
     )
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument(
+        "--tracking-uri", default="sqlite:///mlflow.db", help="(default: %(default)s)"
+    )
     parser.add_argument(
         "--experiment",
         action="extend",
@@ -359,9 +360,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="key=value on a tag, params.x=y, tags.x=y, or an MLflow filter string; repeatable",
     )
     parser.add_argument(
-        "--group-by", default="method,benchmark", help="comma-separated tags/params"
+        "--group-by",
+        default="method,benchmark",
+        help="comma-separated tags or params (default: %(default)s)",
     )
-    parser.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    parser.add_argument(
+        "--format", choices=["md", "csv", "json"], default="md", help="(default: %(default)s)"
+    )
     parser.add_argument("--output", type=Path, help="write the table here instead of stdout")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write curves and bar charts here")
     parser.add_argument("--log", action="store_true", help="record the comparison as an MLflow run")

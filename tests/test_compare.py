@@ -33,7 +33,7 @@ def accuracy_matrix(method: str, seed: int) -> np.ndarray:
     R = np.full((T, T), 0.1)
     for i in range(T):
         for j in range(i + 1):
-            R[i, j] = 0.9 + 0.01 * seed - drop * (1 + 0.1 * seed) * (i - j)
+            R[i, j] = max(0.01, 0.9 + 0.01 * seed - drop * (1 + 0.1 * seed) * (i - j))
     return R
 
 

@@ -217,7 +217,10 @@ def plot_bars(
     title: str = "",
 ) -> Figure:
     """Bar per method at the mean over seeds, with a std error bar and each seed as a dot."""
-    names = list(values)
+    names = [str(n) for n in values]
+    values = dict(zip(names, values.values(), strict=True))
+    # Long or many labels (group keys like "method/benchmark") are slanted so they never overlap.
+    slant = len(names) > 3 or max((len(n) for n in names), default=0) > 10
     fig = Figure(figsize=(1.5 + 0.9 * max(len(names), 2), 4.0))
     ax = fig.add_subplot()
     for k, name in enumerate(names):
@@ -228,8 +231,8 @@ def plot_bars(
     ax.set_xticks(
         range(len(names)),
         labels=names,
-        rotation=30 if len(names) > 3 else 0,
-        ha="right" if len(names) > 3 else "center",
+        rotation=30 if slant else 0,
+        ha="right" if slant else "center",
     )
     ax.set_ylabel(ylabel)
     ax.axhline(0.0, color="grey", linewidth=0.8)
