@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces results/dispatch_cpu.md: the grouped MoE dispatch vs dense-active, the per-expert
 # loop, GShard one-hot einsum and all-experts-dense, plus the 7/8-frozen training step.
-# fp32 on 2 CPU threads; takes about 5 minutes. Raw numbers: outputs/dispatch_cpu.json. Other processes on the machine add noise:
-# the cases are interleaved and the median of the repeats is reported.
+# fp32 on 2 CPU threads; takes about 5 minutes; raw numbers go to outputs/dispatch_cpu.json.
+# Other processes on a shared machine add noise: the cases are interleaved repeat by repeat and
+# the median of the repeats is reported (the JSON keeps every repeat).
 # Usage: experiments/bench_dispatch.sh [extra lifelong-moe-bench options]
 set -euo pipefail
 cd "$(dirname "$0")/.."

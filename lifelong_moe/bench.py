@@ -151,9 +151,10 @@ class Case:
     name: str
     forward: Callable[[torch.Tensor], torch.Tensor]
     params: list[torch.nn.Parameter]
-    cost: float  # estimated fwd+bwd time relative to dense-active
-    gib: float  # estimated peak extra memory
-    train_step: bool = False  # time fwd+bwd+AdamW step instead of fwd / fwd+bwd
+    cost: float  # estimated fwd+bwd time relative to dense-active (for the skip rule)
+    gib: float  # estimated peak memory of one fwd+bwd
+    heavy: bool = False  # a slow baseline, timed in its own block after the others
+    train_step: bool = False  # time fwd+bwd+AdamW step instead of fwd and fwd+bwd
     skipped: str | None = None
     fwd_ms: list[float] = field(default_factory=list)
     fwdbwd_ms: list[float] = field(default_factory=list)
@@ -192,48 +193,67 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device, dtype) -> list:
+    """All cases of one (E, T). The train-step cases own copies of the layer, so their AdamW
+    updates never change the routing the forward-only cases see."""
     d, h, k = args.d_model, args.d_hidden, args.top_k
     nbytes = torch.finfo(dtype).bits // 8
     layer = MoELayer(d, h, n_experts, k, activation=args.activation).to(device, dtype)
     loop = MoELayer.from_config({**layer.get_config(), "dispatch": "loop"}).to(device, dtype)
     loop.load_state_dict(layer.state_dict())
     n_frozen = int(n_experts * args.frozen_fraction)  # floor: at least one stays trainable
-    frozen = split_banks(layer, n_frozen).to(device, dtype)
+    step_none = split_banks(layer, 0).to(device, dtype)
+    step_frozen = split_banks(layer, n_frozen).to(device, dtype)
     dense = DenseFFN(d, k * h, args.activation).to(device, dtype)
-    einsum, all_dense = GShardEinsum(layer), AllExpertsDense(layer)
-    grouped_fn, frozen_fn, dense_fn = _moe_forward(layer), _moe_forward(frozen), dense
-    if args.compile:
-        # fullgraph: a graph break inside the layer is an error, not a silent slowdown.
-        grouped_fn = torch.compile(grouped_fn, fullgraph=True)
-        frozen_fn = torch.compile(frozen_fn, fullgraph=True)
-        dense_fn = torch.compile(dense, fullgraph=True)
+    forwards = {
+        "dense": dense,
+        "grouped": _moe_forward(layer),
+        "none": _moe_forward(step_none),
+        "frozen": _moe_forward(step_frozen),
+    }
+    if args.compile:  # fullgraph: a graph break inside the layer is an error, not a slowdown
+        forwards = {key: torch.compile(fn, fullgraph=True) for key, fn in forwards.items()}
     capacity = math.ceil(EINSUM_CAPACITY_FACTOR * n_tokens * k / n_experts)
     onehot = n_tokens * n_experts * capacity
-    # einsum dispatch + combine cost 2*T*E*C*d MACs each way vs the dense 2*T*d*k*h.
-    einsum_cost = 1.0 + 3.0 * onehot * d / (n_tokens * d * k * h)
-    layer_mem = 6 * n_tokens * k * h * nbytes / 2**30
+    # one-hot einsums: ~5 T*E*C*d MACs over fwd+bwd vs 6 T*d*k*h for dense; measured on CPU
+    # they run less efficiently, about 1.5 * E*C / (k*h) times dense
+    einsum_cost = 1.0 + 1.5 * onehot * d / (n_tokens * d * k * h)
+    mem = 8 * n_tokens * k * h * nbytes / 2**30
     return [
-        Case("dense-active", dense_fn, _trainable(dense), 1.0, layer_mem),
-        Case("moe-grouped", grouped_fn, _trainable(layer), 1.2, layer_mem),
-        Case("moe-loop", _moe_forward(loop), _trainable(loop), 2.0 + n_experts / 32, layer_mem),
-        Case("gshard-einsum", einsum, _trainable(layer), einsum_cost, 5 * onehot * 4 / 2**30),
+        Case("dense-active", forwards["dense"], _trainable(dense), 1.0, mem),
+        Case("moe-grouped", forwards["grouped"], _trainable(layer), 1.2, mem),
+        Case("moe-loop", _moe_forward(loop), _trainable(loop), 2.0 + n_experts / 16, mem),
+        Case("step-0-frozen", forwards["none"], _trainable(step_none), 1.3, mem, train_step=True),
+        Case(
+            f"step-{n_frozen}/{n_experts}-frozen",
+            forwards["frozen"],
+            _trainable(step_frozen),
+            1.3,
+            mem,
+            train_step=True,
+        ),
+        Case(
+            "gshard-einsum",
+            GShardEinsum(layer),
+            _trainable(layer),
+            einsum_cost,
+            5 * onehot * 4 / 2**30,
+            heavy=True,
+        ),
         Case(
             "all-experts-dense",
-            all_dense,
+            AllExpertsDense(layer),
             _trainable(layer),
             n_experts / k,
             3 * n_experts * n_tokens * h * nbytes / 2**30,
-        ),
-        Case("step-0-frozen", grouped_fn, _trainable(layer), 1.3, layer_mem, train_step=True),
-        Case(
-            f"step-{n_frozen}/{n_experts}-frozen",
-            frozen_fn,
-            _trainable(frozen),
-            1.3,
-            layer_mem,
-            train_step=True,
+            heavy=True,
         ),
     ]
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {"median_ms": None, "min_ms": None}
+    return {"median_ms": statistics.median(values), "min_ms": min(values)}
 
 
 def bench_one(args: argparse.Namespace, n_experts: int, n_tokens: int, device, dtype) -> dict:
@@ -246,12 +266,11 @@ def bench_one(args: argparse.Namespace, n_experts: int, n_tokens: int, device, d
     for case in cases:
         opt = torch.optim.AdamW(case.params, lr=1e-4) if case.train_step else None
         runs[case.name] = (_fwd_bwd(case, x, grad, opt), None if case.train_step else _fwd(case, x))
-    # Warm-up dense first: its time calibrates the skip rule for the expensive baselines.
+    # Warm up dense first: its best time calibrates the skip rule for the slow baselines.
     dense_ms = None
     for case in cases:
-        fwd_bwd, fwd = runs[case.name]
         if dense_ms is not None:
-            estimate_s = case.cost * dense_ms * (args.warmup + args.repeats) * 1.5 / 1e3
+            estimate_s = case.cost * dense_ms * (args.warmup + args.repeats) * 1.4 / 1e3
             if estimate_s > args.max_case_seconds:
                 case.skipped = f"skipped: estimated {estimate_s:.0f} s > --max-case-seconds"
             elif case.gib > args.max_gib:
@@ -260,22 +279,24 @@ def bench_one(args: argparse.Namespace, n_experts: int, n_tokens: int, device, d
                 log(f"{tag} {case.name}: {case.skipped}")
                 continue
         log(f"{tag} warm-up {case.name}")
-        for _ in range(args.warmup):
-            ms = timer(fwd_bwd)
-            if fwd is not None:
-                timer(fwd)
-        if dense_ms is None:
-            dense_ms = ms
-    # Interleaved repeats: load changes from other CPU users hit every case alike.
-    for r in range(args.repeats):
-        for case in cases:
-            if case.skipped:
-                continue
-            fwd_bwd, fwd = runs[case.name]
-            if fwd is not None:
-                case.fwd_ms.append(timer(fwd))
-            case.fwdbwd_ms.append(timer(fwd_bwd))
-        log(f"{tag} repeat {r + 1}/{args.repeats} done")
+        fwd_bwd, fwd = runs[case.name]
+        times = [timer(fwd_bwd) for _ in range(args.warmup)]
+        if fwd is not None:
+            timer(fwd)
+        dense_ms = min(times) if dense_ms is None else dense_ms
+    # Repeats interleave the cases, so load from other users hits every case alike. The slow
+    # baselines free gigabytes per call, which slows whatever runs next on a CPU host: they
+    # get their own block, after the others.
+    for block in (False, True):
+        active = [c for c in cases if c.heavy == block and not c.skipped]
+        for r in range(args.repeats if active else 0):
+            for case in active:
+                fwd_bwd, fwd = runs[case.name]
+                if fwd is not None:
+                    case.fwd_ms.append(timer(fwd))
+                case.fwdbwd_ms.append(timer(fwd_bwd))
+            names = "baselines" if block else "main cases"
+            log(f"{tag} {names}: repeat {r + 1}/{args.repeats} done")
     return {
         "n_experts": n_experts,
         "n_tokens": n_tokens,
@@ -286,8 +307,8 @@ def bench_one(args: argparse.Namespace, n_experts: int, n_tokens: int, device, d
                 "skipped": c.skipped,
                 "fwd_ms": c.fwd_ms,
                 "fwdbwd_ms": c.fwdbwd_ms,
-                "fwd_median_ms": statistics.median(c.fwd_ms) if c.fwd_ms else None,
-                "fwdbwd_median_ms": statistics.median(c.fwdbwd_ms) if c.fwdbwd_ms else None,
+                "fwd": _summary(c.fwd_ms),
+                "fwdbwd": _summary(c.fwdbwd_ms),
             }
             for c in cases
         ],
@@ -303,40 +324,37 @@ def _fmt(value: float | None, fmt: str = "{:.1f}") -> str:
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| E | T | impl | fwd ms | fwd / dense | fwd+bwd ms | fwd+bwd / dense |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "| E | T | impl | fwd ms | fwd / dense | fwd+bwd ms | fwd+bwd / dense | fwd+bwd min ms |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for res in results:
-        by_name = {c["name"]: c for c in res["cases"]}
-        dense = by_name["dense-active"]
+        head = f"| {res['n_experts']} | {res['n_tokens']} |"
+        dense = res["cases"][0]
         for c in res["cases"]:
             label = c["name"] + (" (fwd+bwd+AdamW)" if c["train_step"] else "")
             if c["skipped"]:
-                lines.append(
-                    f"| {res['n_experts']} | {res['n_tokens']} | {label} | {c['skipped']} ||||"
-                )
+                lines.append(f"{head} {label} | {c['skipped']} ||||||")
                 continue
-            f, fb = c["fwd_median_ms"], c["fwdbwd_median_ms"]
-            rf = f / dense["fwd_median_ms"] if f is not None else None
-            rfb = fb / dense["fwdbwd_median_ms"]
+            f, fb = c["fwd"]["median_ms"], c["fwdbwd"]["median_ms"]
+            rf = f / dense["fwd"]["median_ms"] if f is not None else None
+            rfb = fb / dense["fwdbwd"]["median_ms"]
             lines.append(
-                f"| {res['n_experts']} | {res['n_tokens']} | {label} | {_fmt(f)} | "
-                f"{_fmt(rf, '{:.2f}')} | {_fmt(fb)} | {_fmt(rfb, '{:.2f}')} |"
+                f"{head} {label} | {_fmt(f)} | {_fmt(rf, '{:.2f}')} | {_fmt(fb)} | "
+                f"{_fmt(rfb, '{:.2f}')} | {_fmt(c['fwdbwd']['min_ms'])} |"
             )
-    lines.append("")
-    lines.append(
-        "| E | T | grouped fwd+bwd: x faster than loop | than einsum | frozen step / none |"
-    )
-    lines.append("|---:|---:|---:|---:|---:|")
+    lines += [
+        "",
+        "| E | T | grouped fwd+bwd: x faster than loop | x faster than einsum | "
+        "frozen step / none frozen |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for res in results:
-        med = {c["name"]: c["fwdbwd_median_ms"] for c in res["cases"]}
+        med = {c["name"]: c["fwdbwd"]["median_ms"] for c in res["cases"]}
         grouped = med["moe-grouped"]
-        steps = [c for c in res["cases"] if c["train_step"]]
-        ratio = None
-        if steps[0]["fwdbwd_median_ms"] and steps[1]["fwdbwd_median_ms"]:
-            ratio = steps[1]["fwdbwd_median_ms"] / steps[0]["fwdbwd_median_ms"]
+        none, frozen = (c["fwdbwd"]["median_ms"] for c in res["cases"] if c["train_step"])
         loop = med["moe-loop"] / grouped if med["moe-loop"] else None
         einsum = med["gshard-einsum"] / grouped if med["gshard-einsum"] else None
+        ratio = frozen / none if frozen and none else None
         lines.append(
             f"| {res['n_experts']} | {res['n_tokens']} | {_fmt(loop, '{:.2f}')} | "
             f"{_fmt(einsum, '{:.2f}')} | {_fmt(ratio, '{:.2f}')} |"

@@ -21,6 +21,15 @@ def test_shapes_and_aux_types() -> None:
     assert aux.dropped.dtype == torch.long and aux.dropped.ndim == 0 and aux.dropped == 0
 
 
+def test_empty_batch() -> None:
+    layer = MoELayer(16, 32, 4, 2, n_frozen=1)
+    x = torch.randn(0, 16, requires_grad=True)
+    y, aux = layer(x)
+    assert y.shape == (0, 16) and aux.tokens_per_expert.sum() == 0
+    assert aux.balance_loss == 0 and aux.z_loss == 0
+    (y.sum() + aux.balance_loss).backward()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
@@ -102,7 +111,7 @@ def test_expand_keeps_old_outputs_when_new_experts_masked() -> None:
     layer.expand(3, init="random", gate_init="random")
     mask = torch.tensor([True] * 6 + [False] * 3)
     y_new, aux_new = layer(x, expert_mask=mask)
-    torch.testing.assert_close(y_new, y_old, atol=1e-6, rtol=0)
+    torch.testing.assert_close(y_new, y_old, atol=1e-6, rtol=0)  # identical up to rounding
     assert torch.equal(aux_new.tokens_per_expert[:6], aux_old.tokens_per_expert)
     assert aux_new.tokens_per_expert[6:].sum() == 0
 
@@ -159,3 +168,29 @@ def test_config_and_state_dict_round_trip() -> None:
     assert torch.equal(y1, y2)
     assert torch.equal(aux1.tokens_per_expert, aux2.tokens_per_expert)
     assert torch.equal(aux1.balance_loss, aux2.balance_loss)
+
+
+def test_compiles_without_graph_breaks() -> None:
+    """fullgraph=True turns any graph break in the layer into an error (bf16: grouped_mm's
+    meta kernel rejects fp32 under compile)."""
+    torch.manual_seed(5)
+    layer = MoELayer(32, 64, 8, 2, n_frozen=5, capacity_factor=1.25).bfloat16()
+    mask = torch.ones(8, dtype=torch.bool)
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        y, aux = layer(x, expert_mask=mask)
+        return y.float().square().mean() + 0.01 * aux.balance_loss + 0.001 * aux.z_loss
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 50, 32).bfloat16().requires_grad_(True)
+    loss = compiled(x)
+    loss.backward()
+    usage = layer.expert_usage.clone()
+    grad = x.grad.clone()
+    x.grad = None
+    eager = loss_fn(x)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, x.grad)
+    assert 0 < usage.sum() <= 400  # the buffer update ran inside the compiled graph
+    torch.testing.assert_close(layer.expert_usage, 2 * usage)

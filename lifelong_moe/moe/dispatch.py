@@ -2,8 +2,8 @@
 
 The grouped path has fixed shapes and never syncs with the host: counts and offsets come from
 a searchsorted over the sorted expert keys (length E, on the device), there is no Python loop
-over experts and no boolean-mask indexing, and the combine is a reshape-sum (deterministic,
-unlike index_add_ on CUDA).
+over experts and no boolean-mask indexing, and the combine is a per-token weighted sum over a
+[T, k, d] view (deterministic, unlike index_add_ on CUDA).
 
 Frozen bank. grouped_mm groups start at row 0 of its left operand, so the bank whose weight
 gradient we need must come first. Assignments are therefore sorted by a key that puts the
@@ -54,6 +54,8 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
         (inverse,) = ctx.saved_tensors
         g = grad.index_select(0, inverse)
         if ctx.fan > 1:
@@ -168,10 +170,14 @@ def grouped_experts(
 
 
 def combine(y_flat: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over the k slots of each token, in fp32, as a reshape-sum."""
+    """Gate-weighted sum over the k slots of each token, as a reshape-sum in the model dtype.
+
+    (A [T, 1, k] @ [T, k, d] bmm is 2x faster on CPU but made an H100 step 40% slower; an fp32
+    upcast costs an extra pass over y: both measured, see results/dispatch_cpu.md.)
+    """
     n_tokens, top_k = gates.shape
-    y = y_flat.view(n_tokens, top_k, -1).float() * gates.unsqueeze(-1)
-    return y.sum(dim=1).to(y_flat.dtype)
+    y = y_flat.view(n_tokens, top_k, y_flat.shape[-1]) * gates.to(y_flat.dtype).unsqueeze(-1)
+    return y.sum(dim=1)
 
 
 def loop_experts(

@@ -100,6 +100,9 @@ class Router(nn.Module):
         if expert_mask is not None:
             # Fewer enabled experts than k: the surplus slots carry weight 0 and go nowhere.
             valid = torch.isfinite(top_logits)
+        if x.shape[0] == 0:  # an empty batch: means over no tokens would be NaN
+            zero = logits.new_zeros(())
+            return Routing(expert_ids, gates, valid, zero, zero)
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()
         balance = self._balance_loss(route_logits, probs, expert_ids, valid, expert_mask)
         return Routing(expert_ids, gates, valid, balance, z_loss)
