@@ -194,3 +194,16 @@ def test_compiles_without_graph_breaks() -> None:
     torch.testing.assert_close(grad, x.grad)
     assert 0 < usage.sum() <= 400  # the buffer update ran inside the compiled graph
     torch.testing.assert_close(layer.expert_usage, 2 * usage)
+
+
+def test_autocast_bf16_runs_grouped_path_with_fp32_master_gradients():
+    torch.manual_seed(0)
+    layer = MoELayer(64, 64, 4, 2)
+    x = torch.randn(32, 64)
+    reference, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference, atol=5e-2, rtol=5e-2)
+    y.float().sum().backward()
+    assert layer.experts.w1.grad.dtype == torch.float32 and layer.experts.w1.grad.abs().sum() > 0

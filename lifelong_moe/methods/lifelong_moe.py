@@ -123,7 +123,8 @@ class LifelongMoE(ContinualMethod):
             if self.teacher_mask is not None:
                 was_training = self.model.training
                 self.model.eval()
-                logits = self.model(x, expert_mask=self.teacher_mask.to(x.device))[0]
+                self.teacher_mask = self.teacher_mask.to(x.device)  # once, not every step
+                logits = self.model(x, expert_mask=self.teacher_mask)[0]
                 self.model.train(was_training)
                 return logits
         return None

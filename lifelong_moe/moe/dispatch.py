@@ -161,10 +161,16 @@ def grouped_experts(
     )
     inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(n, device=perm.device))
     zero_tail = valid is not None or capacity is not None
+    w1, w1_frozen, w2, w2_frozen = experts.w1, experts.w1_frozen, experts.w2, experts.w2_frozen
+    if torch.is_autocast_enabled(x.device.type):
+        # Custom Functions bypass autocast: cast here so bf16-mixed training takes the bf16
+        # grouped_mm path (gradients flow back to the fp32 master weights through .to()).
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w1, w1_frozen, w2, w2_frozen = (t.to(dtype) for t in (x, w1, w1_frozen, w2, w2_frozen))
     xs = _GatherRows.apply(x, perm // top_k, inverse, top_k)
-    h = _BankedGroupedMM.apply(xs, experts.w1, experts.w1_frozen, offs, zero_tail)
+    h = _BankedGroupedMM.apply(xs, w1, w1_frozen, offs, zero_tail)
     h = activation(h)
-    ys = _BankedGroupedMM.apply(h, experts.w2, experts.w2_frozen, offs, zero_tail)
+    ys = _BankedGroupedMM.apply(h, w2, w2_frozen, offs, zero_tail)
     y = _GatherRows.apply(ys, inverse, perm, 1)
     return combine(y, gates), counts, dropped
 
