@@ -115,13 +115,23 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def make_trainer(cfg: DictConfig) -> L.Trainer:
+    """A fresh Trainer for one experience.
+
+    On one machine ``ddp`` becomes ``ddp_fork`` (CPU) or ``ddp_spawn`` (GPU, where CUDA forbids
+    fork): plain ``ddp`` re-runs the whole command for every rank at each ``fit``, which cannot
+    follow a loop that builds a Trainer per experience. Both train in worker processes and hand
+    rank 0's weights back to this process, which alone evaluates and logs.
+    """
     t = cfg.trainer
+    strategy = t.strategy
+    if strategy == "ddp" and t.num_nodes == 1:
+        strategy = "ddp_fork" if t.accelerator == "cpu" else "ddp_spawn"
     return L.Trainer(
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=strategy,
         precision=t.precision,
         gradient_clip_val=t.gradient_clip_val,
         deterministic=t.deterministic,

@@ -12,13 +12,18 @@ the first steps.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lifelong_moe.methods.replay import ReplayBuffer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,7 +33,13 @@ class NonFiniteLossError(RuntimeError):
 class ContinualMethod(L.LightningModule):
     """Cross-entropy training of ``model`` (which returns ``(logits, aux)``) on one experience at a time."""
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        replay_buffer_size: int = 0,
+    ) -> None:
         super().__init__()
         if not lr > 0:
             raise ConfigError(f"method.lr={lr} must be a positive number")
@@ -40,6 +51,14 @@ class ContinualMethod(L.LightningModule):
         self.stream: Stream | None = None
         self.experience: Experience | None = None
         self.seen: list[Experience] = []
+        self.replay = make_replay(replay_buffer_size)
+
+    def __getstate__(self) -> dict:
+        """What ddp_spawn pickles into its workers: training needs neither the stream (its
+        Avalanche benchmark holds lambdas) nor the experiences already seen."""
+        state = self.__dict__.copy()
+        state["stream"], state["seen"] = None, []
+        return state
 
     # -- the runner's hooks -------------------------------------------------------------------
     def setup_stream(self, stream: Stream) -> None:
@@ -51,6 +70,8 @@ class ContinualMethod(L.LightningModule):
         self.seen.append(exp)
 
     def train_dataset(self, exp: Experience) -> Dataset:
+        if self.replay is not None and len(self.replay):
+            return ConcatDataset([exp.train, self.replay.dataset()])
         return exp.train
 
     def fit_experience(self, exp: Experience, loader: DataLoader, trainer: L.Trainer) -> None:
@@ -58,7 +79,12 @@ class ContinualMethod(L.LightningModule):
         trainer.fit(self, loader)
 
     def after_experience(self, exp: Experience, train_data: Dataset) -> None:
-        """Called after evaluation of experience ``exp``; e.g. EWC's Fisher, replay buffer updates."""
+        """Called after evaluation of experience ``exp``; e.g. EWC's Fisher, replay buffer updates.
+
+        Subclasses that override it call ``super()`` so that replay keeps working.
+        """
+        if self.replay is not None:
+            self.replay.add(exp.train)  # the experience's own data, not the replayed samples
 
     # -- Lightning ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +117,24 @@ class ContinualMethod(L.LightningModule):
 
     # -- state for checkpoints ----------------------------------------------------------------
     def method_state(self) -> dict:
-        """What the method must carry across experiences beyond the model's weights."""
-        return {}
+        """What the method must carry across experiences beyond the model's weights.
+
+        Subclasses extend ``super().method_state()`` so that the replay buffer is kept.
+        """
+        return {"replay": self.replay.state_dict()} if self.replay is not None else {}
 
     def load_method_state(self, state: dict) -> None:
-        pass
+        if self.replay is not None and "replay" in state:
+            self.replay.load_state_dict(state["replay"])
+
+
+# -- replay composition: any method replays with method.replay_buffer_size > 0 ----------------
+def make_replay(size: int) -> ReplayBuffer | None:
+    """The buffer is seeded from torch's initial seed, which the runner sets to ``seed``."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ConfigError(f"method.replay_buffer_size={size!r} must be an integer >= 0")
+    if size == 0:
+        return None
+    from lifelong_moe.methods.replay import ReplayBuffer  # replay.py imports this module
+
+    return ReplayBuffer(size, seed=torch.initial_seed())

@@ -40,8 +40,11 @@ class LifelongMoE(ContinualMethod):
         lambda_z: float = 0.0,
         expand_init: str = "random",
         gate_init: str = "mean",
+        replay_buffer_size: int = 0,
     ) -> None:
-        super().__init__(model, lr=lr, weight_decay=weight_decay)
+        super().__init__(
+            model, lr=lr, weight_decay=weight_decay, replay_buffer_size=replay_buffer_size
+        )
         if experts_per_experience < 0:
             raise ConfigError(
                 f"method.experts_per_experience={experts_per_experience} must be >= 0"
