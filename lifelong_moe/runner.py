@@ -28,6 +28,7 @@ from lifelong_moe.data.stream import Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation import metrics
 from lifelong_moe.evaluation.evaluate import Evaluation, evaluate
+from lifelong_moe.evaluation.evaluate_lm import evaluate_lm
 from lifelong_moe.evaluation.plots import plot_matrix, plot_routing
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.models import count_parameters, moe_layers, save_model
@@ -106,6 +107,13 @@ class History:
     routing: list = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
     logged: list[dict[str, float]] = field(default_factory=list)
+    # language modelling: L[i][j] = validation loss (nats per byte) on domain j after i
+    L: list[list[float]] = field(default_factory=list)
+    b_loss: list[float] = field(default_factory=list)
+
+
+def is_language(stream: Stream) -> bool:
+    return stream.scenario == "language_modeling"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -196,7 +204,7 @@ def start_run(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> None:
         "model": cfg.model.get("name", type(model).__name__),
         "seed": str(cfg.seed),
         "kind": "experiment",
-        "matrix": "accuracy",
+        "matrix": "perplexity" if is_language(stream) else "accuracy",
         "scenario": stream.scenario,
         "git_commit": git_commit(),
         **library_versions(),
@@ -244,13 +252,16 @@ def _loop(
 ) -> dict[str, Any]:
     stream, model, method = exp.stream, exp.model, exp.method
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    language = is_language(stream)
+    evaluator = evaluate_lm if language else evaluate
     if state:
         h = restore(exp, state, tracker)
     else:
         h = History()
-        base = evaluate(model.to(device), stream, cfg.trainer.eval_batch_size, device)
+        base = evaluator(model.to(device), stream, cfg.trainer.eval_batch_size, device)
         h.b = base.accuracy
         h.b_task = base.accuracy_task or []
+        h.b_loss = getattr(base, "loss", [])
     T = len(stream)
     for i in range(len(h.R), T):
         experience = stream.experiences[i]
@@ -269,7 +280,7 @@ def _loop(
         method.fit_experience(experience, loader, trainer)
         h.train_seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
-        ev: Evaluation = evaluate(model.to(device), stream, cfg.trainer.eval_batch_size, device)
+        ev: Evaluation = evaluator(model.to(device), stream, cfg.trainer.eval_batch_size, device)
         eval_seconds = time.perf_counter() - start
         method.after_experience(experience, data)
 
@@ -281,6 +292,11 @@ def _loop(
         if ev.accuracy_task is not None:
             h.R_task.append(ev.accuracy_task)
             logged |= row_metrics(i, "acc_til", h.R_task)
+        if language:
+            h.L.append(ev.loss)
+            logged |= {f"loss/exp_{j}": v for j, v in enumerate(ev.loss)}
+            logged |= {f"ppl/exp_{j}": v for j, v in enumerate(ev.perplexity)}
+            logged["ppl/seen"] = metrics.average_perplexity(np.array(h.L), i)
         params = count_parameters(model)
         logged |= {f"params/{k}": v for k, v in params.items()}
         logged["time/train_s"] = h.train_seconds[-1]
@@ -298,7 +314,8 @@ def _loop(
             f"[{i + 1}/{T}] {method.__class__.__name__} on experience {i}: "
             f"acc {ev.accuracy[i]:.3f}  seen {logged['acc/seen']:.3f}  "
             f"forgetting {logged['forgetting']:.3f}  bwt {logged['bwt']:+.3f}  "
-            f"params {params['total']:,} ({params['active']:,} active)  "
+            + (f"ppl seen {logged['ppl/seen']:.2f}  " if language else "")
+            + f"params {params['total']:,} ({params['active']:,} active)  "
             f"train {h.train_seconds[-1]:.1f}s  eval {eval_seconds:.2f}s",
             flush=True,
         )
@@ -323,6 +340,8 @@ def _finish(cfg: DictConfig, stream: Stream, h: History, tracker: RunTracker) ->
     if h.R_task:
         til = metrics.summarize(np.array(h.R_task), np.array(h.b_task))
         final |= {f"acc_til/{k.removeprefix('acc/')}": v for k, v in til.items()}
+    if h.L:
+        final |= metrics.summarize_loss(np.array(h.L), np.array(h.b_loss))
     # forgetting and bwt of the last step are already logged with the row: log each step once.
     tracker.log_metrics({k: v for k, v in final.items() if k not in h.logged[-1]}, len(stream) - 1)
     experiences = [
@@ -336,6 +355,20 @@ def _finish(cfg: DictConfig, stream: Stream, h: History, tracker: RunTracker) ->
         path = Path(tmp) / "accuracy_matrix.png"
         plot_matrix(R, path, title=f"{cfg.method.name} on {stream.name}: accuracy R[i][j]")
         tracker.log_file(path)
+        if h.L:
+            perplexity = np.exp(np.array(h.L))
+            tracker.log_json(
+                {
+                    "L": h.L,
+                    "perplexity": perplexity.tolist(),
+                    "b_loss": h.b_loss,
+                    "domains": experiences,
+                },
+                "perplexity_matrix.json",
+            )
+            path = Path(tmp) / "perplexity_matrix.png"
+            plot_matrix(perplexity, path, title=f"{cfg.method.name} on {stream.name}: perplexity")
+            tracker.log_file(path)
         if h.routing and h.routing[-1]:
             routing = routing_record(h)
             tracker.log_json(routing, "routing.json")

@@ -99,7 +99,8 @@ class ContinualMethod(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
         logits, aux = self.model(x)
-        terms = {"ce": nn.functional.cross_entropy(logits, y)}
+        # [B, C] classification or [B, L, V] language modelling: every position is one example.
+        terms = {"ce": nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten())}
         terms.update(self.extra_loss(x, y, logits, aux))
         loss = sum(terms.values())
         if not torch.isfinite(loss):

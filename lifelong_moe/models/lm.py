@@ -1,0 +1,92 @@
+"""A small byte-level decoder transformer; GLaM-style, the FFN of every other block is MoE.
+
+It reuses the patch transformer's pre-norm ``Block`` with a causal mask: the only differences
+from ``PatchTransformer`` are the byte embedding in front and a per-position head behind.
+Logits are ``[B, L, vocab]``: training flattens positions into the batch, so every byte is one
+cross-entropy term and the loss is in nats per byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lifelong_moe.errors import ConfigError
+from lifelong_moe.models.ffn import AuxList, check_moe_blocks, make_ffn
+from lifelong_moe.models.vit import Block
+
+
+class CausalLM(nn.Module):
+    """Tokens [B, L] -> embedding + learned positions -> causal blocks -> LayerNorm -> logits.
+
+    ``input_shape`` is ``(context_length,)`` and ``n_classes`` the vocabulary size, as the stream
+    reports them. With ``moe=False`` the same config builds the dense twin (see ``make_ffn``).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        n_classes: int,
+        d_model: int = 128,
+        d_hidden: int = 256,
+        n_heads: int = 4,
+        n_blocks: int = 4,
+        moe_blocks: Sequence[int] = (),
+        moe: bool = True,
+        n_experts: int = 4,
+        top_k: int = 2,
+        router_noise: float = 0.0,
+        capacity_factor: float | None = None,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 1:
+            raise ConfigError(
+                f"model=lm needs token sequences (context_length,), got input shape "
+                f"{tuple(input_shape)}; use benchmark=text_domains"
+            )
+        if d_model % n_heads:
+            raise ConfigError(
+                f"model.d_model={d_model} must be divisible by model.n_heads={n_heads}"
+            )
+        check_moe_blocks(list(moe_blocks), n_blocks)
+        self.context_length = int(input_shape[0])
+        self.embed = nn.Embedding(n_classes, d_model)
+        self.position = nn.Parameter(torch.randn(1, self.context_length, d_model) * 0.02)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(
+            Block(
+                d_model,
+                n_heads,
+                make_ffn(
+                    d_model,
+                    d_hidden,
+                    i in moe_blocks,
+                    moe,
+                    n_experts,
+                    top_k,
+                    router_noise,
+                    capacity_factor,
+                ),
+            )
+            for i in range(n_blocks)
+        )
+        self.norm_out = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(
+        self, x: torch.Tensor, expert_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, AuxList]:
+        """x: long [B, T] with T <= context_length; logits [B, T, vocab], position t sees <= t."""
+        length = x.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"CausalLM: {length} tokens, at most {self.context_length}")
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        h = self.embed(x) + self.position[:, :length]
+        aux: AuxList = []
+        for block in self.blocks:
+            h, a = block(h, expert_mask=expert_mask, causal=causal)
+            if a is not None:
+                aux.append(a)
+        return self.head(self.norm_out(h)), aux
