@@ -20,6 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
+from lightning.fabric.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
@@ -112,6 +113,16 @@ class History:
     b_loss: list[float] = field(default_factory=list)
 
 
+def evaluate_after(
+    evaluator: Any, exp: Experiment, cfg: DictConfig, device: torch.device
+) -> Evaluation:
+    model = exp.model.to(device)
+    if evaluator is evaluate:
+        mask = exp.method.expert_mask
+        return evaluate(model, exp.stream, cfg.trainer.eval_batch_size, device, expert_mask=mask)
+    return evaluator(model, exp.stream, cfg.trainer.eval_batch_size, device)
+
+
 def is_language(stream: Stream) -> bool:
     return stream.scenario == "language_modeling"
 
@@ -131,10 +142,14 @@ def make_trainer(cfg: DictConfig) -> L.Trainer:
     rank 0's weights back to this process, which alone evaluates and logs.
     """
     t = cfg.trainer
-    strategy = t.strategy
-    if strategy == "ddp" and t.num_nodes == 1:
+    strategy, plugins = t.strategy, None
+    several = t.devices == "auto" or t.devices != 1
+    if t.num_nodes == 1 and (strategy == "ddp" or (strategy == "auto" and several)):
         strategy = "ddp_fork" if t.accelerator == "cpu" else "ddp_spawn"
+        # Inside a SLURM allocation Lightning would expect SLURM to have started the ranks.
+        plugins = [LightningEnvironment()]
     return L.Trainer(
+        plugins=plugins,
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
@@ -164,6 +179,7 @@ def row_metrics(i: int, prefix: str, R: list[list[float]]) -> dict[str, float]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment end to end; returns the summary that is also logged as summary.json."""
     resume_id = None
+    check_store(cfg.tracking.uri)
     if cfg.get("resume"):
         resume_id = find_run(cfg.tracking.uri, cfg.tracking.experiment, str(cfg.resume))
         stored = run_config(cfg.tracking.uri, resume_id)
@@ -280,7 +296,7 @@ def _loop(
         method.fit_experience(experience, loader, trainer)
         h.train_seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
-        ev: Evaluation = evaluator(model.to(device), stream, cfg.trainer.eval_batch_size, device)
+        ev: Evaluation = evaluate_after(evaluator, exp, cfg, device)
         eval_seconds = time.perf_counter() - start
         method.after_experience(experience, data)
 

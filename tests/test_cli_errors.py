@@ -31,6 +31,10 @@ CASES = {
         ["tracking.uri=sqlite:////nonexistent/dir/mlflow.db"],
         ["/nonexistent/dir"],
     ),
+    "file store": (
+        ["tracking.uri=file:./mlruns"],
+        ["tracking.uri=file:./mlruns", "sqlite:///", "MLFLOW_ALLOW_FILE_STORE=true"],
+    ),
 }
 
 

@@ -14,22 +14,23 @@ from lifelong_moe.models import moe_layers
 from lifelong_moe.models.mlp import ResidualMLP
 
 
-def tiny_stream(n_experiences: int = 3) -> Stream:
+def tiny_stream(n_experiences: int = 3, task_labels: bool = False) -> Stream:
     g = torch.Generator().manual_seed(0)
     experiences = []
     for i in range(n_experiences):
         x = torch.randn(96, 1, 4, 4, generator=g) + i
         y = torch.randint(0, 4, (96,), generator=g)
         data = TensorDataset(x, y, torch.zeros(96, dtype=torch.long))
-        experiences.append(Experience(i, data, data, classes=[0, 1, 2, 3]))
-    return Stream("tiny", experiences, 4, (1, 4, 4), "domain_incremental")
+        task = i if task_labels else 0
+        experiences.append(Experience(i, data, data, classes=[0, 1, 2, 3], task_id=task))
+    return Stream("tiny", experiences, 4, (1, 4, 4), "domain_incremental", task_labels)
 
 
-def make(**kwargs) -> tuple[LifelongMoE, Stream]:
+def make(task_labels: bool = False, **kwargs) -> tuple[LifelongMoE, Stream]:
     torch.manual_seed(0)
     model = ResidualMLP([1, 4, 4], 4, d_model=16, d_hidden=8, moe_blocks=[0, 1], n_experts=4)
     method = LifelongMoE(model, **kwargs)
-    stream = tiny_stream()
+    stream = tiny_stream(task_labels=task_labels)
     method.setup_stream(stream)
     return method, stream
 
@@ -116,3 +117,23 @@ def test_validation():
         make(experts_per_experience=-1)
     with pytest.raises(ConfigError, match="MoE"):
         LifelongMoE(ResidualMLP([1, 4, 4], 4, moe=False))
+
+
+def test_task_aware_routing_sends_each_task_to_its_own_experts():
+    method, stream = make(task_labels=True, experts_per_experience=2, task_aware_routing=True)
+    for exp in stream.experiences[:2]:
+        method.before_experience(exp)
+        fit(method, exp)
+    assert method.expert_origin == [0, 0, 0, 0, 1, 1]
+    x = stream.experiences[1].test.tensors[0][:16]
+    mask = method.expert_mask(stream.experiences[1])
+    assert mask.tolist() == [False] * 4 + [True] * 2
+    _, aux = method.model(x, expert_mask=mask)
+    for a in aux:
+        assert a.tokens_per_expert[:4].sum() == 0 and a.tokens_per_expert[4:].sum() == 2 * 16
+    assert method.expert_mask(stream.experiences[2]) is None  # no experts grown for it yet
+
+
+def test_task_aware_routing_needs_task_labels():
+    with pytest.raises(ConfigError, match="task_labels"):
+        make(experts_per_experience=2, task_aware_routing=True)

@@ -6,6 +6,7 @@ statistics come from the MoE layers' own token counts, so they cost nothing extr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from lifelong_moe.data.stream import Stream
+from lifelong_moe.data.stream import Experience, Stream
 
 
 @dataclass
@@ -28,9 +29,17 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, stream: Stream, batch_size: int = 1024, device: str | torch.device = "cpu"
+    model: nn.Module,
+    stream: Stream,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+    expert_mask: Callable[[Experience], torch.Tensor | None] | None = None,
 ) -> Evaluation:
-    """Accuracy of ``model`` on each of the stream's test experiences (all of them, also future)."""
+    """Accuracy of ``model`` on each of the stream's test experiences (all of them, also future).
+
+    ``expert_mask`` gives the MoE expert mask for a test experience: task-aware routing, where
+    the task label (known at test time in task-IL) picks the experts.
+    """
     was_training = model.training
     model.eval()
     accuracy, accuracy_task, routing = [], [], []
@@ -42,7 +51,8 @@ def evaluate(
         counts: list[torch.Tensor] = []
         for batch in DataLoader(exp.test, batch_size=batch_size):
             x, y = batch[0].to(device), batch[1].to(device)
-            logits, aux = model(x)
+            mask = expert_mask(exp) if expert_mask is not None else None
+            logits, aux = model(x) if mask is None else model(x, expert_mask=mask)
             overall.update(logits, y)
             within_task.update(logits + task_mask, y)
             if not counts:

@@ -74,6 +74,10 @@ class ContinualMethod(L.LightningModule):
             return ConcatDataset([exp.train, self.replay.dataset()])
         return exp.train
 
+    def expert_mask(self, exp: Experience) -> torch.Tensor | None:
+        """Expert mask for training and evaluating on ``exp``; None: route over every expert."""
+        return None
+
     def fit_experience(self, exp: Experience, loader: DataLoader, trainer: L.Trainer) -> None:
         """Train on one experience; Lightning's loop unless a method brings its own (peers)."""
         trainer.fit(self, loader)
@@ -98,7 +102,8 @@ class ContinualMethod(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
-        logits, aux = self.model(x)
+        mask = self.expert_mask(self.experience) if self.experience is not None else None
+        logits, aux = self.model(x) if mask is None else self.model(x, expert_mask=mask)
         # [B, C] classification or [B, L, V] language modelling: every position is one example.
         terms = {"ce": nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten())}
         terms.update(self.extra_loss(x, y, logits, aux))

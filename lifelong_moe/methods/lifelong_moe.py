@@ -41,6 +41,7 @@ class LifelongMoE(ContinualMethod):
         expand_init: str = "random",
         gate_init: str = "mean",
         replay_buffer_size: int = 0,
+        task_aware_routing: bool = False,
     ) -> None:
         super().__init__(
             model, lr=lr, weight_decay=weight_decay, replay_buffer_size=replay_buffer_size
@@ -64,6 +65,15 @@ class LifelongMoE(ContinualMethod):
                 "without any; use model=moe_mlp, model=moe_vit or model=moe_lm"
             )
         self.experts_per_experience = experts_per_experience
+        self.task_aware_routing = task_aware_routing
+        top_k = next(iter(moe_layers(model).values())).top_k
+        if task_aware_routing and experts_per_experience < top_k:
+            raise ConfigError(
+                f"method.task_aware_routing=true needs method.experts_per_experience >= top_k "
+                f"({top_k}) so that each task has its own top_k experts, got {experts_per_experience}"
+            )
+        # Experience that created each expert (task-aware routing and the routing plot).
+        self.expert_origin = [0] * next(iter(moe_layers(model).values())).n_experts
         self.freeze_old = freeze_old
         self.freeze_shared = freeze_shared
         self.lambda_kd = lambda_kd
@@ -101,9 +111,34 @@ class LifelongMoE(ContinualMethod):
                 layer.expand(
                     self.experts_per_experience, init=self.expand_init, gate_init=self.gate_init
                 )
+        self.expert_origin += [exp.index] * self.experts_per_experience
         if self.lambda_kd > 0 and mask_teacher:
             n_new = next(iter(self.layers.values())).n_experts
             self.teacher_mask = torch.arange(n_new) < n_old
+
+    def setup_stream(self, stream) -> None:
+        super().setup_stream(stream)
+        if self.task_aware_routing and not stream.task_labels:
+            raise ConfigError(
+                "method.task_aware_routing=true needs task labels at test time: set "
+                "benchmark.task_labels=true (the task-incremental setting)"
+            )
+
+    def task_mask(self, task: int) -> torch.Tensor | None:
+        """Task-aware routing: a task's tokens go only to the experts grown for it."""
+        if not self.task_aware_routing or task not in self.expert_origin:
+            return None
+        return torch.tensor([origin == task for origin in self.expert_origin])
+
+    def expert_mask(self, exp: Experience) -> torch.Tensor | None:
+        return self.task_mask(exp.task_id)
+
+    def method_state(self) -> dict:
+        return super().method_state() | {"expert_origin": self.expert_origin}
+
+    def load_method_state(self, state: dict) -> None:
+        super().load_method_state(state)
+        self.expert_origin = state.get("expert_origin", self.expert_origin)
 
     def _freeze_shared(self) -> None:
         """Every non-expert weight stops training; the new experts and gate rows stay trainable."""

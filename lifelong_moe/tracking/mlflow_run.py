@@ -16,9 +16,11 @@ import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.tracking import MlflowClient
 
 from lifelong_moe.errors import ConfigError
@@ -69,6 +71,14 @@ def library_versions() -> dict[str, str]:
 
 def check_store(uri: str) -> None:
     """Fail before training, in one line, when the tracking store cannot be used."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file") and not MLFLOW_ALLOW_FILE_STORE.get():
+        # MLflow 3 refuses its file store with a long multi-line exception at first use.
+        raise ConfigError(
+            f"tracking.uri={uri} is an MLflow file store, which MLflow 3 refuses; use "
+            "tracking.uri=sqlite:///mlflow.db (or http://host:port), or set "
+            "MLFLOW_ALLOW_FILE_STORE=true to keep the file store"
+        )
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         folder = path.parent if str(path.parent) else Path(".")
@@ -168,4 +178,8 @@ class RunTracker:
         self.client.set_terminated(self.run_id, status=status)
 
     def ui_command(self) -> str:
+        """How to look at this run: a server already has a UI, a local store needs ``mlflow ui``."""
+        if self.uri.startswith(("http://", "https://")):
+            base = self.uri.rstrip("/")
+            return f"open {base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
         return f"mlflow ui --backend-store-uri {self.uri}"
