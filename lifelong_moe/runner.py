@@ -69,6 +69,11 @@ def check_trainer(cfg: DictConfig) -> None:
             key == "devices" and value == "auto"
         ):
             raise ConfigError(f"trainer.{key}={value} must be a positive integer")
+    if cfg.num_nodes != 1:
+        raise ConfigError(
+            f"trainer.num_nodes={cfg.num_nodes}: multi-node training is not supported yet (every "
+            "node would run the experience loop and log); use one node with trainer.devices=N"
+        )
     if cfg.num_workers < 0:
         raise ConfigError(f"trainer.num_workers={cfg.num_workers} must be >= 0")
 
