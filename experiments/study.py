@@ -108,6 +108,7 @@ def main() -> None:
             "",
             "![routing](routing.png)",
         ]
+    lines += ["", "What it shows: [findings.md](findings.md) (written from these numbers by hand)."]
     (results / "README.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {results / 'README.md'}")
 
