@@ -27,6 +27,11 @@ CASES = {
         ["tracking.uri=http://127.0.0.1:9"],
         ["127.0.0.1:9", "reachable"],
     ),
+    "unwritable store": (
+        ["tracking.uri=sqlite:////sys/mlflow.db"],
+        ["/sys/mlflow.db", "not writable"],
+    ),
+    "multi-node": (["trainer.num_nodes=2"], ["trainer.num_nodes=2", "not supported"]),
     "store folder missing": (
         ["tracking.uri=sqlite:////nonexistent/dir/mlflow.db"],
         ["/nonexistent/dir"],

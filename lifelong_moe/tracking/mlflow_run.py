@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,15 @@ def check_store(uri: str) -> None:
         folder = path.parent if str(path.parent) else Path(".")
         if not folder.is_dir():
             raise ConfigError(f"tracking.uri={uri}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            raise ConfigError(f"tracking.uri={uri}: {path} is not writable")
+        # Try it: os.access answers yes to root even on read-only mounts.
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+            if path.exists():
+                with open(path, "r+b"):
+                    pass
+        except OSError:
+            raise ConfigError(f"tracking.uri={uri}: {path} is not writable") from None
         return
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
