@@ -141,15 +141,16 @@ def peak_memory_mb(device: torch.device) -> float:
 def make_trainer(cfg: DictConfig) -> L.Trainer:
     """A fresh Trainer for one experience.
 
-    On one machine ``ddp`` becomes ``ddp_fork`` (CPU) or ``ddp_spawn`` (GPU, where CUDA forbids
-    fork): plain ``ddp`` re-runs the whole command for every rank at each ``fit``, which cannot
-    follow a loop that builds a Trainer per experience. Both train in worker processes and hand
-    rank 0's weights back to this process, which alone evaluates and logs.
+    ``ddp`` (on one machine: check_trainer refuses several nodes) becomes ``ddp_fork`` (CPU) or
+    ``ddp_spawn`` (GPU, where CUDA forbids fork): plain ``ddp`` re-runs the whole command for
+    every rank at each ``fit``, which cannot follow a loop that builds a Trainer per experience.
+    Both train in worker processes and hand rank 0's weights back to this process, which alone
+    evaluates and logs.
     """
     t = cfg.trainer
     strategy, plugins = t.strategy, None
     several = t.devices == "auto" or t.devices != 1
-    if t.num_nodes == 1 and (strategy == "ddp" or (strategy == "auto" and several)):
+    if strategy == "ddp" or (strategy == "auto" and several):
         strategy = "ddp_fork" if t.accelerator == "cpu" else "ddp_spawn"
         # Inside a SLURM allocation Lightning would expect SLURM to have started the ranks.
         plugins = [LightningEnvironment()]
