@@ -41,6 +41,7 @@ from lifelong_moe.tracking.mlflow_run import (
     flatten,
     git_commit,
     library_versions,
+    tracker_for_rank,
 )
 
 # Lightning's per-fit banners (GPU available, tips) would repeat at every experience.
@@ -69,10 +70,10 @@ def check_trainer(cfg: DictConfig) -> None:
             key == "devices" and value == "auto"
         ):
             raise ConfigError(f"trainer.{key}={value} must be a positive integer")
-    if cfg.num_nodes != 1:
+    if cfg.num_nodes > 1 and cfg.strategy != "ddp":
         raise ConfigError(
-            f"trainer.num_nodes={cfg.num_nodes}: multi-node training is not supported yet (every "
-            "node would run the experience loop and log); use one node with trainer.devices=N"
+            f"trainer.strategy={cfg.strategy} with trainer.num_nodes={cfg.num_nodes}: several "
+            "nodes need trainer.strategy=ddp (one process per device, started by SLURM/torchrun)"
         )
     if cfg.num_workers < 0:
         raise ConfigError(f"trainer.num_workers={cfg.num_workers} must be >= 0")
@@ -141,16 +142,17 @@ def peak_memory_mb(device: torch.device) -> float:
 def make_trainer(cfg: DictConfig) -> L.Trainer:
     """A fresh Trainer for one experience.
 
-    ``ddp`` (on one machine: check_trainer refuses several nodes) becomes ``ddp_fork`` (CPU) or
-    ``ddp_spawn`` (GPU, where CUDA forbids fork): plain ``ddp`` re-runs the whole command for
-    every rank at each ``fit``, which cannot follow a loop that builds a Trainer per experience.
-    Both train in worker processes and hand rank 0's weights back to this process, which alone
-    evaluates and logs.
+    On one machine ``ddp`` becomes ``ddp_fork`` (CPU) or ``ddp_spawn`` (GPU, where CUDA forbids
+    fork): plain ``ddp`` re-runs the whole command for every rank at each ``fit``, which cannot
+    follow a loop that builds a Trainer per experience. Both train in worker processes and hand
+    rank 0's weights back to this process, which alone evaluates and logs. On several nodes every
+    process is started by the cluster (SLURM, torchrun), runs the whole loop with plain ``ddp``,
+    and only global rank 0 writes to MLflow (see ``tracker_for_rank``).
     """
     t = cfg.trainer
     strategy, plugins = t.strategy, None
     several = t.devices == "auto" or t.devices != 1
-    if strategy == "ddp" or (strategy == "auto" and several):
+    if t.num_nodes == 1 and (strategy == "ddp" or (strategy == "auto" and several)):
         strategy = "ddp_fork" if t.accelerator == "cpu" else "ddp_spawn"
         # Inside a SLURM allocation Lightning would expect SLURM to have started the ranks.
         plugins = [LightningEnvironment()]
@@ -192,7 +194,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         stored.tracking.uri, stored.resume = cfg.tracking.uri, resume_id
         cfg = stored
     exp = build(cfg)
-    tracker = RunTracker(cfg.tracking.uri, cfg.tracking.experiment)
+    tracker = tracker_for_rank(cfg.tracking.uri, cfg.tracking.experiment)
     state = None
     if resume_id:
         tracker.reopen(resume_id)
@@ -214,7 +216,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
-    print(f"\nSee this run: {tracker.ui_command()}   (run id {tracker.run_id})", flush=True)
+    if tracker.writes:
+        print(f"\nSee this run: {tracker.ui_command()}   (run id {tracker.run_id})", flush=True)
     return summary
 
 
@@ -246,11 +249,7 @@ def restore(exp: Experiment, state: dict[str, Any], tracker: RunTracker) -> Hist
     exp.method.load_method_state(state["method"])
     exp.method.seen = exp.stream.experiences[: state["next"]]
     h = History(**state["history"])
-    # Metrics of the last experience may not have reached MLflow before the crash.
-    logged_steps = {m.step for m in tracker.client.get_metric_history(tracker.run_id, "acc/seen")}
-    for i, row in enumerate(h.logged):
-        if i not in logged_steps:
-            tracker.log_metrics(row, step=i)
+    tracker.log_missing_rows(h.logged)
     restore_rng(state["rng"])
     return h
 

@@ -31,7 +31,7 @@ CASES = {
         ["tracking.uri=sqlite:////sys/mlflow.db"],
         ["/sys/mlflow.db", "not writable"],
     ),
-    "multi-node": (["trainer.num_nodes=2"], ["trainer.num_nodes=2", "not supported"]),
+    "multi-node without ddp": (["trainer.num_nodes=2"], ["trainer.num_nodes=2", "strategy=ddp"]),
     "store folder missing": (
         ["tracking.uri=sqlite:////nonexistent/dir/mlflow.db"],
         ["/nonexistent/dir"],

@@ -130,6 +130,8 @@ def store_lock(uri: str) -> Iterator[None]:
 class RunTracker:
     """Writes one run: params once, metrics per experience, artifacts at the end."""
 
+    writes = True
+
     def __init__(self, uri: str, experiment: str, run_id: str | None = None) -> None:
         self.uri = uri
         with store_lock(uri):
@@ -158,6 +160,14 @@ class RunTracker:
         """Continue an existing run (resume): it is RUNNING again until finish()."""
         self.run_id = run_id
         self.client.update_run(run_id, status="RUNNING")
+
+    def log_missing_rows(self, rows: list[Mapping[str, float]]) -> None:
+        """Resume: log the rows (step = index) that did not reach MLflow before a crash."""
+        history = self.client.get_metric_history(self.run_id, "acc/seen")
+        logged = {m.step for m in history}
+        for step, row in enumerate(rows):
+            if step not in logged:
+                self.log_metrics(row, step)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import time
@@ -191,3 +201,55 @@ class RunTracker:
             base = self.uri.rstrip("/")
             return f"open {base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
         return f"mlflow ui --backend-store-uri {self.uri}"
+
+
+class SilentTracker(RunTracker):
+    """What ranks other than 0 get on a multi-node run: they train and evaluate, never write."""
+
+    writes = False
+
+    def __init__(self, uri: str, experiment: str, run_id: str | None = None) -> None:
+        self.uri, self.run_id = uri, run_id
+
+    def start(self, run_name: str | None, tags: dict[str, str], params: dict[str, str]) -> str:
+        self.run_id = f"rank-{global_rank()}"
+        return self.run_id
+
+    def reopen(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def log_missing_rows(self, rows: list[Mapping[str, float]]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_json(self, data: Any, name: str) -> None:
+        pass
+
+    def log_text(self, text: str, name: str) -> None:
+        pass
+
+    def log_file(self, path: str | Path, folder: str | None = None) -> None:
+        pass
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def global_rank() -> int:
+    """This process's rank when a cluster started several (torchrun: RANK, SLURM: SLURM_PROCID)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def tracker_for_rank(uri: str, experiment: str) -> RunTracker:
+    return RunTracker(uri, experiment) if global_rank() == 0 else SilentTracker(uri, experiment)
