@@ -1,6 +1,6 @@
 """A small byte-level decoder transformer; GLaM-style, the FFN of every other block is MoE.
 
-It reuses the patch transformer's pre-norm ``Block`` with a causal mask: the only differences
+It reuses the patch transformer's block stack (models/transformer.py) with a causal mask: the only differences
 from ``PatchTransformer`` are the byte embedding in front and a per-position head behind.
 Logits are ``[B, L, vocab]``: training flattens positions into the batch, so every byte is one
 cross-entropy term and the loss is in nats per byte.
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.models.ffn import AuxList, check_moe_blocks, make_ffn
-from lifelong_moe.models.vit import Block
+from lifelong_moe.models.ffn import AuxList
+from lifelong_moe.models.transformer import TransformerStack
 
 
 class CausalLM(nn.Module):
@@ -46,31 +46,21 @@ class CausalLM(nn.Module):
                 f"model=lm needs token sequences (context_length,), got input shape "
                 f"{tuple(input_shape)}; use benchmark=text_domains"
             )
-        if d_model % n_heads:
-            raise ConfigError(
-                f"model.d_model={d_model} must be divisible by model.n_heads={n_heads}"
-            )
-        check_moe_blocks(list(moe_blocks), n_blocks)
         self.context_length = int(input_shape[0])
         self.embed = nn.Embedding(n_classes, d_model)
         self.position = nn.Parameter(torch.randn(1, self.context_length, d_model) * 0.02)
         nn.init.normal_(self.embed.weight, std=0.02)
-        self.blocks = nn.ModuleList(
-            Block(
-                d_model,
-                n_heads,
-                make_ffn(
-                    d_model,
-                    d_hidden,
-                    i in moe_blocks,
-                    moe,
-                    n_experts,
-                    top_k,
-                    router_noise,
-                    capacity_factor,
-                ),
-            )
-            for i in range(n_blocks)
+        self.blocks = TransformerStack(
+            d_model,
+            d_hidden,
+            n_heads,
+            n_blocks,
+            moe_blocks,
+            moe,
+            n_experts,
+            top_k,
+            router_noise,
+            capacity_factor,
         )
         self.norm_out = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
@@ -84,9 +74,5 @@ class CausalLM(nn.Module):
             raise ValueError(f"CausalLM: {length} tokens, at most {self.context_length}")
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
         h = self.embed(x) + self.position[:, :length]
-        aux: AuxList = []
-        for block in self.blocks:
-            h, a = block(h, expert_mask=expert_mask, causal=causal)
-            if a is not None:
-                aux.append(a)
+        h, aux = self.blocks(h, expert_mask=expert_mask, causal=causal)
         return self.head(self.norm_out(h)), aux

@@ -8,34 +8,8 @@ import torch
 from torch import nn
 
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.models.ffn import AuxList, check_moe_blocks, make_ffn
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + FFN(LN(x))."""
-
-    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
-        self.attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.ffn = ffn
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        expert_mask: torch.Tensor | None = None,
-        causal: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, object]:
-        h = self.norm1(x)
-        x = (
-            x
-            + self.attn(
-                h, h, h, attn_mask=causal, need_weights=False, is_causal=causal is not None
-            )[0]
-        )
-        y, aux = self.ffn(self.norm2(x), expert_mask=expert_mask)
-        return x + y, aux
+from lifelong_moe.models.ffn import AuxList
+from lifelong_moe.models.transformer import TransformerStack
 
 
 class PatchTransformer(nn.Module):
@@ -67,30 +41,20 @@ class PatchTransformer(nn.Module):
             raise ConfigError(
                 f"model.patch_size={patch_size} must divide the image size {height}x{width}"
             )
-        if d_model % n_heads:
-            raise ConfigError(
-                f"model.d_model={d_model} must be divisible by model.n_heads={n_heads}"
-            )
-        check_moe_blocks(list(moe_blocks), n_blocks)
         n_patches = (height // patch_size) * (width // patch_size)
         self.patch = nn.Conv2d(channels, d_model, kernel_size=patch_size, stride=patch_size)
         self.position = nn.Parameter(torch.randn(1, n_patches, d_model) * 0.02)
-        self.blocks = nn.ModuleList(
-            Block(
-                d_model,
-                n_heads,
-                make_ffn(
-                    d_model,
-                    d_hidden,
-                    i in moe_blocks,
-                    moe,
-                    n_experts,
-                    top_k,
-                    router_noise,
-                    capacity_factor,
-                ),
-            )
-            for i in range(n_blocks)
+        self.blocks = TransformerStack(
+            d_model,
+            d_hidden,
+            n_heads,
+            n_blocks,
+            moe_blocks,
+            moe,
+            n_experts,
+            top_k,
+            router_noise,
+            capacity_factor,
         )
         self.norm_out = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
@@ -99,9 +63,5 @@ class PatchTransformer(nn.Module):
         self, x: torch.Tensor, expert_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, AuxList]:
         h = self.patch(x).flatten(2).transpose(1, 2) + self.position
-        aux: AuxList = []
-        for block in self.blocks:
-            h, a = block(h, expert_mask=expert_mask)
-            if a is not None:
-                aux.append(a)
+        h, aux = self.blocks(h, expert_mask=expert_mask)
         return self.head(self.norm_out(h).mean(1)), aux
