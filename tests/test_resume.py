@@ -70,3 +70,27 @@ def test_sigkill_then_resume_matches_uninterrupted(workdir):
         assert sorted(steps) == list(range(5)), (key, steps)
     for key in ("acc/final", "forgetting", "bwt", "fwt"):
         assert resumed.data.metrics[key] == reference.data.metrics[key]
+
+
+def test_ctrl_c_marks_killed_and_stays_resumable(workdir):
+    uri = store_uri(workdir)
+    process = subprocess.Popen(
+        [*cli("lifelong-moe", "lifelong_moe.cli"), f"tracking.uri={uri}", *ARGS],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:
+        if line.startswith("[2/5]"):
+            process.send_signal(signal.SIGINT)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    (run,) = runs(uri)
+    assert run.info.status == "KILLED"
+    assert f"resume={run.info.run_id}" in stderr
+    run_cli(workdir, f"tracking.uri={uri}", f"resume={run.info.run_id}")
+    (run,) = runs(uri)
+    assert run.info.status == "FINISHED"
