@@ -52,65 +52,88 @@ STUDIES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", choices=sorted(STUDIES))
-    study_name = parser.parse_args().study
-    study = STUDIES[study_name]
-    store = REPO / "outputs" / f"study_{study_name}"
-    results = REPO / "results" / f"study_{study_name}"
+    parser.add_argument(
+        "--tables-only", action="store_true", help="reuse the runs already in the study's store"
+    )
+    options = parser.parse_args()
+    study = STUDIES[options.study]
+    name = f"study_{options.study}"
+    store, results = REPO / "outputs" / name, REPO / "results" / name
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    shutil.rmtree(store, ignore_errors=True)
-    store.mkdir(parents=True)
+    if not options.tables_only:
+        shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     lines = [
         f"# Study: {study['title']}",
         "",
-        f"Reproduce: `.venv/bin/python experiments/study.py {study_name}`",
+        f"Reproduce: `.venv/bin/python {Path(__file__).relative_to(REPO)} {options.study}`",
         "",
     ]
+    plots: list[str] = []
     total = time.perf_counter()
     for i, (label, overrides) in enumerate(study["sweeps"].items()):
         args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *overrides, *COMMON]
         args += [
             f"tracking.uri={uri}",
-            f"tracking.experiment=study_{study_name}",
+            f"tracking.experiment={name}",
             f"tracking.sweep_id=study-{i}",
         ]
         start = time.perf_counter()
-        print(
-            f"[{i + 1}/{len(study['sweeps'])}] {label}: lifelong-moe {' '.join(args)}", flush=True
+        if not options.tables_only:
+            print(f"[{i + 1}/{len(study['sweeps'])}] {label}: lifelong-moe {' '.join(args)}")
+            subprocess.run(
+                [str(BIN / "lifelong-moe"), *args], cwd=store, check=True, capture_output=True
+            )
+        took = "" if options.tables_only else f" ({time.perf_counter() - start:.0f} s)"
+        lines += [f"- `lifelong-moe {' '.join(args)}`{took}"]
+        # One set of plots per sweep: curves of different benchmarks do not share an axis.
+        folder = results / f"sweep{i}"
+        compare(
+            [
+                f"--tracking-uri={uri}",
+                f"--experiment={name}",
+                f"--filter=sweep_id=study-{i}",
+                f"--plot={folder}",
+            ]
         )
-        subprocess.run(
-            [str(BIN / "lifelong-moe"), *args], cwd=store, check=True, capture_output=True
+        plots += (
+            [f"{label}:", ""]
+            + [f"![{p.stem}]({folder.name}/{p.name})" for p in sorted(folder.glob("*.png"))]
+            + [""]
         )
-        lines += [f"- `lifelong-moe {' '.join(args)}` ({time.perf_counter() - start:.0f} s)"]
-    compare = [f"--tracking-uri={uri}", f"--experiment=study_{study_name}", f"--plot={results}"]
-    table = subprocess.run(
-        [str(BIN / "lifelong-moe-compare"), *compare], check=True, capture_output=True, text=True
-    ).stdout
-    lines += [f"- `lifelong-moe-compare {' '.join(compare)}`", ""]
-    lines += [f"Total wall time on a 2-core CPU: {time.perf_counter() - total:.0f} s.", ""]
-    lines += ["## Results (mean ± std over 3 seeds)", "", table.strip(), ""]
-    lines += [
-        f"![curves]({p.name})" for p in sorted(results.glob("*.png")) if "routing" not in p.name
-    ]
+    args = [f"--tracking-uri={uri}", f"--experiment={name}"]
+    table = compare(args)
+    lines += [f"- `lifelong-moe-compare {' '.join(args)}`", ""]
+    if not options.tables_only:
+        lines += [f"Total wall time on a 2-core CPU: {time.perf_counter() - total:.0f} s.", ""]
+    lines += ["## Results (mean ± std over 3 seeds)", "", table.strip(), "", *plots]
     method, benchmark = study["routing"]
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(f"study_{study_name}")
+    experiment = client.get_experiment_by_name(name)
     found = client.search_runs(
         [experiment.experiment_id],
         f"tags.method = '{method}' and tags.benchmark = '{benchmark}' and tags.seed = '0'",
     )
     if found:
-        for name in ("routing.png", "routing.json"):
-            client.download_artifacts(found[0].info.run_id, name, str(results))
+        for artifact in ("routing.png", "routing.json"):
+            client.download_artifacts(found[0].info.run_id, artifact, str(results))
         lines += [
-            "",
             f"## Routing of {method} on {benchmark} (seed 0)",
             "",
             "![routing](routing.png)",
+            "",
         ]
-    lines += ["", "What it shows: [findings.md](findings.md) (written from these numbers by hand)."]
+    lines += ["What it shows: [findings.md](findings.md) (written from these numbers by hand)."]
     (results / "README.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {results / 'README.md'}")
+
+
+def compare(args: list[str]) -> str:
+    result = subprocess.run(
+        [str(BIN / "lifelong-moe-compare"), *args], check=True, capture_output=True, text=True
+    )
+    return result.stdout
 
 
 if __name__ == "__main__":
