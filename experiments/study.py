@@ -45,6 +45,7 @@ STUDIES = {
             "text_domains (dense LM twin)": ["experiment=lm_cpu", "model=lm", "method=naive"],
         },
         "routing": ("lifelong_moe", "text_domains"),
+        "note": "The `naive` row is the dense twin `model=lm`; the other rows use `moe_lm`.",
     },
 }
 
@@ -107,7 +108,9 @@ def main() -> None:
     lines += [f"- `lifelong-moe-compare {' '.join(args)}`", ""]
     if not options.tables_only:
         lines += [f"Total wall time on a 2-core CPU: {time.perf_counter() - total:.0f} s.", ""]
-    lines += ["## Results (mean ± std over 3 seeds)", "", table.strip(), "", *plots]
+    lines += ["## Results (mean ± std over 3 seeds)", "", table.strip(), ""]
+    lines += [study["note"], ""] if "note" in study else []
+    lines += plots
     method, benchmark = study["routing"]
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
