@@ -41,14 +41,19 @@ def store_uri(path: Path) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
-def runs(uri: str, experiment: str = "lifelong-moe") -> list:
+def runs(uri: str, experiment: str = "lifelong-moe", kind: str = "experiment") -> list:
+    """The experiment's runs of one kind (sweeps add a parent run of kind 'sweep')."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
+    return client.search_runs(
+        [found.experiment_id],
+        f"tags.kind = '{kind}'",
+        order_by=["attributes.start_time ASC"],
+    )
 
 
 def artifact_json(uri: str, run_id: str, name: str) -> dict:

@@ -30,6 +30,8 @@ def test_parallel_sweep_then_compare(workdir):
     found = runs(uri)
     assert len(found) == 4 and all(r.info.status == "FINISHED" for r in found)
     assert len({r.data.tags["sweep_id"] for r in found}) == 1
+    (parent,) = runs(uri, kind="sweep")  # one parent, though two jobs raced to create it
+    assert {r.data.tags["mlflow.parentRunId"] for r in found} == {parent.info.run_id}
     assert all(len(r.data.metrics) == len(found[0].data.metrics) for r in found)
 
     compare = subprocess.run(

@@ -156,6 +156,28 @@ class RunTracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         return self.run_id
 
+    def sweep_parent(self, sweep_id: str) -> str:
+        """The run that holds a sweep's runs (kind=sweep), created by the first job to ask.
+
+        It is a container only, finished at once; parallel jobs on one sqlite store agree on it
+        through the store lock.
+        """
+        with store_lock(self.uri):
+            found = self.client.search_runs(
+                [self.experiment_id],
+                f"tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'",
+                max_results=1,
+            )
+            if found:
+                return found[0].info.run_id
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"sweep {sweep_id}",
+                tags={"kind": "sweep", "sweep_id": sweep_id},
+            )
+            self.client.set_terminated(run.info.run_id, "FINISHED")
+            return run.info.run_id
+
     def reopen(self, run_id: str) -> None:
         """Continue an existing run (resume): it is RUNNING again until finish()."""
         self.run_id = run_id
@@ -217,6 +239,9 @@ class SilentTracker(RunTracker):
 
     def reopen(self, run_id: str) -> None:
         self.run_id = run_id
+
+    def sweep_parent(self, sweep_id: str) -> str:
+        return ""
 
     def log_missing_rows(self, rows: list[Mapping[str, float]]) -> None:
         pass
