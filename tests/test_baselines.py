@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import os
 import signal
-import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +22,7 @@ from lifelong_moe.methods.naive import Naive
 from lifelong_moe.methods.replay import Replay, ReplayBuffer, balanced_quotas
 from lifelong_moe.models import moe_layers
 from lifelong_moe.models.mlp import ResidualMLP
-from tests.conftest import artifact_json, cli, run_cli, runs, store_uri
+from tests.conftest import artifact_json, interrupt_cli, run_cli, runs, store_uri
 
 
 def class_stream(n_experiences: int = 2, per_class: int = 24) -> Stream:
@@ -356,19 +354,7 @@ def kill_and_resume(workdir: Path, args: list[str]) -> tuple[list, list]:
     run_cli(workdir, f"tracking.uri={reference_uri}", *args)
     (reference,) = runs(reference_uri)
     uri = store_uri(workdir)
-    process = subprocess.Popen(
-        [*cli("lifelong-moe", "lifelong_moe.cli"), f"tracking.uri={uri}", *args],
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    for line in process.stdout:
-        if line.startswith("[2/5]"):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=60)
+    interrupt_cli(workdir, [f"tracking.uri={uri}", *args], signal.SIGKILL)
     assert "resuming run" in run_cli(workdir, f"tracking.uri={uri}", "resume=last").stdout
     (resumed,) = runs(uri)
     return (

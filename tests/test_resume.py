@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import artifact_json, cli, run_cli, runs, store_uri
+from tests.conftest import artifact_json, interrupt_cli, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow
 ARGS = [
@@ -42,19 +40,7 @@ def test_sigkill_then_resume_matches_uninterrupted(workdir):
     expected = artifact_json(reference_uri, reference.info.run_id, "accuracy_matrix.json")
 
     uri = store_uri(workdir)
-    process = subprocess.Popen(
-        [*cli("lifelong-moe", "lifelong_moe.cli"), f"tracking.uri={uri}", *ARGS],
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    for line in process.stdout:
-        if line.startswith("[2/5]"):  # experience 3 of 5 is now training
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=60)
+    interrupt_cli(workdir, [f"tracking.uri={uri}", *ARGS], signal.SIGKILL)
     (killed,) = runs(uri)
     assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to mark it
 
@@ -74,20 +60,7 @@ def test_sigkill_then_resume_matches_uninterrupted(workdir):
 
 def test_ctrl_c_marks_killed_and_stays_resumable(workdir):
     uri = store_uri(workdir)
-    process = subprocess.Popen(
-        [*cli("lifelong-moe", "lifelong_moe.cli"), f"tracking.uri={uri}", *ARGS],
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    for line in process.stdout:
-        if line.startswith("[2/5]"):
-            process.send_signal(signal.SIGINT)
-            break
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0
+    stderr = interrupt_cli(workdir, [f"tracking.uri={uri}", *ARGS], signal.SIGINT)
     (run,) = runs(uri)
     assert run.info.status == "KILLED"
     assert f"resume={run.info.run_id}" in stderr
