@@ -32,6 +32,8 @@ QUALITY = {
     "accuracy": ["acc/final", "acc/avg_incremental", "forgetting", "bwt", "fwt"],
     "perplexity": ["ppl/final", "ppl/forgetting", "loss/bwt"],
 }
+# Routing metrics (MoE runs only; "-" elsewhere), beside the forgetting they may explain.
+ROUTING = ["routing/specialization", "routing/drift", "routing/max_imbalance"]
 COSTS = ["params/total", "params/trainable", "params/active", "time/train_total_s"]
 # Per-experience metrics behind the plots: the seen-so-far curve and the forgetting bars.
 CURVE = {"accuracy": "acc/seen", "perplexity": "ppl/seen"}
@@ -195,7 +197,7 @@ def group_runs(runs: Sequence[RunRecord], group_by: Sequence[str]) -> list[Group
 
 
 def columns(matrix: str) -> list[str]:
-    return QUALITY.get(matrix, []) + COSTS
+    return QUALITY.get(matrix, []) + ROUTING + COSTS
 
 
 def _fmt(metric: str, mean: float, std: float) -> str:

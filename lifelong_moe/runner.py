@@ -31,6 +31,7 @@ from lifelong_moe.evaluation import metrics
 from lifelong_moe.evaluation.evaluate import Evaluation, evaluate
 from lifelong_moe.evaluation.evaluate_lm import evaluate_lm
 from lifelong_moe.evaluation.plots import plot_matrix, plot_routing
+from lifelong_moe.evaluation.routing import expert_origin, routing_metrics
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.models import count_parameters, moe_layers, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
@@ -312,6 +313,8 @@ def _loop(
         layers = moe_layers(model)
         h.expert_counts.append(next(iter(layers.values())).n_experts if layers else 0)
         logged = row_metrics(i, "acc", h.R)
+        if h.routing[-1]:
+            logged |= routing_metrics(h.routing, expert_origin(h.expert_counts), i)
         if ev.accuracy_task is not None:
             h.R_task.append(ev.accuracy_task)
             logged |= row_metrics(i, "acc_til", h.R_task)

@@ -10,6 +10,12 @@ The teacher shares the frozen banks with the student by reference (``deepcopy`` 
 so its cost is the shared (non-expert) weights only; with ``freeze_shared`` nothing is copied:
 the teacher is the student with the new experts masked out. top_k is fixed, so compute per
 token stays constant while capacity grows.
+
+Router-level options (off by default): ``lambda_router`` distills the teacher's routing
+distribution over the old experts into the student's on the current batch (loss term
+``router_kd``); ``balance_scope=trainable`` applies the balance loss to the new experts only;
+``infer_routing`` routes each input toward the experts grown for the experience it most likely
+comes from, inferred from per-experience input statistics (see ``inferred_routing.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from torch import nn
 from lifelong_moe.data.stream import Experience
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.methods.inferred_routing import ExperienceStatistics, routing_bias
 from lifelong_moe.models import moe_layers
+from lifelong_moe.moe.router import BALANCE_SCOPES
 
 
 class LifelongMoE(ContinualMethod):
@@ -42,6 +50,11 @@ class LifelongMoE(ContinualMethod):
         gate_init: str = "mean",
         replay_buffer_size: int = 0,
         task_aware_routing: bool = False,
+        lambda_router: float = 0.0,
+        balance_scope: str = "all",
+        infer_routing: bool = False,
+        infer_bonus: float = 0.0,
+        infer_restrict: bool = True,
     ) -> None:
         super().__init__(
             model, lr=lr, weight_decay=weight_decay, replay_buffer_size=replay_buffer_size
@@ -54,6 +67,8 @@ class LifelongMoE(ContinualMethod):
             ("lambda_kd", lambda_kd),
             ("lambda_aux", lambda_aux),
             ("lambda_z", lambda_z),
+            ("lambda_router", lambda_router),
+            ("infer_bonus", infer_bonus),
         ):
             if value < 0:
                 raise ConfigError(f"method.{key}={value} must be >= 0")
@@ -64,8 +79,27 @@ class LifelongMoE(ContinualMethod):
                 f"method=lifelong_moe needs a backbone with MoE layers, got {type(model).__name__} "
                 "without any; use model=moe_mlp, model=moe_vit or model=moe_lm"
             )
+        if balance_scope not in BALANCE_SCOPES:
+            raise ConfigError(
+                f"method.balance_scope={balance_scope!r}: expected one of {', '.join(BALANCE_SCOPES)}"
+            )
+        if infer_routing and task_aware_routing:
+            raise ConfigError(
+                "method.infer_routing=true and method.task_aware_routing=true: choose one "
+                "(inferred routing is for when no task label is known at test time)"
+            )
         self.experts_per_experience = experts_per_experience
         self.task_aware_routing = task_aware_routing
+        self.lambda_router = lambda_router
+        self.balance_scope = balance_scope
+        for layer in moe_layers(model).values():
+            layer.router.balance_scope = balance_scope
+        self.infer_routing = infer_routing
+        self.infer_bonus = float(infer_bonus)
+        self.infer_restrict = infer_restrict
+        self.statistics = ExperienceStatistics()
+        if infer_routing:
+            model.register_forward_pre_hook(_InferredRoutingHook(self), with_kwargs=True)
         top_k = next(iter(moe_layers(model).values())).top_k
         if task_aware_routing and experts_per_experience < top_k:
             raise ConfigError(
@@ -85,6 +119,8 @@ class LifelongMoE(ContinualMethod):
         # Distillation target: a separate module, or the student with the new experts masked.
         self.teacher: nn.Module | None = None
         self.teacher_mask: torch.Tensor | None = None
+        # Routing distillation needs a teacher even without output distillation.
+        self.needs_teacher = lambda_kd > 0 or lambda_router > 0
 
     @property
     def layers(self) -> dict:
@@ -104,7 +140,7 @@ class LifelongMoE(ContinualMethod):
             self._freeze_shared()
         # Masking the new experts reproduces the old model only if nothing old can change.
         mask_teacher = self.freeze_shared and self.freeze_old
-        if self.lambda_kd > 0 and not mask_teacher:
+        if self.needs_teacher and not mask_teacher:
             self.teacher = self._snapshot_teacher()
         for layer in self.layers.values():
             if self.experts_per_experience:
@@ -112,12 +148,14 @@ class LifelongMoE(ContinualMethod):
                     self.experts_per_experience, init=self.expand_init, gate_init=self.gate_init
                 )
         self.expert_origin += [exp.index] * self.experts_per_experience
-        if self.lambda_kd > 0 and mask_teacher:
+        if self.needs_teacher and mask_teacher:
             n_new = next(iter(self.layers.values())).n_experts
             self.teacher_mask = torch.arange(n_new) < n_old
 
     def setup_stream(self, stream) -> None:
         super().setup_stream(stream)
+        if self.infer_routing and stream.scenario == "language_modeling":
+            self.statistics.vocab_size = stream.n_classes
         if self.task_aware_routing and not stream.task_labels:
             raise ConfigError(
                 "method.task_aware_routing=true needs task labels at test time: set "
@@ -133,12 +171,39 @@ class LifelongMoE(ContinualMethod):
     def expert_mask(self, exp: Experience) -> torch.Tensor | None:
         return self.task_mask(exp.task_id)
 
+    def fit_experience(self, exp: Experience, loader, trainer) -> None:
+        super().fit_experience(exp, loader, trainer)
+        if self.infer_routing:  # before evaluation, which must recognise this experience too
+            self.statistics.add(exp.train)
+
+    def routing_bias(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-input logit bias of inferred routing; in training the experience is known."""
+        if self.model.training:
+            if self.experience is None:
+                return None
+            experience = torch.full(
+                x.shape[:2] if not x.is_floating_point() else x.shape[:1],
+                self.experience.index,
+                device=x.device,
+            )
+        elif len(self.statistics) == 0:
+            return None
+        else:
+            experience = self.statistics.infer(x)
+        origin = torch.tensor(self.expert_origin, device=x.device)
+        return routing_bias(experience, origin, self.infer_bonus, self.infer_restrict)
+
     def method_state(self) -> dict:
-        return super().method_state() | {"expert_origin": self.expert_origin}
+        return super().method_state() | {
+            "expert_origin": self.expert_origin,
+            "statistics": self.statistics.state_dict(),
+        }
 
     def load_method_state(self, state: dict) -> None:
         super().load_method_state(state)
         self.expert_origin = state.get("expert_origin", self.expert_origin)
+        if "statistics" in state:
+            self.statistics.load_state_dict(state["statistics"])
 
     def _freeze_shared(self) -> None:
         """Every non-expert weight stops training; the new experts and gate rows stay trainable."""
@@ -155,16 +220,21 @@ class LifelongMoE(ContinualMethod):
         return teacher.eval()
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        out = self.teacher_outputs(x)
+        return None if out is None else out[0]
+
+    def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list] | None:
+        """The previous phase's (logits, aux) on x, or None before the first growth."""
         with torch.no_grad():
             if self.teacher is not None:
-                return self.teacher(x)[0]
+                return self.teacher(x)
             if self.teacher_mask is not None:
                 was_training = self.model.training
                 self.model.eval()
                 self.teacher_mask = self.teacher_mask.to(x.device)  # once, not every step
-                logits = self.model(x, expert_mask=self.teacher_mask)[0]
+                out = self.model(x, expert_mask=self.teacher_mask)
                 self.model.train(was_training)
-                return logits
+                return out
         return None
 
     def extra_loss(
@@ -175,9 +245,12 @@ class LifelongMoE(ContinualMethod):
             terms["balance"] = self.lambda_aux * sum(a.balance_loss for a in aux)
         if self.lambda_z > 0 and aux:
             terms["z"] = self.lambda_z * sum(a.z_loss for a in aux)
-        target = self.teacher_logits(x) if self.lambda_kd > 0 else None
-        if target is not None:
-            terms["kd"] = self.lambda_kd * distillation(logits, target, self.temperature)
+        teacher = self.teacher_outputs(x) if self.needs_teacher else None
+        if teacher is not None and self.lambda_kd > 0:
+            terms["kd"] = self.lambda_kd * distillation(logits, teacher[0], self.temperature)
+        if teacher is not None and self.lambda_router > 0 and aux:
+            n_old = sum(o < self.experience.index for o in self.expert_origin)
+            terms["router_kd"] = self.lambda_router * router_distillation(aux, teacher[1], n_old)
         return terms
 
 
@@ -190,3 +263,38 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     log_p_teacher = nn.functional.log_softmax(teacher / temperature, dim=-1)
     kl = nn.functional.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
     return temperature**2 * kl
+
+
+def router_distillation(student_aux: list, teacher_aux: list, n_old: int) -> torch.Tensor:
+    """Mean over MoE layers of KL(teacher || student) between the routing distributions over
+    the n_old old experts (ids 0..n_old-1) on the same tokens; the student's new experts are
+    left out, so the term asks the old experts to keep their relative preference, no more."""
+    terms = []
+    for s, t in zip(student_aux, teacher_aux, strict=True):
+        log_p_teacher = nn.functional.log_softmax(t.router_logits[:, :n_old].float(), dim=-1)
+        log_p_student = nn.functional.log_softmax(s.router_logits[:, :n_old].float(), dim=-1)
+        kl = nn.functional.kl_div(
+            log_p_student, log_p_teacher, log_target=True, reduction="batchmean"
+        )
+        terms.append(kl)
+    return torch.stack(terms).mean()
+
+
+class _InferredRoutingHook:
+    """Forward pre-hook of the student model: adds the inferred routing bias when the caller
+    gave no expert mask (an explicit mask, e.g. the masked teacher, wins). Copies of the model
+    (the teacher snapshot) share the hook object, which ignores any module but the student."""
+
+    def __init__(self, method: LifelongMoE) -> None:
+        self.method = method
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if module is not self.method.model or kwargs.get("expert_mask") is not None:
+            return None
+        if len(args) > 1:
+            return None
+        bias = self.method.routing_bias(args[0])
+        return None if bias is None else (args, {**kwargs, "expert_mask": bias})
+
+    def __deepcopy__(self, memo: dict) -> _InferredRoutingHook:
+        return self

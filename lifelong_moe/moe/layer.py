@@ -39,6 +39,7 @@ class MoEAux:
     z_loss: torch.Tensor  # fp32 scalar, mean of logsumexp(logits)^2
     tokens_per_expert: torch.Tensor  # long [E], (token, slot) assignments kept
     dropped: torch.Tensor  # long scalar, assignments dropped by capacity
+    router_logits: torch.Tensor | None = None  # fp32 [T, E], before mask (router distillation)
 
 
 def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -137,16 +138,15 @@ class MoELayer(nn.Module):
     def forward(
         self, x: torch.Tensor, expert_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MoEAux]:
-        """y has x's shape; expert_mask (bool [n_experts], False = disabled) is never routed to."""
+        """y has x's shape; expert_mask (bool, False = disabled) is never routed to.
+
+        expert_mask is [n_experts] (every token) or per token, [..., n_experts] broadcastable to
+        x's leading dims; a float mask is an additive logit bias (-inf disables), see Router.
+        """
         if x.shape[-1] != self.d_model:
             raise ValueError(f"MoELayer: x has last dim {x.shape[-1]}, expected {self.d_model}")
         if expert_mask is not None:
-            if expert_mask.dtype != torch.bool or tuple(expert_mask.shape) != (self.n_experts,):
-                raise ConfigError(
-                    f"expert_mask: dtype {expert_mask.dtype}, shape {tuple(expert_mask.shape)}; "
-                    f"expected bool of shape ({self.n_experts},)"
-                )
-            expert_mask = expert_mask.to(x.device)
+            expert_mask = self._token_mask(expert_mask, x)
         flat = x.reshape(-1, self.d_model)
         routing = self.router(flat, expert_mask)
         capacity = capacity_for(self.capacity_factor, flat.shape[0], self.top_k, self.n_experts)
@@ -162,8 +162,27 @@ class MoELayer(nn.Module):
         )
         if self.training:
             self.expert_usage.add_(counts.to(self.expert_usage.dtype))
-        aux = MoEAux(routing.balance_loss, routing.z_loss, counts, dropped)
+        aux = MoEAux(routing.balance_loss, routing.z_loss, counts, dropped, routing.logits)
         return y.view(x.shape), aux
+
+    def _token_mask(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[E] stays as it is; a per-token mask [..., E] becomes [T, E] in x's token order."""
+        shape = tuple(mask.shape)
+        kind_ok = mask.dtype == torch.bool or mask.dtype.is_floating_point
+        shape_ok = len(shape) >= 1 and shape[-1] == self.n_experts
+        if shape_ok and len(shape) > 1:
+            try:
+                mask = mask.expand(*x.shape[:-1], self.n_experts)
+            except RuntimeError:
+                shape_ok = False
+        if not (kind_ok and shape_ok):
+            raise ConfigError(
+                f"expert_mask: dtype {mask.dtype}, shape {shape}; expected bool or float of shape "
+                f"({self.n_experts},) or per token (..., {self.n_experts}) for x of shape "
+                f"{tuple(x.shape)}"
+            )
+        mask = mask.to(x.device)
+        return mask if mask.dim() == 1 else mask.reshape(-1, self.n_experts)
 
     @torch.no_grad()
     def expand(

@@ -28,6 +28,7 @@ class Routing:
     valid: torch.Tensor | None  # bool [T, k]; False where a masked expert had to be picked
     balance_loss: torch.Tensor  # fp32 scalar
     z_loss: torch.Tensor  # fp32 scalar
+    logits: torch.Tensor | None = None  # fp32 [T, E], x W_g^T before mask and noise
 
 
 def _uniform_rows(n: int, d: int, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,10 +84,23 @@ class Router(nn.Module):
         return torch.cat([self.weight_frozen, self.weight], dim=0)
 
     def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> Routing:
-        """Route a flat batch x [T, d]; expert_mask is bool [E], False = never picked."""
-        logits = x.float() @ self.full_weight().float().t()  # [T, E]
+        """Route a flat batch x [T, d].
+
+        expert_mask: bool [E] or [T, E] (False = never picked), or a float logit bias of the
+        same shapes added before top-k (-inf = never picked; a positive entry favours an expert
+        without forcing it, as distribution-inferred routing does).
+        """
+        raw = x.float() @ self.full_weight().float().t()  # [T, E]
+        logits, enabled = raw, None
         if expert_mask is not None:
-            logits = logits.masked_fill(~expert_mask, float("-inf"))
+            if expert_mask.dtype == torch.bool:
+                logits = raw.masked_fill(~expert_mask, float("-inf"))
+                enabled = expert_mask
+            else:
+                logits = raw + expert_mask.float()
+                enabled = torch.isfinite(expert_mask)
+            if enabled.dim() == 2:  # per-token masks: an expert is in scope if any token may use it
+                enabled = enabled.any(dim=0)
         route_logits = logits
         if self.training and self.noise_std > 0:
             route_logits = logits + torch.randn_like(logits) * self.noise_std
@@ -102,10 +116,10 @@ class Router(nn.Module):
             valid = torch.isfinite(top_logits)
         if x.shape[0] == 0:  # an empty batch: means over no tokens would be NaN
             zero = logits.new_zeros(())
-            return Routing(expert_ids, gates, valid, zero, zero)
+            return Routing(expert_ids, gates, valid, zero, zero, raw)
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        balance = self._balance_loss(route_logits, probs, expert_ids, valid, expert_mask)
-        return Routing(expert_ids, gates, valid, balance, z_loss)
+        balance = self._balance_loss(route_logits, probs, expert_ids, valid, enabled)
+        return Routing(expert_ids, gates, valid, balance, z_loss, raw)
 
     def _balance_loss(
         self,
@@ -113,7 +127,7 @@ class Router(nn.Module):
         probs: torch.Tensor,
         expert_ids: torch.Tensor,
         valid: torch.Tensor | None,
-        expert_mask: torch.Tensor | None,
+        enabled: torch.Tensor | None,
     ) -> torch.Tensor:
         """Switch loss n_S * sum_{i in S} f_i * P_i over the scoped, enabled experts S.
 
@@ -129,9 +143,9 @@ class Router(nn.Module):
             if self.n_trainable == 0:
                 return logits.new_zeros(())
             scope[: self.n_frozen] = False
-        if expert_mask is not None:
-            scope = scope & expert_mask
-        if expert_mask is None and self.balance_scope == "all":
+        if enabled is not None:
+            scope = scope & enabled
+        if enabled is None and self.balance_scope == "all":
             p_mean = probs.mean(dim=0)
         else:
             scoped = torch.where(scope, logits, torch.finfo(logits.dtype).min)

@@ -1,0 +1,127 @@
+"""Distribution-inferred routing: which experience does an input come from, without task labels?
+
+Lifelong-MoE's new gate rows train only on the new experience, so nothing stops them from also
+scoring high on earlier data (measured: routing at chance, the newest experts taking most of
+every domain's tokens). Here the method keeps, per experience, statistics of a pooled input
+feature (no stored examples, as SEED keeps per-class Gaussians), infers at test time the
+experience each input most likely comes from, and turns that into a per-token routing bias:
+experts grown after the inferred experience are hidden (the input sees the model as it stood
+after that experience: old experts stay reachable) and the experts grown for it get a logit bonus.
+
+The feature is the *input*, not a hidden state: with trainable shared weights a hidden state
+drifts after its statistics were taken, the input does not.
+
+- Token sequences (long [B, L], language modelling): a unigram byte model per experience (the
+  categorical analogue of a Gaussian; Laplace-smoothed counts). Position t is assigned from the
+  bytes up to t only (causal: the log-likelihood is a cumulative sum), so no position's routing
+  sees the bytes it must predict.
+- Anything else (float [B, ...]): one Gaussian per experience on the flattened input, with the
+  covariance shrunk toward a scaled identity so that it stays invertible with few samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+SHRINKAGE = 0.1  # weight of the scaled identity in each covariance
+
+
+class ExperienceStatistics:
+    """Sufficient statistics per experience, and the inference of an input's experience."""
+
+    def __init__(self, vocab_size: int | None = None) -> None:
+        self.vocab_size = vocab_size
+        self.stats: list[dict[str, torch.Tensor]] = []  # one per experience, in order
+        self._cache: list[dict[str, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.stats)
+
+    @torch.no_grad()
+    def add(self, data: Dataset, batch_size: int = 1024) -> None:
+        """Statistics of one experience's training inputs (appended: experience len(self))."""
+        acc: dict[str, torch.Tensor] = {}
+        for batch in DataLoader(data, batch_size=batch_size):
+            x = batch[0]
+            if not x.is_floating_point():
+                if self.vocab_size is None:
+                    self.vocab_size = int(x.max()) + 1
+                counts = torch.bincount(x.reshape(-1).long(), minlength=self.vocab_size)
+                acc["counts"] = acc.get("counts", 0) + counts.double()
+            else:
+                flat = x.reshape(x.shape[0], -1).double()
+                acc["n"] = acc.get("n", 0) + torch.tensor(float(flat.shape[0]))
+                acc["sum"] = acc.get("sum", 0) + flat.sum(0)
+                acc["outer"] = acc.get("outer", 0) + flat.t() @ flat
+        self.stats.append(acc)
+        self._cache = None
+
+    def _models(self) -> list[dict[str, torch.Tensor]]:
+        """Per experience: log-probabilities of each byte, or mean, precision and log-det."""
+        if self._cache is None:
+            models = []
+            for acc in self.stats:
+                if "counts" in acc:
+                    p = (acc["counts"] + 1.0) / (acc["counts"].sum() + acc["counts"].numel())
+                    models.append({"log_p": p.log().float()})
+                    continue
+                n = acc["n"]
+                mean = acc["sum"] / n
+                cov = acc["outer"] / n - torch.outer(mean, mean)
+                d = cov.shape[0]
+                scale = cov.diagonal().mean().clamp_min(1e-6)
+                cov = (1 - SHRINKAGE) * cov + SHRINKAGE * scale * torch.eye(d, dtype=cov.dtype)
+                chol = torch.linalg.cholesky(cov)
+                models.append(
+                    {
+                        "mean": mean.float(),
+                        "chol": chol.float(),
+                        "logdet": (2 * chol.diagonal().log().sum()).float(),
+                    }
+                )
+            self._cache = models
+        return self._cache
+
+    @torch.no_grad()
+    def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        """[J, B, L] for token sequences (causal, per position), [J, B] otherwise."""
+        models = self._models()
+        if not x.is_floating_point():
+            log_p = torch.stack([m["log_p"] for m in models]).to(x.device)  # [J, V]
+            return log_p[:, x.long()].cumsum(dim=-1)  # [J, B, L]
+        flat = x.reshape(x.shape[0], -1).float()
+        out = []
+        for m in models:
+            diff = (flat - m["mean"].to(x.device)).t()  # [D, B]
+            z = torch.linalg.solve_triangular(m["chol"].to(x.device), diff, upper=False)
+            d = flat.shape[1]
+            out.append(-0.5 * (z.square().sum(0) + m["logdet"] + d * math.log(2 * math.pi)))
+        return torch.stack(out)
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Most likely experience (uniform prior): long [B, L] for tokens, [B] otherwise."""
+        return self.log_likelihood(x).argmax(dim=0)
+
+    def state_dict(self) -> dict:
+        return {"vocab_size": self.vocab_size, "stats": self.stats}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.vocab_size = state["vocab_size"]
+        self.stats = state["stats"]
+        self._cache = None
+
+
+def routing_bias(
+    experience: torch.Tensor, origin: torch.Tensor, bonus: float, restrict: bool
+) -> torch.Tensor:
+    """Float logit bias [..., E] for inputs assigned to ``experience`` [...]: -inf on experts
+    created after it (when ``restrict``), +``bonus`` on the experts created for it, else 0."""
+    e = experience.unsqueeze(-1)
+    origin = origin.to(experience.device)
+    bias = torch.where(origin == e, bonus, 0.0)
+    if restrict:
+        bias = bias.masked_fill(origin > e, float("-inf"))
+    return bias
