@@ -2,15 +2,21 @@
 
     .venv/bin/python experiments/study.py digits   # issue 4: split + permuted digits, 6 methods
     .venv/bin/python experiments/study.py lm       # issue 7: 4 text domains, lifelong LM pretraining
+    .venv/bin/python experiments/study.py routing_lm        # issue 12: routing and forgetting, LM
+    .venv/bin/python experiments/study.py routing_lm_long   # issue 12: the same, 3 epochs per domain
+    .venv/bin/python experiments/study.py routing_digits    # issue 12: baselines and peers, digits
 
 Each study runs Hydra sweeps in parallel (joblib, 2 jobs) into its own MLflow store under
 outputs/study_<name>/, then lifelong-moe-compare writes the table and plots; the routing heatmap
 of Lifelong-MoE (seed 0) is copied beside them. README.md records the commands and wall times.
+Each of the N_JOBS parallel jobs gets its share of the cores (OMP_NUM_THREADS): two jobs with
+torch's default threads oversubscribe a 2-core machine several times over.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +28,27 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 COMMON = ["trainer.progress_bar=false", "tracking.log_checkpoints=false", "seed=0,1,2"]
+N_JOBS = 2
+# Issue 12's LM methods; the Thérien recipe (Thérien et al., TMLR 2025): learning-rate re-warming
+# and re-decaying at every experience plus a little replay of earlier domains.
+THERIEN = ["trainer.lr_schedule=cosine_rewarm", "method.replay_fraction=0.1"]
+LM_MOE = "method=moe_finetune,lifelong_moe,lifelong_moe_specialized,joint"
+
+
+def lm_sweeps(epochs: int) -> dict[str, list[str]]:
+    base = ["experiment=lm_cpu", f"trainer.max_epochs={epochs}"]
+    return {
+        "MoE LM": [*base, LM_MOE],
+        "dense LM twin": [*base, "model=lm", "method=naive"],
+        "moe_finetune + Thérien": [*base, "method=moe_finetune", *THERIEN]
+        + ["method.name=moe_finetune_therien"],
+        "lifelong_moe + Thérien": [*base, "method=lifelong_moe", *THERIEN]
+        + ["method.name=lifelong_moe_therien"],
+    }
+
+
+DIGITS = "benchmark=split_digits,permuted_digits"
+DIGITS_EPOCHS = "trainer.max_epochs=10"
 STUDIES = {
     "digits": {
         "title": "Lifelong-MoE, its ablations and baselines on split and permuted digits",
@@ -46,6 +73,61 @@ STUDIES = {
         },
         "routing": ("lifelong_moe", "text_domains"),
         "note": "The `naive` row is the dense twin `model=lm`; the other rows use `moe_lm`.",
+    },
+    "routing_lm": {
+        "title": "Routing, specialization and forgetting over 4 text domains (lm_cpu, 1 epoch)",
+        "sweeps": lm_sweeps(1),
+        "plots": {"text_domains": ["benchmark=text_domains"]},
+        "routing": ("lifelong_moe_specialized", "text_domains"),
+        "note": "The `naive` row is the dense twin `model=lm`; the other rows use `moe_lm`.",
+    },
+    "routing_lm_long": {
+        "title": "Routing and forgetting over 4 text domains, longer schedule (3 epochs per domain)",
+        "sweeps": {
+            "MoE LM": [
+                "experiment=lm_cpu",
+                "trainer.max_epochs=3",
+                "method=lifelong_moe,lifelong_moe_specialized,joint",
+            ],
+            "moe_finetune + Thérien": lm_sweeps(3)["moe_finetune + Thérien"],
+        },
+        "plots": {"text_domains": ["benchmark=text_domains"]},
+        "routing": ("lifelong_moe_specialized", "text_domains"),
+    },
+    "routing_digits": {
+        "title": "Baselines, SEED, Lifelong-MoE and Avalanche's strategies on split and permuted digits",
+        "sweeps": {
+            "ours": [
+                DIGITS,
+                "method=naive,ewc,lwf,replay,seed,lifelong_moe,lifelong_moe_no_kd,"
+                "lifelong_moe_specialized",
+                DIGITS_EPOCHS,
+            ],
+            "lifelong_moe + replay": [
+                DIGITS,
+                "method=lifelong_moe",
+                "method.replay_buffer_size=200",
+                "method.name=lifelong_moe_replay",
+                DIGITS_EPOCHS,
+            ],
+            **{
+                f"Avalanche {strategy}": [
+                    DIGITS,
+                    "method=avalanche",
+                    f"method.strategy={strategy}",
+                    f"method.strategy_args={args}",
+                    f"method.name=avalanche_{strategy.lower()}",
+                    DIGITS_EPOCHS,
+                ]
+                for strategy, args in (
+                    ("EWC", "{ewc_lambda:0.4}"),
+                    ("LwF", "{alpha:1.0,temperature:2.0}"),
+                    ("Replay", "{mem_size:200}"),
+                )
+            },
+        },
+        "plots": {b: [f"benchmark={b}"] for b in ("split_digits", "permuted_digits")},
+        "routing": ("lifelong_moe_specialized", "permuted_digits"),
     },
 }
 
@@ -73,8 +155,11 @@ def main() -> None:
     ]
     plots: list[str] = []
     total = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // N_JOBS))}
+    plot_sets = study.get("plots")
     for i, (label, overrides) in enumerate(study["sweeps"].items()):
-        args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *overrides, *COMMON]
+        args = ["-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={N_JOBS}", *overrides]
+        args += COMMON
         args += [
             f"tracking.uri={uri}",
             f"tracking.experiment={name}",
@@ -84,28 +169,22 @@ def main() -> None:
         if not options.tables_only:
             print(f"[{i + 1}/{len(study['sweeps'])}] {label}: lifelong-moe {' '.join(args)}")
             subprocess.run(
-                [str(BIN / "lifelong-moe"), *args], cwd=store, check=True, capture_output=True
+                [str(BIN / "lifelong-moe"), *args],
+                cwd=store,
+                check=True,
+                capture_output=True,
+                env=env,
             )
         took = "" if options.tables_only else f" ({time.perf_counter() - start:.0f} s)"
-        lines += [f"- `lifelong-moe {' '.join(args)}`{took}"]
-        # One set of plots per sweep: curves of different benchmarks do not share an axis.
-        folder = results / f"sweep{i}"
-        compare(
-            [
-                f"--tracking-uri={uri}",
-                f"--experiment={name}",
-                f"--filter=sweep_id=study-{i}",
-                f"--plot={folder}",
-            ]
-        )
-        plots += (
-            [f"{label}:", ""]
-            + [f"![{p.stem}]({folder.name}/{p.name})" for p in sorted(folder.glob("*.png"))]
-            + [""]
-        )
+        lines += [f"- `lifelong-moe {' '.join(quoted(args))}`{took}"]
+        if plot_sets is None:
+            # One set of plots per sweep: curves of different benchmarks do not share an axis.
+            plots += plot_set(uri, name, label, [f"sweep_id=study-{i}"], results / f"sweep{i}")
+    for label, filters in (plot_sets or {}).items():
+        plots += plot_set(uri, name, label, filters, results / label)
     args = [f"--tracking-uri={uri}", f"--experiment={name}"]
     table = compare(args)
-    lines += [f"- `lifelong-moe-compare {' '.join(args)}`", ""]
+    lines += [f"- `lifelong-moe-compare {' '.join(quoted(args))}`", ""]
     if not options.tables_only:
         lines += [f"Total wall time on a 2-core CPU: {time.perf_counter() - total:.0f} s.", ""]
     lines += ["## Results (mean ± std over 3 seeds)", "", table.strip(), ""]
@@ -128,8 +207,25 @@ def main() -> None:
             "",
         ]
     lines += ["What it shows: [findings.md](findings.md) (written from these numbers by hand)."]
-    (results / "README.md").write_text("\n".join(lines) + "\n")
+    # Committed files carry no path of this machine: the store is shown relative to the repo.
+    text = "\n".join(lines).replace(f"{REPO}/", "")
+    (results / "README.md").write_text(text + "\n")
     print(f"wrote {results / 'README.md'}")
+
+
+def quoted(args: list[str]) -> list[str]:
+    """Arguments as a shell needs them (braces and '+' in overrides)."""
+    return [f"'{a}'" if any(c in a for c in "{}+ ") else a for a in args]
+
+
+def plot_set(uri: str, name: str, label: str, filters: list[str], folder: Path) -> list[str]:
+    """A seen-so-far curve and forgetting bars for the runs that match ``filters``."""
+    compare(
+        [f"--tracking-uri={uri}", f"--experiment={name}", f"--plot={folder}"]
+        + [f"--filter={f}" for f in filters]
+    )
+    images = [f"![{p.stem}]({folder.name}/{p.name})" for p in sorted(folder.glob("*.png"))]
+    return [f"{label}:", "", *images, ""]
 
 
 def compare(args: list[str]) -> str:
