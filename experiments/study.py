@@ -193,6 +193,7 @@ def main() -> None:
     method, benchmark = study["routing"]
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
+    lines += per_experience_table(client, experiment.experiment_id)
     found = client.search_runs(
         [experiment.experiment_id],
         f"tags.method = '{method}' and tags.benchmark = '{benchmark}' and tags.seed = '0'",
@@ -211,6 +212,44 @@ def main() -> None:
     text = "\n".join(lines).replace(f"{REPO}/", "")
     (results / "README.md").write_text(text + "\n")
     print(f"wrote {results / 'README.md'}")
+
+
+def per_experience_table(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Final perplexity (or accuracy) on each experience, per method and benchmark: the
+    earlier-domain numbers behind ppl/forgetting, which the comparison table averages away."""
+    groups: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for run in client.search_runs([experiment_id], "tags.kind = 'experiment'"):
+        if run.info.status != "FINISHED":
+            continue
+        key = (run.data.tags.get("method", "?"), run.data.tags.get("benchmark", "?"))
+        groups.setdefault(key, []).append(run.data.metrics)
+    if not groups:
+        return []
+    prefix = "ppl" if any("ppl/final" in m for runs in groups.values() for m in runs) else "acc"
+    n = max(
+        int(k.rsplit("_", 1)[1]) + 1
+        for runs in groups.values()
+        for m in runs
+        for k in m
+        if k.startswith(f"{prefix}/exp_")
+    )
+    header = ["method", "benchmark", "n", *(f"{prefix}/exp_{j}" for j in range(n))]
+    out = [
+        f"## Final {'perplexity' if prefix == 'ppl' else 'accuracy'} on each experience "
+        "(mean ± std over seeds)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|---|" + "---:|" * (len(header) - 2),
+    ]
+    for (method, benchmark), runs in sorted(groups.items()):
+        cells = [method, benchmark, str(len(runs))]
+        for j in range(n):
+            values = [m[f"{prefix}/exp_{j}"] for m in runs if f"{prefix}/exp_{j}" in m]
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+            cells.append(f"{mean:.3f} ± {std:.3f}")
+        out.append("| " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 def quoted(args: list[str]) -> list[str]:
