@@ -31,7 +31,11 @@ COMMON = ["trainer.progress_bar=false", "tracking.log_checkpoints=false", "seed=
 N_JOBS = 2
 # Issue 12's LM methods; the Thérien recipe (Thérien et al., TMLR 2025): learning-rate re-warming
 # and re-decaying at every experience plus a little replay of earlier domains.
-THERIEN = ["trainer.lr_schedule=cosine_rewarm", "method.replay_fraction=0.1"]
+THERIEN = [
+    "trainer.lr_schedule=cosine_rewarm",
+    "trainer.warmup_steps=20",
+    "method.replay_fraction=0.05",
+]
 LM_MOE = "method=moe_finetune,lifelong_moe,lifelong_moe_specialized,joint"
 
 
