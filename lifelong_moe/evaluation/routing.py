@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lifelong_moe.tracking import names
+
 Shares = Sequence[Sequence[float]]  # [test experience j][expert e]
 
 
@@ -89,6 +91,6 @@ def routing_metrics(
     for name, values in per_layer.items():
         if not values:
             continue
-        out[f"routing/{name}"] = float(np.mean(values))
-        out |= {f"routing/{name}/layer_{k}": v for k, v in enumerate(values)}
+        out[f"{names.ROUTING}/{name}"] = float(np.mean(values))
+        out |= {names.routing_layer(name, k): v for k, v in enumerate(values)}
     return out
