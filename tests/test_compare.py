@@ -142,12 +142,19 @@ def test_perplexity_runs_get_their_own_table(store, capsys):
     rows = json_rows(store, capsys)
     [ppl] = [r for r in rows if r["matrix"] == "perplexity"]
     assert ppl["benchmark"] == "char_lm" and ppl["n"] == 1
-    assert set(ppl["metrics"]) == {"ppl/final", "ppl/forgetting", "loss/bwt", *COST_KEYS}
+    assert set(ppl["metrics"]) == {
+        "ppl/final",
+        "ppl/forgetting",
+        "loss/bwt",
+        *ROUTING_KEYS,
+        *COST_KEYS,
+    }
     L = np.log(1.0 / accuracy_matrix("lifelong_moe", 0))
     assert ppl["metrics"]["ppl/final"]["mean"] == pytest.approx(summarize_loss(L)["ppl/final"])
     assert ppl["metrics"]["ppl/final"]["std"] == 0.0
 
 
+ROUTING_KEYS = ("routing/specialization", "routing/drift", "routing/max_imbalance")
 COST_KEYS = (
     "cost/params_total",
     "cost/params_trainable",
