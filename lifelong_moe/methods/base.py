@@ -188,7 +188,7 @@ def replay_windows(exp: Experience, earlier: list[Dataset], fraction: float, see
     """
     pool = ConcatDataset(earlier)
     n = round(fraction * len(exp.train) / (1 - fraction))
-    generator = torch.Generator().manual_seed(seed * 1_000 + exp.index)
+    generator = torch.Generator().manual_seed((seed * 1_000 + exp.index) % 2**63)
     if n <= len(pool):
         index = torch.randperm(len(pool), generator=generator)[:n]
     else:  # more than all earlier data: draw with replacement
