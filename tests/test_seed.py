@@ -175,6 +175,8 @@ def test_cli_run_of_seed_read_back_from_mlflow(tmp_path: Path):
         "method=seed",
         "method.n_experts=2",
         "benchmark.n_experiences=5",
+        "model.d_model=32",
+        "model.d_hidden=32",
         *FAST,
         f"tracking.uri={uri}",
     )
