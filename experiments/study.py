@@ -103,10 +103,12 @@ STUDIES = {
         "sweeps": {
             "ours": [
                 DIGITS,
-                "method=naive,ewc,lwf,replay,seed,lifelong_moe,lifelong_moe_no_kd,"
+                "method=naive,ewc,lwf,replay,lifelong_moe,lifelong_moe_no_kd,"
                 "lifelong_moe_specialized",
                 DIGITS_EPOCHS,
             ],
+            # SEED is class-incremental only (its Bayes classifiers are per class).
+            "seed": ["benchmark=split_digits", "method=seed", DIGITS_EPOCHS],
             "lifelong_moe + replay": [
                 DIGITS,
                 "method=lifelong_moe",
