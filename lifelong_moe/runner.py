@@ -11,6 +11,7 @@ import resource
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.models import count_parameters, moe_layers, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
 from lifelong_moe.resume import STATE, capture_rng, find_run, load_state, restore_rng, run_config
-from lifelong_moe.tracking import names
+from lifelong_moe.tracking import names, report
 from lifelong_moe.tracking.mlflow_run import (
     RunTracker,
     check_store,
@@ -48,6 +49,11 @@ from lifelong_moe.tracking.mlflow_run import (
 # Lightning's per-fit banners (GPU available, tips) would repeat at every experience.
 for _name in ("lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# Known and harmless, silenced by message only: Lightning's pytree helper still uses the LeafSpec
+# class that torch 2.14 deprecates; nothing we or the user can change.
+warnings.filterwarnings(
+    "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+)
 
 
 def instantiate(node: DictConfig, group: str, **kwargs: Any) -> Any:
@@ -80,6 +86,14 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.num_workers={cfg.num_workers} must be >= 0")
 
 
+def check_tracking(cfg: DictConfig) -> None:
+    interval = cfg.get("system_metrics_interval_s", 2.0)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+        raise ConfigError(
+            f"tracking.system_metrics_interval_s={interval} must be a positive number of seconds"
+        )
+
+
 @dataclass
 class Experiment:
     """Everything built from the config, validated, before any training."""
@@ -100,6 +114,7 @@ def build(cfg: DictConfig) -> Experiment:
     method = instantiate(cfg.method, "method", model=model)
     method.setup_stream(stream)
     check_store(cfg.tracking.uri)
+    check_tracking(cfg.tracking)
     return Experiment(cfg, stream, model, method)
 
 
@@ -204,9 +219,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(f"resuming run {resume_id} after {done} of {len(exp.stream)} experiences", flush=True)
     else:
         start_run(cfg, exp, tracker)
+    if cfg.tracking.get("system_metrics", True):
+        interval = float(cfg.tracking.get("system_metrics_interval_s", 2.0))
+        tracker.start_system_metrics(interval, resume=bool(resume_id))
     try:
         summary = _loop(cfg, exp, tracker, state)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
+        tracker.stop_system_metrics()
         tracker.finish("KILLED")
         print(
             f"interrupted: run {tracker.run_id} marked KILLED; continue it with resume={tracker.run_id}",
@@ -214,9 +233,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         raise
     except BaseException:
+        tracker.stop_system_metrics()
         tracker.finish("FAILED")
         raise
+    tracker.stop_system_metrics()
     tracker.finish("FINISHED")
+    # After FINISHED, not before: a crash in between leaves a finished run with a spare state,
+    # never an unfinished run without one.
+    if not cfg.tracking.get("keep_resume_state", False):
+        try:
+            tracker.delete_artifacts(names.RESUME_FOLDER)
+        except Exception as error:  # a store that cannot delete keeps it; the run is done
+            first = (str(error).splitlines() or [type(error).__name__])[0][:200]
+            print(f"note: could not delete {names.RESUME_FOLDER}/ of the run: {first}", flush=True)
     if tracker.writes:
         print(f"\nSee this run: {tracker.ui_command()}   (run id {tracker.run_id})", flush=True)
     return summary
@@ -242,7 +271,9 @@ def start_run(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_name = cfg.tracking.run_name or f"{tags['method']}-{tags['benchmark']}-s{cfg.seed}"
     run_id = tracker.start(run_name, tags, flatten(resolved))
-    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    tracker.describe(report.running_description(tags, len(stream)))
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), names.CONFIG)
+    tracker.log_inputs(report.dataset_inputs(resolved["benchmark"], stream))
     print(f"run {run_id} ({run_name}): {len(stream)} experiences of {stream.name}", flush=True)
 
 
@@ -328,9 +359,9 @@ def _loop(
         logged[names.COST_TRAIN_S] = h.train_seconds[-1]
         logged[names.COST_EVAL_S] = eval_seconds
         logged[names.COST_PEAK_MB] = peak_memory_mb(device)
-        loss = trainer.callback_metrics.get(names.TRAIN_LOSS)
-        if loss is not None:
-            logged[names.TRAIN_LOSS] = float(loss)
+        # train/loss and its terms (train/ce, train/kd, ...): means over the last epoch.
+        prefix = names.train_term("")
+        logged |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
         h.logged.append(logged)
         # State first, metrics second: a crash in between re-logs the row on resume,
         # the other order could log a step twice.
@@ -355,7 +386,7 @@ def _loop(
                     input_shape=list(stream.input_shape),
                     n_classes=stream.n_classes,
                 )
-                tracker.log_file(path, "checkpoints")
+                tracker.log_file(path, names.CHECKPOINTS)
     return _finish(cfg, stream, h, tracker)
 
 
@@ -377,7 +408,9 @@ def _finish(cfg: DictConfig, stream: Stream, h: History, tracker: RunTracker) ->
     matrix = {"R": h.R, "b": h.b, "experiences": experiences}
     if h.R_task:
         matrix |= {"R_task": h.R_task, "b_task": h.b_task}
-    tracker.log_json(matrix, "accuracy_matrix.json")
+    tracker.log_json(matrix, names.ACCURACY_MATRIX)
+    til = {"accuracy_til": h.R_task} if h.R_task else {}
+    tracker.log_table(report.matrix_table("accuracy", h.R, **til), names.ACCURACY_TABLE)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "accuracy_matrix.png"
         plot_matrix(R, path, title=f"{cfg.method.name} on {stream.name}: accuracy R[i][j]")
@@ -391,14 +424,17 @@ def _finish(cfg: DictConfig, stream: Stream, h: History, tracker: RunTracker) ->
                     "b_loss": h.b_loss,
                     "domains": experiences,
                 },
-                "perplexity_matrix.json",
+                names.PERPLEXITY_MATRIX,
             )
+            table = report.matrix_table("perplexity", perplexity.tolist(), loss=h.L)
+            tracker.log_table(table, names.PERPLEXITY_TABLE)
             path = Path(tmp) / "perplexity_matrix.png"
             plot_matrix(perplexity, path, title=f"{cfg.method.name} on {stream.name}: perplexity")
             tracker.log_file(path)
         if h.routing and h.routing[-1]:
             routing = routing_record(h)
-            tracker.log_json(routing, "routing.json")
+            tracker.log_json(routing, names.ROUTING_JSON)
+            tracker.log_table(report.routing_table(routing), names.ROUTING_TABLE)
             path = Path(tmp) / "routing.png"
             plot_routing(routing, path)
             tracker.log_file(path)
@@ -411,7 +447,15 @@ def _finish(cfg: DictConfig, stream: Stream, h: History, tracker: RunTracker) ->
         "R": h.R,
         "b": h.b,
     }
-    tracker.log_json(summary, "summary.json")
+    tracker.log_json(report.rounded(summary), names.SUMMARY)
+    run = {
+        "method": cfg.method.name,
+        "benchmark": cfg.benchmark.name,
+        "model": cfg.model.get("name", "model"),
+        "seed": str(cfg.seed),
+    }
+    perplexity_rows = np.exp(np.array(h.L)).tolist() if h.L else None
+    tracker.describe(report.description(run, h.R, final, perplexity_rows))
     print_report(summary)
     return summary
 
@@ -421,11 +465,11 @@ def routing_record(h: History) -> dict[str, Any]:
     origin: list[int] = []
     for i, count in enumerate(h.expert_counts):
         origin += [i] * (count - len(origin))
-    names = [f"layer_{k}" for k in range(len(h.routing[-1]))]
+    layers = [f"layer_{k}" for k in range(len(h.routing[-1]))]
     return {
-        "layers": dict(zip(names, h.routing[-1], strict=True)),
+        "layers": dict(zip(layers, h.routing[-1], strict=True)),
         "expert_origin": origin,
-        "per_experience": [dict(zip(names, r, strict=True)) for r in h.routing],
+        "per_experience": [dict(zip(layers, r, strict=True)) for r in h.routing],
     }
 
 

@@ -118,7 +118,10 @@ def test_run_logs_through_a_tracking_server(workdir, mlflow_server):
     # The artifacts went through the server's proxy into its destination, not to a local path.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     stored = {p.name for p in artifacts.rglob("*") if p.is_file()}
-    assert {"config.yaml", "accuracy_matrix.json", "summary.json", "state.pt"} <= stored
+    assert {"config.yaml", "accuracy_matrix.json", "summary.json", "accuracy.json"} <= stored
+    assert "state.pt" not in stored  # the resume state was deleted through the server at the end
+    assert run.data.tags["mlflow.note.content"] and run.inputs.dataset_inputs
+    assert "system/cpu_utilization_percentage" in run.data.metrics
     assert not (workdir / "mlruns").exists() and not (workdir / "mlflow.db").exists()
 
 

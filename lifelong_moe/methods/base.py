@@ -21,6 +21,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.tracking import names
 
 if TYPE_CHECKING:
     from lifelong_moe.methods.replay import ReplayBuffer
@@ -114,7 +115,10 @@ class ContinualMethod(L.LightningModule):
                 f"loss became {loss.item()} at experience {index}, step {self.global_step} "
                 f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
             )
-        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log(names.TRAIN_LOSS, loss, prog_bar=True, on_step=False, on_epoch=True)
+        # Each term beside the total (train/ce, train/kd, ...): epoch means, so no per-step sync.
+        terms = {names.train_term(k): v for k, v in terms.items()}
+        self.log_dict(terms, on_step=False, on_epoch=True)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

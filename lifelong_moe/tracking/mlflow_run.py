@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -215,6 +216,63 @@ class RunTracker:
     def log_figure(self, figure: Any, name: str) -> None:
         self.client.log_figure(self.run_id, figure, name)
 
+    def log_table(self, table: Mapping[str, list], name: str) -> None:
+        """A table artifact that the UI's evaluation view lists (``name`` ends in .json)."""
+        self.client.log_table(self.run_id, dict(table), name)
+
+    def describe(self, markdown: str) -> None:
+        """The run's description on its page in the UI (the ``mlflow.note.content`` tag)."""
+        self.set_tags({names.TAG_DESCRIPTION: markdown})
+
+    def log_inputs(self, inputs: list[Mapping[str, str]]) -> None:
+        """Attach datasets (name, digest, source_type, source, profile, context) to the run."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        datasets = [
+            DatasetInput(
+                Dataset(
+                    d["name"], d["digest"], d["source_type"], d["source"], profile=d.get("profile")
+                ),
+                [InputTag(MLFLOW_DATASET_CONTEXT, d.get("context", "train"))],
+            )
+            for d in inputs
+        ]
+        self.client.log_inputs(self.run_id, datasets=datasets)
+
+    def delete_artifacts(self, path: str) -> None:
+        """Remove an artifact file or folder (local, mlflow-artifacts over HTTP, object stores)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        uri = self.client.get_run(self.run_id).info.artifact_uri
+        get_artifact_repository(uri, tracking_uri=self.uri).delete_artifacts(path)
+
+    def start_system_metrics(self, interval_s: float, resume: bool = False) -> None:
+        """CPU, memory, disk, network (and GPU where present) as ``system/*`` metrics.
+
+        MLflow's monitor samples every ``interval_s`` in a thread; it is given this run and
+        store explicitly because the tracker never sets MLflow's active run.
+        """
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no INFO chatter
+        self.monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=self.uri
+        )
+        self.monitor.start()
+
+    def stop_system_metrics(self) -> None:
+        """Stop sampling; a run shorter than one interval still gets one sample of each."""
+        monitor, self.monitor = getattr(self, "monitor", None), None
+        if monitor is None:
+            return
+        monitor.finish()
+        # The monitor publishes only after a full interval; _logging_step counts what it sent.
+        if monitor._logging_step == 0:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
@@ -263,6 +321,24 @@ class SilentTracker(RunTracker):
         pass
 
     def log_figure(self, figure: Any, name: str) -> None:
+        pass
+
+    def log_table(self, table: Mapping[str, list], name: str) -> None:
+        pass
+
+    def describe(self, markdown: str) -> None:
+        pass
+
+    def log_inputs(self, inputs: list[Mapping[str, str]]) -> None:
+        pass
+
+    def delete_artifacts(self, path: str) -> None:
+        pass
+
+    def start_system_metrics(self, interval_s: float, resume: bool = False) -> None:
+        pass
+
+    def stop_system_metrics(self) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
