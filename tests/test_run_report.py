@@ -139,6 +139,54 @@ def test_summary_is_rounded_and_system_metrics_logged(finished):
 
 def test_console_has_only_our_lines(finished):
     console = finished["console"].stdout + finished["console"].stderr
-    for pattern in ("Warning", "warn(", "LeafSpec", "eval mode", "monitoring system metrics"):
+    noise = ("Warning", "warn(", "LeafSpec", "eval mode", "monitoring system metrics")
+    noise += ("Creating initial MLflow database tables", "Downloading artifacts")
+    for pattern in noise:
         assert pattern not in console, console
     assert re.search(r"^\[2/2\] LifelongMoE on experience 1", console, re.M)
+
+
+# --- the pure parts, without a run ----------------------------------------------------------------
+
+
+def test_report_helpers():
+    from types import SimpleNamespace
+
+    from lifelong_moe.data.text import DomainInfo
+    from lifelong_moe.tracking import report
+
+    assert report.rounded({"R": [[0.123456789]], "n": 3, "s": "x"}) == {
+        "R": [[0.1235]],
+        "n": 3,
+        "s": "x",
+    }
+    table = report.matrix_table("accuracy", [[0.5, 0.1], [0.4, 0.9]], accuracy_til=[[1, 2], [3, 4]])
+    assert table["trained_on"] == [0, 0, 1, 1] and table["evaluated_on"] == [0, 1, 0, 1]
+    assert table["accuracy"] == [0.5, 0.1, 0.4, 0.9] and table["accuracy_til"] == [1, 2, 3, 4]
+
+    sha = "ab" * 32
+    domain = DomainInfo("english", "pydoc", 3, 0, 100, sha, n_train=5, n_val=1)
+    text = SimpleNamespace(name="text_domains", domains=[domain])
+    (entry,) = report.dataset_inputs({"name": "text_domains"}, text)
+    assert entry["name"] == "text_domains/english" and entry["digest"] == sha[:36]
+    assert json.loads(entry["profile"])["sha256"] == sha and entry["context"] == "experience_0"
+
+    experiences = [SimpleNamespace(classes=[0, 1]), SimpleNamespace(classes=[2, 3])]
+    stream = SimpleNamespace(
+        name="split", experiences=experiences, n_classes=4, input_shape=(8,), scenario="ci"
+    )
+    bench = {"name": "split_digits", "seed": 0, "n_experiences": 2}
+    one = report.dataset_inputs(bench, _Sized(stream))[0]
+    other = report.dataset_inputs({**bench, "seed": 1}, _Sized(stream))[0]
+    assert len(one["digest"]) == 36 and one["digest"] != other["digest"]
+    assert json.loads(one["profile"])["classes"] == [[0, 1], [2, 3]]
+
+
+class _Sized:
+    """A stream stand-in with len()."""
+
+    def __init__(self, ns) -> None:
+        self.__dict__.update(vars(ns))
+
+    def __len__(self) -> int:
+        return len(self.experiences)

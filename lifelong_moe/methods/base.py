@@ -115,10 +115,11 @@ class ContinualMethod(L.LightningModule):
                 f"loss became {loss.item()} at experience {index}, step {self.global_step} "
                 f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
             )
-        self.log(names.TRAIN_LOSS, loss, prog_bar=True, on_step=False, on_epoch=True)
-        # Each term beside the total (train/ce, train/kd, ...): epoch means, so no per-step sync.
-        terms = {names.train_term(k): v for k, v in terms.items()}
-        self.log_dict(terms, on_step=False, on_epoch=True)
+        # The total and each term (train/ce, train/kd, ...): epoch means, reduced over DDP ranks
+        # once at the epoch's end (sync_dist), never per step.
+        epoch = {"on_step": False, "on_epoch": True, "sync_dist": True}
+        self.log(names.TRAIN_LOSS, loss, prog_bar=True, **epoch)
+        self.log_dict({names.train_term(k): v for k, v in terms.items()}, **epoch)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
