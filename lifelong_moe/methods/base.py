@@ -63,6 +63,16 @@ class ContinualMethod(L.LightningModule):
         """The runner hands over the trainer-level schedule once, before the first experience."""
         self.lr_schedule = schedule
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A method's ``teacher`` (a frozen snapshot of the past: LwF, Lifelong-MoE, SEED) is held
+        outside the module tree: as a submodule it would be saved in the LightningModule's state
+        and reported by Lightning at every fit as modules "in eval mode at the start of training".
+        Methods move it to the batch's device themselves."""
+        if name == "teacher":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __getstate__(self) -> dict:
         """What ddp_spawn pickles into its workers: training needs neither the stream (its
         Avalanche benchmark holds lambdas) nor the experiences already seen."""

@@ -154,13 +154,9 @@ class LifelongMoE(ContinualMethod):
                 p.requires_grad_(False)
 
     def _set_teacher(self, teacher: nn.Module | None) -> None:
-        """Hold the teacher outside the module tree.
-
-        As a submodule it would be saved in the LightningModule's state, trained-mode toggled by
-        Lightning, and reported at every fit as modules "in eval mode at the start of training".
-        It is a fixed function of the past; it follows the batch's device in ``teacher_logits``.
-        """
-        self.__dict__["teacher"] = teacher
+        """Outside the module tree (see ContinualMethod.__setattr__); it follows the batch's device
+        in ``teacher_logits``."""
+        self.teacher = teacher
         self.teacher_device: torch.device | None = None
 
     def _snapshot_teacher(self) -> nn.Module:

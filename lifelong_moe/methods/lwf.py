@@ -56,9 +56,8 @@ class LwF(ContinualMethod):
         self.teacher, self.old_classes = None, None
         if exp.index == 0 or self.lambda_kd == 0:
             return
-        # Outside the module tree (not saved, not reported by Lightning as a module in eval mode);
-        # it follows the batch's device in extra_loss.
-        self.__dict__["teacher"] = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # Outside the module tree (ContinualMethod.__setattr__): it follows the batch's device below.
+        self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.teacher_device: torch.device | None = None
         old = sorted({c for e in self.seen[:-1] for c in e.classes})
         # A stream without class lists (empty) distills every logit.
