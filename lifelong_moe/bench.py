@@ -7,6 +7,10 @@ tokens; plus a training step with a fraction of the experts frozen against none 
 
 Needs torch alone (it also runs on GPU boxes with nothing else installed):
     python -m lifelong_moe.bench dispatch --device cpu --threads 2 --tokens 8192 --experts 16 64
+
+`loop` times the runner's training (Lightning) against a bare PyTorch loop on the same run
+config, in one process (see lifelong_moe/loop_bench.py):
+    lifelong-moe-bench loop method=moe_finetune benchmark=permuted_digits --threads 2 --epochs 3 15
 """
 
 from __future__ import annotations
@@ -398,7 +402,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-case-seconds", type=float, default=300.0, help="skip slower baselines")
     p.add_argument("--max-gib", type=float, default=6.0, help="skip baselines needing more memory")
     p.add_argument("--json", default=None, help="write all raw numbers here")
+    q = sub.add_parser("loop", help="runner's training time vs a bare PyTorch loop")
+    q.add_argument("overrides", nargs="*", help="lifelong-moe config overrides (key=value)")
+    q.add_argument("--epochs", type=int, nargs="+", default=[3], help="trainer.max_epochs")
+    q.add_argument("--repeats", type=int, default=5)
+    q.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    q.add_argument("--json", default=None, help="write all raw numbers here")
     args = parser.parse_args(argv)
+    if args.command == "loop":
+        if args.repeats < 1 or min(args.epochs) < 1:
+            parser.error("--repeats and --epochs must be >= 1")
+        return args
     if args.repeats < 1 or args.warmup < 1:
         parser.error("--repeats and --warmup must be >= 1")
     if not 0.0 <= args.frozen_fraction < 1.0:
@@ -406,10 +420,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def loop_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """Runner vs bare loop for each --epochs value; a markdown table on stdout."""
+    from lifelong_moe.loop_bench import measure
+
+    rows = []
+    try:
+        for epochs in args.epochs:
+            overrides = [
+                *args.overrides,
+                f"trainer.max_epochs={epochs}",
+                "tracking.log_checkpoints=false",
+            ]
+            log(f"[loop] {' '.join(overrides)}")
+            rows.append(measure(overrides, args.repeats, log=log))
+    except ConfigError as err:
+        print(f"lifelong-moe-bench: {err}", file=sys.stderr)
+        return 2
+    device = device_name(torch.device("cpu"))
+    print(f"device: {device}, torch {torch.__version__}, median of {args.repeats}\n")
+    print(
+        "| config | runner s | bare loop s | runner / bare (wall) | runner / bare (process CPU) |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        config = " ".join(row["overrides"][:-1])
+        print(
+            f"| {config} | {row['runner_median_s']:.2f} | {row['bare_median_s']:.2f} | "
+            f"{row['ratio']:.2f} | {row['ratio_cpu']:.2f} |"
+        )
+    if args.json:
+        report = {"device": device, "torch": torch.__version__, "argv": argv, "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.command == "loop":
+        return loop_main(args, sys.argv[1:] if argv is None else list(argv))
     torch.manual_seed(args.seed)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     results = []

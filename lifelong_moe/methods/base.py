@@ -21,13 +21,13 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.methods.step_stats import NonFiniteLossError, StepStats
 
 if TYPE_CHECKING:
     from lifelong_moe.methods.replay import ReplayBuffer
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced NaN or inf: the run stops and is marked FAILED."""
+__all__ = ["ContinualMethod", "NonFiniteLossError", "make_replay"]
 
 
 class ContinualMethod(L.LightningModule):
@@ -52,6 +52,7 @@ class ContinualMethod(L.LightningModule):
         self.experience: Experience | None = None
         self.seen: list[Experience] = []
         self.replay = make_replay(replay_buffer_size)
+        self.step_stats = StepStats()
 
     def __getstate__(self) -> dict:
         """What ddp_spawn pickles into its workers: training needs neither the stream (its
@@ -108,14 +109,23 @@ class ContinualMethod(L.LightningModule):
         terms = {"ce": nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten())}
         terms.update(self.extra_loss(x, y, logits, aux))
         loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            index = self.experience.index if self.experience is not None else "?"
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at experience {index}, step {self.global_step} "
-                f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
-            )
-        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        # NaN guard and epoch loss on the device: no host sync per step (see step_stats.py).
+        self.step_stats.update(loss, terms, self.global_step, len(y))
+        if self.step_stats.due(batch_idx):
+            self.step_stats.check(self._experience_index())
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.step_stats.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self.step_stats.check(self._experience_index())
+        mean = self.step_stats.mean()
+        if mean is not None:
+            self.log("train/loss", mean, prog_bar=True)
+
+    def _experience_index(self) -> int | str:
+        return self.experience.index if self.experience is not None else "?"
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
