@@ -36,6 +36,7 @@ from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.models import count_parameters, moe_layers, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
 from lifelong_moe.resume import STATE, capture_rng, find_run, load_state, restore_rng, run_config
+from lifelong_moe.throughput import throughput_metrics
 from lifelong_moe.tracking.mlflow_run import (
     RunTracker,
     check_store,
@@ -331,6 +332,10 @@ def _loop(
         logged |= {f"params/{k}": v for k, v in params.items()}
         logged["time/train_s"] = h.train_seconds[-1]
         logged["time/eval_s"] = eval_seconds
+        logged |= throughput_metrics(
+            model, data, cfg.trainer.max_epochs, h.train_seconds[-1], device,
+            cfg.trainer.precision, trainer.world_size,
+        )  # fmt: skip
         logged["memory/peak_mb"] = peak_memory_mb(device)
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
