@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.moe import MoELayer
+from lifelong_moe.moe import MoELayer, fused
 from lifelong_moe.moe.layer import ACTIVATIONS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -162,6 +162,7 @@ class Case:
     skipped: str | None = None
     fwd_ms: list[float] = field(default_factory=list)
     fwdbwd_ms: list[float] = field(default_factory=list)
+    peak_mb: float | None = None  # CUDA: peak memory of one fwd+bwd above what was allocated
 
 
 def _moe_forward(layer: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -208,9 +209,16 @@ def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device,
     step_none = split_banks(layer, 0).to(device, dtype)
     step_frozen = split_banks(layer, n_frozen).to(device, dtype)
     dense = DenseFFN(d, k * h, args.activation).to(device, dtype)
+    fusable = fused.runs_on(device) and not (d % fused.ALIGN or h % fused.ALIGN)
+    fused_layer = None
+    if fusable:
+        fused_layer = MoELayer.from_config({**layer.get_config(), "dispatch": "fused"})
+        fused_layer = fused_layer.to(device, dtype)
+        fused_layer.load_state_dict(layer.state_dict())
     forwards = {
         "dense": dense,
         "grouped": _moe_forward(layer),
+        **({"fused": _moe_forward(fused_layer)} if fused_layer is not None else {}),
         "none": _moe_forward(step_none),
         "frozen": _moe_forward(step_frozen),
     }
@@ -222,9 +230,13 @@ def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device,
     # they run less efficiently, about 1.5 * E*C / (k*h) times dense
     einsum_cost = 1.0 + 1.5 * onehot * d / (n_tokens * d * k * h)
     mem = 8 * n_tokens * k * h * nbytes / 2**30
+    fused_case = []
+    if fused_layer is not None:
+        fused_case = [Case("moe-fused", forwards["fused"], _trainable(fused_layer), 1.2, mem)]
     return [
         Case("dense-active", forwards["dense"], _trainable(dense), 1.0, mem),
         Case("moe-grouped", forwards["grouped"], _trainable(layer), 1.2, mem),
+        *fused_case,
         Case("moe-loop", _moe_forward(loop), _trainable(loop), 2.0 + n_experts / 16, mem),
         Case("step-0-frozen", forwards["none"], _trainable(step_none), 1.3, mem, train_step=True),
         Case(
@@ -252,6 +264,28 @@ def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device,
             heavy=True,
         ),
     ]
+
+
+def peak_activation_mb(fn: Callable[[], None], device: torch.device) -> float | None:
+    """Peak memory of one call above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def tflops(n_tokens: int, d: int, h: int, k: int, ms: float | None, backward: bool) -> float | None:
+    """Achieved TFLOP/s of the expert MLPs: 2 GEMMs of 2*d*h FLOPs per active expert and token,
+    x3 with the backward (router, gather and combine not counted: the dense-active baseline
+    does the same useful work)."""
+    if not ms:
+        return None
+    flops = 4 * n_tokens * d * h * k * (3 if backward else 1)
+    return flops / (ms * 1e-3) / 1e12
 
 
 def _summary(values: list[float]) -> dict:
@@ -285,6 +319,7 @@ def bench_one(args: argparse.Namespace, n_experts: int, n_tokens: int, device, d
         log(f"{tag} warm-up {case.name}")
         fwd_bwd, fwd = runs[case.name]
         times = [timer(fwd_bwd) for _ in range(args.warmup)]
+        case.peak_mb = peak_activation_mb(fwd_bwd, device)
         if fwd is not None:
             timer(fwd)
         dense_ms = min(times) if dense_ms is None else dense_ms
@@ -313,6 +348,7 @@ def bench_one(args: argparse.Namespace, n_experts: int, n_tokens: int, device, d
                 "fwdbwd_ms": c.fwdbwd_ms,
                 "fwd": _summary(c.fwd_ms),
                 "fwdbwd": _summary(c.fwdbwd_ms),
+                "peak_mb": c.peak_mb,
             }
             for c in cases
         ],
@@ -326,10 +362,16 @@ def _fmt(value: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], shapes: dict | None = None) -> str:
+    d, h, k = (
+        (shapes or {}).get("d_model"),
+        (shapes or {}).get("d_hidden"),
+        (shapes or {}).get("top_k"),
+    )
     lines = [
-        "| E | T | impl | fwd ms | fwd / dense | fwd+bwd ms | fwd+bwd / dense | fwd+bwd min ms |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| E | T | impl | fwd ms | fwd / dense | fwd+bwd ms | fwd+bwd / dense | fwd+bwd min ms "
+        "| fwd+bwd TFLOP/s | peak MB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         head = f"| {res['n_experts']} | {res['n_tokens']} |"
@@ -337,20 +379,22 @@ def markdown(results: list[dict]) -> str:
         for c in res["cases"]:
             label = c["name"] + (" (fwd+bwd+AdamW)" if c["train_step"] else "")
             if c["skipped"]:
-                lines.append(f"{head} {label} | {c['skipped']} ||||||")
+                lines.append(f"{head} {label} | {c['skipped']} ||||||||")
                 continue
             f, fb = c["fwd"]["median_ms"], c["fwdbwd"]["median_ms"]
             rf = f / dense["fwd"]["median_ms"] if f is not None else None
             rfb = fb / dense["fwdbwd"]["median_ms"]
+            tf = tflops(res["n_tokens"], d, h, k, fb, True) if d else None
             lines.append(
                 f"{head} {label} | {_fmt(f)} | {_fmt(rf, '{:.2f}')} | {_fmt(fb)} | "
-                f"{_fmt(rfb, '{:.2f}')} | {_fmt(c['fwdbwd']['min_ms'])} |"
+                f"{_fmt(rfb, '{:.2f}')} | {_fmt(c['fwdbwd']['min_ms'])} | "
+                f"{_fmt(tf, '{:.2f}')} | {_fmt(c.get('peak_mb'), '{:.0f}')} |"
             )
     lines += [
         "",
         "| E | T | grouped fwd+bwd: x faster than loop | x faster than einsum | "
-        "frozen step / none frozen |",
-        "|---:|---:|---:|---:|---:|",
+        "frozen step / none frozen | fused fwd+bwd / grouped |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         med = {c["name"]: c["fwdbwd"]["median_ms"] for c in res["cases"]}
@@ -359,9 +403,10 @@ def markdown(results: list[dict]) -> str:
         loop = med["moe-loop"] / grouped if med["moe-loop"] else None
         einsum = med["gshard-einsum"] / grouped if med["gshard-einsum"] else None
         ratio = frozen / none if frozen and none else None
+        fused_ratio = med["moe-fused"] / grouped if med.get("moe-fused") else None
         lines.append(
             f"| {res['n_experts']} | {res['n_tokens']} | {_fmt(loop, '{:.2f}')} | "
-            f"{_fmt(einsum, '{:.2f}')} | {_fmt(ratio, '{:.2f}')} |"
+            f"{_fmt(einsum, '{:.2f}')} | {_fmt(ratio, '{:.2f}')} | {_fmt(fused_ratio, '{:.2f}')} |"
         )
     return "\n".join(lines)
 
@@ -396,7 +441,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--frozen-fraction", type=float, default=0.875)
-    p.add_argument("--compile", action="store_true", help="torch.compile grouped MoE and dense")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile dense, grouped and fused MoE"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-case-seconds", type=float, default=300.0, help="skip slower baselines")
@@ -495,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         f"device: {report['device']}, torch {report['torch']}, {args.dtype}, "
         f"d={args.d_model} h={args.d_hidden} k={args.top_k}, median of {args.repeats}\n"
     )
-    print(markdown(results))
+    print(markdown(results, report["shapes"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -49,8 +49,9 @@ def _loader(cfg: DictConfig, data: Any, index: int) -> DataLoader:
 class Clock:
     """Wall and process-CPU seconds accumulated over the timed sections."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.wall = self.cpu = 0.0
+        self.model = model  # the trained model, for checking that both sides did the same work
 
     def __enter__(self) -> Clock:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
@@ -66,7 +67,7 @@ def runner_side(cfg: DictConfig) -> Clock:
     from lifelong_moe.runner import build, make_trainer
 
     exp = build(cfg)
-    clock = Clock()
+    clock = Clock(exp.model)
     for i, experience in enumerate(exp.stream.experiences):
         exp.method.before_experience(experience)
         data = exp.method.train_dataset(experience)
@@ -86,7 +87,7 @@ def bare_side(cfg: DictConfig) -> Clock:
     method, model = exp.method, exp.model
     torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic))
     clip = cfg.trainer.gradient_clip_val
-    clock = Clock()
+    clock = Clock(model)
     for i, experience in enumerate(exp.stream.experiences):
         method.before_experience(experience)
         data = method.train_dataset(experience)

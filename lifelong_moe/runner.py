@@ -98,6 +98,8 @@ def build(cfg: DictConfig) -> Experiment:
     model = instantiate(
         cfg.model, "model", input_shape=list(stream.input_shape), n_classes=stream.n_classes
     )
+    if cfg.trainer.get("compile", False):
+        model.compile()  # in place: parameter names, checkpoints and expand() stay as they are
     method = instantiate(cfg.method, "method", model=model)
     method.setup_stream(stream)
     check_store(cfg.tracking.uri)
