@@ -6,12 +6,14 @@ MLflow run exists, so a bad command never leaves a run behind.
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 from hydra.errors import InstantiationException
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.trainer.connectors import callback_connector as _callback_connector
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
@@ -145,6 +148,29 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 PROGRESS_REFRESH_STEPS = 10
+
+
+@functools.cache
+def _callback_factories(group: str) -> tuple:
+    return tuple(entry_points(group=group))
+
+
+def _external_callbacks(group: str) -> list:
+    """Lightning's external-callback discovery with the entry-point scan done once per process.
+
+    Every Trainer scans all installed distributions' entry points (~12 ms of CPU, measured in
+    results/loop_cpu.md): a sixth of a 3-epoch experience of split digits. Factories are still
+    called per Trainer, so no callback instance is shared between experiences.
+    """
+    callbacks: list = []
+    for factory in _callback_factories(group):
+        made = factory.load()()
+        callbacks.extend(made if isinstance(made, list) else [made])
+    return callbacks
+
+
+if hasattr(_callback_connector, "_load_external_callbacks"):
+    _callback_connector._load_external_callbacks = _external_callbacks
 
 
 def make_trainer(cfg: DictConfig) -> L.Trainer:
