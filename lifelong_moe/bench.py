@@ -494,7 +494,7 @@ def loop_main(args: argparse.Namespace, argv: list[str]) -> int:
         config = " ".join(row["overrides"][:-1])
         print(
             f"| {config} | {row['runner_median_s']:.2f} | {row['bare_median_s']:.2f} | "
-            f"{row['ratio']:.2f} | {row['ratio_cpu']:.2f} |"
+            f"{row['ratio']:.2f} | {row['ratio_cpu']:.2f} | {row['ratio_cpu_min']:.2f} |"
         )
     if args.json:
         report = {"device": device, "torch": torch.__version__, "argv": argv, "rows": rows}

@@ -144,4 +144,6 @@ def measure(
         "bare_median_s": med(wall["bare"]),
         "ratio": med(wall["runner"]) / med(wall["bare"]),
         "ratio_cpu": med(cpu["runner"]) / med(cpu["bare"]),
+        # the least disturbed repeat of each side: steadiest where other jobs share the cores
+        "ratio_cpu_min": min(cpu["runner"]) / min(cpu["bare"]),
     }
