@@ -487,9 +487,10 @@ def loop_main(args: argparse.Namespace, argv: list[str]) -> int:
     device = device_name(torch.device("cpu"))
     print(f"device: {device}, torch {torch.__version__}, median of {args.repeats}\n")
     print(
-        "| config | runner s | bare loop s | runner / bare (wall) | runner / bare (process CPU) |"
+        "| config | runner s | bare loop s | runner / bare (wall) | "
+        "runner / bare (process CPU, median) | (process CPU, min) |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
         config = " ".join(row["overrides"][:-1])
         print(
