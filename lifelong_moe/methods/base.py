@@ -55,7 +55,6 @@ class ContinualMethod(L.LightningModule):
         self.seen: list[Experience] = []
         self.replay = make_replay(replay_buffer_size)
         self.step_stats = StepStats()
-
         self.replay_fraction = check_replay_fraction(replay_fraction)
         self.replay_seed = torch.initial_seed()  # the runner has just seeded torch with ``seed``
         self.lr_schedule = LRSchedule()
