@@ -68,7 +68,12 @@ def main() -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    app()
+    from lifelong_moe.tracking.hydra_callback import close_open_parents
+
+    try:
+        app()
+    finally:  # a sweep whose job failed: finish its parent run with what did finish
+        close_open_parents()
 
 
 if __name__ == "__main__":

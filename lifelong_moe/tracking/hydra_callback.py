@@ -2,7 +2,8 @@
 
 Hydra calls ``on_multirun_start`` / ``on_multirun_end`` once, in the launching process, for the
 basic, joblib and submitit launchers alike. A failed job makes Hydra raise before
-``on_multirun_end``, so the parent is also closed when the launching process exits.
+``on_multirun_end``: then ``lifelong-moe``'s entry point closes the parent on its way out
+(:func:`close_open_parents`), with atexit as the last resort for other entry points.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lifelong_moe.errors import ConfigError
+
+_OPEN: list[SweepParentCallback] = []
+
+
+def close_open_parents() -> None:
+    """Finish every parent this process opened and did not finish (a job failed, Ctrl-C)."""
+    while _OPEN:
+        _OPEN.pop().close()
 
 
 class SweepParentCallback(Callback):
@@ -30,6 +39,8 @@ class SweepParentCallback(Callback):
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
         if self.parent is not None:
+            _OPEN.append(self)
+            # Downloads need threads, which atexit no longer has: prefer close_open_parents().
             atexit.register(self.close)
             print(f"sweep {self.parent.sweep_id}: parent run {self.parent.run_id}", flush=True)
 
