@@ -223,7 +223,7 @@ def test_log_creates_comparison_run(store, capsys):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     [run] = client.search_runs([experiment.experiment_id], "tags.kind = 'comparison'")
     assert run.info.status == "FINISHED"
-    url = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+    url = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
     assert (
         f"See the comparison: mlflow ui --backend-store-uri {store['uri']}   then open {url}" in err
     )

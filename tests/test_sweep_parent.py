@@ -23,6 +23,9 @@ from lifelong_moe.tracking.mlflow_run import EXPERIMENT_KIND, MODEL_DEVELOPMENT,
 from lifelong_moe.tracking.sweep import expected_jobs, sweep_id_from_dir
 from tests.conftest import FAST, run_cli, runs, store_uri
 
+# The MLflow UI opens its model-training view (not GenAI) when the URL asks for it.
+MODE = "?workflowType=machine_learning"
+
 SWEEP = ["method=naive,joint", "seed=0,1", "benchmark=permuted_digits"]
 SMALL = ["benchmark.n_experiences=2", *FAST, "trainer.max_epochs=1"]
 PROBE = "+hydra.callbacks.probe._target_=tests.test_sweep_parent.ParentProbe"
@@ -117,7 +120,7 @@ def test_parallel_sweep_parent_is_the_comparison(workdir):
     assert "4 of 4 runs finished" in note and "least forgetting" in note
     assert "| joint | permuted_digits | 2 |" in note
     exp_id = parent.info.experiment_id
-    url = f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{parent.info.run_id}"
+    url = f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{parent.info.run_id}{MODE}"
     assert f"See the sweep (its comparison): mlflow ui --backend-store-uri {uri}" in result.stdout
     assert result.stdout.rstrip().endswith(url)
 
@@ -150,16 +153,19 @@ def test_a_crashing_job_fails_the_parent_with_a_count(workdir):
 def test_urls_open_the_run_in_the_ui():
     assert (
         ui_url("sqlite:///mlflow.db", "3", "abc")
-        == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
+        == "http://127.0.0.1:5000/#/experiments/3/runs/abc" + MODE
     )
-    assert ui_url("http://host:5000/", "3", "abc") == "http://host:5000/#/experiments/3/runs/abc"
-    assert ui_url("http://host:5000", "3") == "http://host:5000/#/experiments/3/runs"
+    assert (
+        ui_url("http://host:5000/", "3", "abc")
+        == "http://host:5000/#/experiments/3/runs/abc" + MODE
+    )
+    assert ui_url("http://host:5000", "3") == "http://host:5000/#/experiments/3/runs" + MODE
     assert ui_hint("sqlite:///x.db", "1", "r") == (
         "mlflow ui --backend-store-uri sqlite:///x.db   then open "
-        "http://127.0.0.1:5000/#/experiments/1/runs/r"
+        "http://127.0.0.1:5000/#/experiments/1/runs/r" + MODE
     )
     assert ui_hint("https://mlflow.example.org", "1", "r") == (
-        "https://mlflow.example.org/#/experiments/1/runs/r"
+        "https://mlflow.example.org/#/experiments/1/runs/r" + MODE
     )
 
 

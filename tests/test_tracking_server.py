@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import FAST, cli, run_cli, runs, store_uri
-from tests.test_sweep_parent import PROBE, SMALL, SWEEP, check_parent, check_table
+from tests.test_sweep_parent import MODE, PROBE, SMALL, SWEEP, check_parent, check_table
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,7 @@ def test_run_logs_through_a_tracking_server(workdir, mlflow_server):
     experiment = client.get_experiment_by_name("lifelong-moe")
     (run,) = client.search_runs([experiment.experiment_id])
     run_id = run.info.run_id
-    assert f"See this run: {url}/#/experiments/{experiment.experiment_id}/runs/{run_id}" in (
+    assert f"See this run: {url}/#/experiments/{experiment.experiment_id}/runs/{run_id}{MODE}" in (
         result.stdout
     )
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -199,5 +199,5 @@ def test_parallel_sweep_through_a_server_has_one_parent(workdir, mlflow_server):
         {"experiment_ids": [experiment["experiment_id"]], "filter": "tags.kind = 'sweep'"},
     )["runs"]
     assert [r["info"]["run_id"] for r in found] == [parent.info.run_id]
-    link = f"{url}/#/experiments/{experiment['experiment_id']}/runs/{parent.info.run_id}"
+    link = f"{url}/#/experiments/{experiment['experiment_id']}/runs/{parent.info.run_id}{MODE}"
     assert f"See the sweep (its comparison): {link}" in result.stdout

@@ -76,6 +76,9 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"
 # Where `mlflow ui` serves by default: the URL printed for stores that have no server of their own.
 LOCAL_UI = "http://127.0.0.1:5000"
+# The UI's own switch between its GenAI and model-training views (a fresh browser starts on
+# GenAI, whatever the experiment's tag): the query in the URL selects model training.
+UI_MODE = "?workflowType=machine_learning"
 
 
 def mark_experiment(client: MlflowClient, experiment_id: str) -> None:
@@ -98,8 +101,8 @@ def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     ``mlflow ui`` on its default address.
     """
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    url = f"{base}/#/experiments/{experiment_id}"
-    return f"{url}/runs/{run_id}" if run_id else f"{url}/runs"
+    url = f"{base}/#/experiments/{experiment_id}/runs"
+    return f"{url}/{run_id}{UI_MODE}" if run_id else f"{url}{UI_MODE}"
 
 
 def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
