@@ -80,7 +80,7 @@ def check_table(uri: str, parent: Any, children: list) -> None:
     for row in rows:
         mine = [r for r in done if r.data.tags["method"] == row["method"]]
         assert row["n"] == len(mine)
-        for metric in ("acc/final", "forgetting", "bwt", "params/total"):
+        for metric in ("acc/final", "acc/forgetting", "acc/bwt", "cost/params_total"):
             values = [r.data.metrics[metric] for r in mine]
             assert row[f"{metric} mean"] == pytest.approx(statistics.mean(values), abs=1e-6)
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -184,7 +184,9 @@ def test_expected_jobs_counts_the_basic_sweepers_grid():
 def group(method: str, final: list[float], forgetting: list[float]) -> compare.Group:
     g = compare.Group("accuracy", (method, "permuted_digits"))
     for i, (a, f) in enumerate(zip(final, forgetting, strict=True)):
-        g.runs.append(compare.RunRecord(f"{method}{i}", {}, {}, {"acc/final": a, "forgetting": f}))
+        g.runs.append(
+            compare.RunRecord(f"{method}{i}", {}, {}, {"acc/final": a, "acc/forgetting": f})
+        )
     return g
 
 

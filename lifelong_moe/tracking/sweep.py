@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from lifelong_moe import compare
+from lifelong_moe.tracking import names
 from lifelong_moe.tracking.mlflow_run import (
     check_store,
     create_experiment,
@@ -146,7 +147,9 @@ class SweepParent:
         summary += ".\n"
         if done:
             records = [
-                compare.RunRecord(r.info.run_id, r.data.tags, r.data.params, r.data.metrics)
+                compare.RunRecord(
+                    r.info.run_id, r.data.tags, r.data.params, names.modernize(r.data.metrics)
+                )
                 for r in done
             ]
             groups = compare.group_runs(records, GROUP_BY)
