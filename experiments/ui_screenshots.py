@@ -8,6 +8,7 @@ lifelong_moe run (its charts, accuracy matrix, routing heatmap).
     apt-get update && apt-get install -y chromium        # Debian's Chromium, once
     python experiments/ui_screenshots.py                 # a fresh store in a temp folder
     python experiments/ui_screenshots.py --store DIR     # reuse DIR/mlflow.db if it has a sweep
+    python experiments/ui_screenshots.py -- trainer.max_epochs=1   # more overrides for the sweep
 
 The MLflow UI is a JavaScript app: Chromium's --virtual-time-budget lets it fetch and render
 before the screenshot is taken. Look at the PNGs before committing them.
@@ -47,7 +48,7 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def fill(store: Path) -> None:
+def fill(store: Path, overrides: list[str]) -> None:
     """The demo sweep into store/mlflow.db (its parent run holds the comparison)."""
     command = [
         str(BIN / "lifelong-moe"),
@@ -56,6 +57,7 @@ def fill(store: Path) -> None:
         "method=naive,joint,moe_finetune,lifelong_moe",
         f"tracking.sweep_id={SWEEP_ID}",
         f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
+        *overrides,
     ]
     subprocess.run(command, cwd=store, check=True)
 
@@ -123,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, help="folder with (or for) mlflow.db")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "ui")
+    parser.add_argument("overrides", nargs="*", help="more overrides for the demo sweep")
     args = parser.parse_args()
     store = (args.store or Path(tempfile.mkdtemp(prefix="ui-demo-"))).resolve()
     store.mkdir(parents=True, exist_ok=True)
@@ -140,7 +143,7 @@ def main() -> None:
 
     experiment, parent = parent_run()
     if parent is None:
-        fill(store)
+        fill(store, args.overrides)
         experiment, parent = parent_run()
     sweep = parent.data.tags["sweep_id"]
     (run,) = client.search_runs(
