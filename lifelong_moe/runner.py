@@ -32,6 +32,7 @@ from lifelong_moe.evaluation.evaluate import Evaluation, evaluate
 from lifelong_moe.evaluation.evaluate_lm import evaluate_lm
 from lifelong_moe.evaluation.plots import plot_matrix, plot_routing
 from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.models import count_parameters, moe_layers, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
 from lifelong_moe.resume import STATE, capture_rng, find_run, load_state, restore_rng, run_config
@@ -98,9 +99,11 @@ def build(cfg: DictConfig) -> Experiment:
         cfg.model, "model", input_shape=list(stream.input_shape), n_classes=stream.n_classes
     )
     method = instantiate(cfg.method, "method", model=model)
+    method.set_lr_schedule(LRSchedule.from_trainer(cfg.trainer))
     method.setup_stream(stream)
     check_store(cfg.tracking.uri)
-    return Experiment(cfg, stream, model, method)
+    # A method may wrap the backbone (SEED's expert ensemble): evaluate what it trains.
+    return Experiment(cfg, stream, method.model, method)
 
 
 @dataclass
