@@ -317,7 +317,9 @@ def start_run(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> None:
     if cfg.tracking.get("sweep_id"):
         tags["sweep_id"] = str(cfg.tracking.sweep_id)
         # Nests the sweep's runs under one parent run in the MLflow UI.
-        tags["mlflow.parentRunId"] = tracker.sweep_parent(tags["sweep_id"])
+        parent = tracker.sweep_parent(tags["sweep_id"])
+        if parent:
+            tags["mlflow.parentRunId"] = parent
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_name = cfg.tracking.run_name or f"{tags['method']}-{tags['benchmark']}-s{cfg.seed}"
     run_id = tracker.start(run_name, tags, flatten(resolved))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -72,6 +73,58 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# MLflow 3 opens an experiment in its GenAI view (traces) unless this tag says otherwise.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+# Where `mlflow ui` serves by default: the URL printed for stores that have no server of their own.
+LOCAL_UI = "http://127.0.0.1:5000"
+# The UI's own switch between its GenAI and model-training views (a fresh browser starts on
+# GenAI, whatever the experiment's tag): the query in the URL selects model training.
+UI_MODE = "?workflowType=machine_learning"
+
+
+def mark_experiment(client: MlflowClient, experiment_id: str) -> None:
+    """Make the MLflow UI open the experiment on its runs (model training), not on traces."""
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
+
+
+def create_experiment(client: MlflowClient, name: str) -> str:
+    """Create the experiment (marked for model training); a parallel creator may win the race."""
+    try:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel run
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The browser URL of a run (or of the experiment's run list when run_id is None).
+
+    An http(s) tracking URI is a server with its own UI; any other store is served by
+    ``mlflow ui`` on its default address.
+    """
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    url = f"{base}/#/experiments/{experiment_id}/runs"
+    return f"{url}/{run_id}{UI_MODE}" if run_id else f"{url}{UI_MODE}"
+
+
+def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """One line that opens the run: the URL, preceded by the ``mlflow ui`` command if needed."""
+    url = ui_url(uri, experiment_id, run_id)
+    if uri.startswith(("http://", "https://")):
+        return url
+    return f"mlflow ui --backend-store-uri {uri}   then open {url}"
+
+
+def find_sweep_parent(client: MlflowClient, experiment_id: str, sweep_id: str) -> str | None:
+    """The run id of a sweep's parent run (tags kind=sweep, sweep_id), None if it has none."""
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'",
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
 def check_store(uri: str) -> None:
     """Fail before training, in one line, when the tracking store cannot be used."""
     scheme = urlparse(uri).scheme
@@ -97,6 +150,9 @@ def check_store(uri: str) -> None:
         except OSError:
             raise ConfigError(f"tracking.uri={uri}: {path} is not writable") from None
         return
+    if scheme.split("+")[0] in ("postgresql", "postgres"):
+        check_postgres(uri)
+        return
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -108,6 +164,62 @@ def check_store(uri: str) -> None:
                 f"tracking.uri={uri} is not reachable ({first[:200]}); start it with "
                 "`mlflow server` or choose another tracking.uri"
             ) from None
+
+
+# SQLAlchemy driver name -> the module it imports (SQLAlchemy 2.1 defaults postgresql:// to psycopg).
+POSTGRES_MODULES = {"psycopg": "psycopg", "psycopg2": "psycopg2", "pg8000": "pg8000"}
+POSTGRES_EXTRA = (
+    "pip install 'lifelong-moe[postgres]' (in a checkout: pip install -e '.[postgres]')"
+)
+
+
+def check_postgres(uri: str) -> None:
+    """A PostgreSQL store: its driver is installed, the server answers, and we may write.
+
+    Messages never show the password. Writable means: INSERT on MLflow's ``experiments`` table
+    where the schema exists, else CREATE on the current schema (MLflow creates its tables).
+    """
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    try:
+        url = make_url(uri)
+    except Exception:  # SQLAlchemy's ArgumentError and friends: the URL does not parse
+        raise ConfigError(
+            f"tracking.uri={uri}: expected postgresql://user@host:port/database"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    driver = url.get_driver_name()
+    module = POSTGRES_MODULES.get(driver, driver)
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"tracking.uri={shown}: the PostgreSQL driver {module!r} is not installed; "
+            f"install it with {POSTGRES_EXTRA}"
+        )
+    args = {"connect_timeout": 10} if module in ("psycopg", "psycopg2") else {}
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=args)
+    probe = sqlalchemy.text(
+        "SELECT CASE WHEN to_regclass('experiments') IS NULL "
+        "THEN has_schema_privilege(current_schema(), 'CREATE') "
+        "ELSE has_table_privilege('experiments', 'INSERT') END"
+    )
+    try:
+        with engine.connect() as connection:
+            writable = connection.execute(probe).scalar()
+    except Exception as error:  # driver or server errors all mean: cannot track there
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"tracking.uri={shown} is not reachable ({first[:200]}); start the database or "
+            "choose another tracking.uri"
+        ) from None
+    finally:
+        engine.dispose()
+    if not writable:
+        raise ConfigError(
+            f"tracking.uri={shown}: user {url.username} may not write there (needs CREATE on "
+            "the schema, or INSERT on MLflow's tables)"
+        )
 
 
 @contextlib.contextmanager
@@ -140,15 +252,11 @@ class RunTracker:
             self.client = MlflowClient(uri)
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = (
-                found.experiment_id if found else self._create_experiment(experiment)
+                found.experiment_id if found else create_experiment(self.client, experiment)
             )
+            if found is None or found.tags.get(EXPERIMENT_KIND) != MODEL_DEVELOPMENT:
+                mark_experiment(self.client, self.experiment_id)
         self.run_id = run_id
-
-    def _create_experiment(self, name: str) -> str:
-        try:
-            return self.client.create_experiment(name)
-        except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel run
-            return self.client.get_experiment_by_name(name).experiment_id
 
     def start(self, run_name: str | None, tags: dict[str, str], params: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
@@ -158,27 +266,13 @@ class RunTracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         return self.run_id
 
-    def sweep_parent(self, sweep_id: str) -> str:
-        """The run that holds a sweep's runs (kind=sweep), created by the first job to ask.
+    def sweep_parent(self, sweep_id: str) -> str | None:
+        """The run that holds this sweep's runs (kind=sweep), or None when there is none.
 
-        It is a container only, finished at once; parallel jobs on one sqlite store agree on it
-        through the store lock.
+        The sweep's launching process creates it before any job starts
+        (:mod:`lifelong_moe.tracking.sweep`), so jobs only look it up: no race between jobs.
         """
-        with store_lock(self.uri):
-            found = self.client.search_runs(
-                [self.experiment_id],
-                f"tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'",
-                max_results=1,
-            )
-            if found:
-                return found[0].info.run_id
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"sweep {sweep_id}",
-                tags={"kind": "sweep", "sweep_id": sweep_id},
-            )
-            self.client.set_terminated(run.info.run_id, "FINISHED")
-            return run.info.run_id
+        return find_sweep_parent(self.client, self.experiment_id, sweep_id)
 
     def reopen(self, run_id: str) -> None:
         """Continue an existing run (resume): it is RUNNING again until finish()."""
@@ -277,11 +371,8 @@ class RunTracker:
         self.client.set_terminated(self.run_id, status=status)
 
     def ui_command(self) -> str:
-        """How to look at this run: a server already has a UI, a local store needs ``mlflow ui``."""
-        if self.uri.startswith(("http://", "https://")):
-            base = self.uri.rstrip("/")
-            return f"open {base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        return f"mlflow ui --backend-store-uri {self.uri}"
+        """How to look at this run: the URL, after ``mlflow ui`` where the store has no server."""
+        return ui_hint(self.uri, self.experiment_id, self.run_id)
 
 
 class SilentTracker(RunTracker):
@@ -299,8 +390,8 @@ class SilentTracker(RunTracker):
     def reopen(self, run_id: str) -> None:
         self.run_id = run_id
 
-    def sweep_parent(self, sweep_id: str) -> str:
-        return ""
+    def sweep_parent(self, sweep_id: str) -> str | None:
+        return None
 
     def log_missing_rows(self, rows: list[Mapping[str, float]]) -> None:
         pass
