@@ -38,7 +38,9 @@ def sweep_id() -> str | None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return None
-    return str(Path(hydra_cfg.sweep.dir)).replace("/", "_")
+    from lifelong_moe.tracking.sweep import sweep_id_from_dir  # the parent run uses it too
+
+    return sweep_id_from_dir(hydra_cfg.sweep.dir)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -66,7 +68,12 @@ def main() -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    app()
+    from lifelong_moe.tracking.hydra_callback import close_open_parents
+
+    try:
+        app()
+    finally:  # a sweep whose job failed: finish its parent run with what did finish
+        close_open_parents()
 
 
 if __name__ == "__main__":

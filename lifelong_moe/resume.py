@@ -1,10 +1,11 @@
 """Resume an interrupted run from its last completed experience, in the same MLflow run.
 
-After every experience the runner stores ``resume/state.pt`` beside the run's artifacts: the
+After every experience the runner stores ``~resume/state.pt`` beside the run's artifacts: the
 grown model, the method's own state (EWC's Fisher, the replay buffer), the history of R and
 of what was logged, and the RNG states. Optimizer state is not needed: every experience starts
 a fresh optimizer (see methods/base.py). Restoring the RNG states makes the resumed run
-bit-identical to an uninterrupted one on CPU.
+bit-identical to an uninterrupted one on CPU. The state is deleted once the run FINISHED
+(``tracking.keep_resume_state=true`` keeps it).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.tracking import names
 
-STATE = "resume/state.pt"
+STATE = names.RESUME_STATE
 
 
 def capture_rng() -> dict[str, Any]:
@@ -86,8 +88,12 @@ def load_state(uri: str, run_id: str) -> dict[str, Any] | None:
     """The last saved state, or None when the run died before its first experience ended."""
     client = MlflowClient(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run_id, STATE, tmp)
-        except Exception:
+        for where in (STATE, names.LEGACY_RESUME_STATE):  # runs started before issue 13
+            try:
+                path = client.download_artifacts(run_id, where, tmp)
+                break
+            except Exception:
+                continue
+        else:
             return None
         return torch.load(Path(path), map_location="cpu", weights_only=False)
