@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,9 @@ from lifelong_moe import signals
 from lifelong_moe.errors import ConfigError
 
 NAME = re.compile(r"exp(\d+)-step(\d+)\.ckpt$")
+# torchdata calls a deprecated torch function at every loader creation: one warning per
+# experience that says nothing about the run.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 class EpochSampler(Sampler[int]):
@@ -121,6 +126,8 @@ class StepCheckpoint(L.Callback):
         self.keep = keep
         self.sampler = sampler
         self.saved_step: int | None = None
+        self.seconds = 0.0  # spent writing checkpoints (the cost/checkpoint_s metric)
+        self.bytes = 0  # size of the last one
         self._pending_rng: dict[str, Any] | None = None
 
     # -- what Lightning stores of this callback ------------------------------------------------
@@ -178,13 +185,16 @@ class StepCheckpoint(L.Callback):
         step = trainer.global_step
         if self.saved_step == step:
             return
+        start = time.perf_counter()
         path = self.folder / f"exp{self.experience}-step{step}.ckpt"
         tmp = path.with_suffix(".tmp")
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
         if trainer.is_global_zero:
+            self.bytes = tmp.stat().st_size
             os.replace(tmp, path)
             for old in checkpoints(self.folder)[: -self.keep]:
                 old.unlink(missing_ok=True)
         self.saved_step = step
+        self.seconds += time.perf_counter() - start

@@ -142,7 +142,8 @@ def load_state(uri: str, run_id: str) -> dict[str, Any] | None:
         try:
             return torch.load(Path(path), map_location="cpu", weights_only=True)
         except Exception as error:
-            if isinstance(error, pickle.UnpicklingError) and "Weights only" in str(error):
+            # weights_only names the first object it would not build: "Unsupported global".
+            if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
                 raise ConfigError(
                     f"resume={run_id}: refused to load {STATE}: it holds objects other than "
                     "tensors and plain values, and unpickling them could run code"

@@ -414,6 +414,8 @@ def _loop(
         params = count_parameters(model)
         logged |= {f"params/{k}": v for k, v in params.items()}
         logged["time/train_s"] = h.train_seconds[-1]
+        logged["cost/checkpoint_s"] = saver.seconds  # included in time/train_s
+        logged["cost/checkpoint_mb"] = saver.bytes / 2**20
         logged["time/eval_s"] = eval_seconds
         logged["memory/peak_mb"] = peak_memory_mb(device)
         loss = trainer.callback_metrics.get("train/loss")

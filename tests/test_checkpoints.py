@@ -40,7 +40,7 @@ def run_until(cwd: Path, args: list[str], at: str) -> subprocess.CompletedProces
         capture_output=True,
         text=True,
         env=env,
-        timeout=900,
+        timeout=1800,
     )
     assert done.returncode == -9, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     return done

@@ -15,11 +15,10 @@ import pytest
 from tests.conftest import cli, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow
+# Two experiences of 10 steps each (split digits, batch 64), as small a run as there is.
 ARGS = [
-    "method=lifelong_moe",
-    "benchmark=permuted_digits",
-    "benchmark.n_experiences=3",
-    "model=moe_mlp",
+    "benchmark=split_digits",
+    "benchmark.n_experiences=2",
     "model.d_model=32",
     "model.d_hidden=32",
     "trainer.max_epochs=1",
@@ -50,12 +49,10 @@ def interrupted_lines(stderr: str) -> list[str]:
 @pytest.mark.parametrize(
     ("at", "sig", "where"),
     [
-        ("train_step:1:3", "SIGINT", "experience 1 step 3"),
-        ("train_step:1:7", "SIGTERM", "experience 1 step 7"),
-        ("before_experience:1", "SIGINT", "experience 1"),
-        ("evaluate:1", "SIGTERM", "experience 1 step 20"),
-        ("after_experience:0", "SIGINT", "experience 0 step 20"),
-        ("log_metrics:1", "SIGTERM", "experience 1 step 20"),
+        ("before_experience:1", "SIGTERM", "experience 1"),
+        ("evaluate:0", "SIGINT", "experience 0 step 10"),
+        ("after_experience:0", "SIGTERM", "experience 0 step 10"),
+        ("log_metrics:0", "SIGINT", "experience 0 step 10"),
     ],
 )
 def test_signal_marks_killed_in_one_line(workdir, at, sig, where):
@@ -70,14 +67,22 @@ def test_signal_marks_killed_in_one_line(workdir, at, sig, where):
     ]
 
 
-def test_signal_in_training_writes_a_checkpoint_at_that_step_and_resumes(workdir):
-    done = run_signalled(workdir, "train_step:1:7", "SIGTERM")
-    assert done.returncode == 143
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_in_training_stops_at_that_step_with_a_checkpoint_and_resumes(workdir, sig):
+    done = run_signalled(workdir, "train_step:0:7", sig)
+    assert done.returncode == {"SIGINT": 130, "SIGTERM": 143}[sig], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
     (run,) = runs(store_uri(workdir))
+    run_id = run.info.run_id
+    assert run.info.status == "KILLED"
+    assert interrupted_lines(done.stderr) == [
+        f"interrupted: run {run_id} marked KILLED at experience 0 step 7; "
+        f"continue with resume={run_id}"
+    ]
     folder = Path(run.data.tags["checkpoint_dir"])
-    assert "exp1-step7.ckpt" in {p.name for p in folder.iterdir()}
-    resumed = run_cli(workdir, f"tracking.uri={store_uri(workdir)}", f"resume={run.info.run_id}")
-    assert resumed.stdout.splitlines()[0].endswith("at experience 1, epoch 0, step 7")
+    assert "exp0-step7.ckpt" in {p.name for p in folder.iterdir()}
+    resumed = run_cli(workdir, f"tracking.uri={store_uri(workdir)}", f"resume={run_id}")
+    assert resumed.stdout.splitlines()[0].endswith("at experience 0, epoch 0, step 7")
     (run,) = runs(store_uri(workdir))
     assert run.info.status == "FINISHED"
 
@@ -93,12 +98,12 @@ def test_signal_during_startup_records_nothing(workdir):
 
 
 def test_second_ctrl_c_exits_at_once_in_one_line(workdir):
-    done = run_signalled(workdir, "train_step:1:3", "SIGINT,SIGINT")
+    done = run_signalled(workdir, "train_step:0:3", "SIGINT,SIGINT")
     assert done.returncode == 130
     assert "Traceback" not in done.stderr
     (run,) = runs(store_uri(workdir))
     assert interrupted_lines(done.stderr) == [
-        f"interrupted again (SIGINT): exiting now at experience 1 step 3; "
+        f"interrupted again (SIGINT): exiting now at experience 0 step 3; "
         f"continue with resume={run.info.run_id}"
     ]
 
@@ -112,7 +117,7 @@ def test_slurm_requeue_signal_checkpoints_requeues_and_resumes_the_same_run(work
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     scontrol.chmod(0o755)
     env = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    done = run_signalled(workdir, "train_step:1:3", "SIGUSR1", env=env)
+    done = run_signalled(workdir, "train_step:0:3", "SIGUSR1", env=env)
     assert done.returncode == 128 + 10, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert calls.read_text().split() == ["requeue", "4242"]
@@ -130,7 +135,7 @@ def test_slurm_requeue_signal_checkpoints_requeues_and_resumes_the_same_run(work
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.splitlines()[0] == (
-        f"resuming run {run.info.run_id} at experience 1, epoch 0, step 3"
+        f"resuming run {run.info.run_id} at experience 0, epoch 0, step 3"
     )
     (run,) = runs(store_uri(workdir))
     assert run.info.status == "FINISHED"
