@@ -156,7 +156,21 @@ class StepCheckpoint(L.Callback):
             self.sampler.set_epoch(checkpoint["epoch"])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._load_loader_state(trainer)
         self.apply_pending_rng()
+
+    @staticmethod
+    def _load_loader_state(trainer: L.Trainer) -> None:
+        """Work around Lightning 2.6 (issue #20550): when ``configure_optimizers`` reads
+        ``trainer.estimated_stepping_batches`` (an LR schedule), the loader is set up before the
+        checkpoint is restored and its saved position is silently dropped. Load it here and
+        restart the iterator, as Lightning's own path does; a no-op when Lightning did it."""
+        loop = trainer.fit_loop
+        pending = getattr(loop, "_combined_loader_states_to_load", None)
+        if pending and loop._combined_loader is not None and loop._data_fetcher is not None:
+            loop._combined_loader._load_state_dicts(pending)
+            loop._combined_loader_states_to_load = []
+            iter(loop._data_fetcher)
 
     def apply_pending_rng(self) -> None:
         """Bring the RNGs to where the checkpoint was written (also when fit had nothing left)."""
