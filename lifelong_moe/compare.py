@@ -26,16 +26,28 @@ from pathlib import Path
 
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation.metrics import mean_std
+from lifelong_moe.tracking import names
 
 # Columns per matrix kind: the end-of-stream quality metrics, then the costs.
 QUALITY = {
-    "accuracy": ["acc/final", "acc/avg_incremental", "forgetting", "bwt", "fwt"],
-    "perplexity": ["ppl/final", "ppl/forgetting", "loss/bwt"],
+    "accuracy": [
+        names.ACC_FINAL,
+        names.ACC_AVG_INCREMENTAL,
+        names.ACC_FORGETTING,
+        names.ACC_BWT,
+        names.ACC_FWT,
+    ],
+    "perplexity": [names.PPL_FINAL, names.PPL_FORGETTING, names.LOSS_BWT],
 }
-COSTS = ["params/total", "params/trainable", "params/active", "time/train_total_s"]
+COSTS = [
+    names.COST_PARAMS_TOTAL,
+    names.COST_PARAMS_TRAINABLE,
+    names.COST_PARAMS_ACTIVE,
+    names.COST_TRAIN_TOTAL_S,
+]
 # Per-experience metrics behind the plots: the seen-so-far curve and the forgetting bars.
-CURVE = {"accuracy": "acc/seen", "perplexity": "ppl/seen"}
-BARS = {"accuracy": "forgetting", "perplexity": "ppl/forgetting"}
+CURVE = {"accuracy": names.ACC_SEEN, "perplexity": names.PPL_SEEN}
+BARS = {"accuracy": names.ACC_FORGETTING, "perplexity": names.PPL_FORGETTING}
 
 _SHORTHAND = re.compile(r"([A-Za-z_][\w.\-/]*)=([^'\"]*)")
 _PREFIXES = {"tags": "tags", "tag": "tags", "params": "params", "param": "params"}
@@ -59,7 +71,7 @@ class RunRecord:
         kind = self.tags.get("matrix")
         if kind:
             return kind
-        return "perplexity" if "ppl/final" in self.metrics else "accuracy"
+        return "perplexity" if names.PPL_FINAL in self.metrics else "accuracy"
 
 
 @dataclass
@@ -151,17 +163,23 @@ def search(client, experiments: Sequence[str], filter_string: str) -> list[RunRe
     while True:
         page = client.search_runs(ids, filter_string, max_results=1000, page_token=token)
         for run in page:
-            records.append(
-                RunRecord(run.info.run_id, run.data.tags, run.data.params, run.data.metrics)
-            )
+            # Runs logged before the metric rename (issue 13) read under today's names.
+            metrics = names.modernize(run.data.metrics)
+            records.append(RunRecord(run.info.run_id, run.data.tags, run.data.params, metrics))
         token = page.token
         if not token:
             return records
 
 
 def history(client, run_id: str, key: str) -> list[float]:
-    """A per-experience metric as a list indexed by step (NaN where a step is missing)."""
-    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    """A per-experience metric as a list indexed by step (NaN where a step is missing).
+
+    A run logged before the metric rename (issue 13) is read under the key's old name.
+    """
+    points = client.get_metric_history(run_id, key)
+    if not points and (old := names.legacy_name(key)):
+        points = client.get_metric_history(run_id, old)
+    points = sorted(points, key=lambda m: (m.step, m.timestamp))
     if not points:
         return []
     values = [math.nan] * (points[-1].step + 1)
@@ -201,9 +219,9 @@ def columns(matrix: str) -> list[str]:
 def _fmt(metric: str, mean: float, std: float) -> str:
     if math.isnan(mean):
         return "-"
-    if metric.startswith("params/"):
+    if metric.startswith(names.cost_params("")):
         return f"{mean:,.0f} ± {std:,.0f}"
-    if metric.startswith("time/"):
+    if metric.startswith(names.COST + "/"):
         return f"{mean:.1f} ± {std:.1f}"
     return f"{mean:.3f} ± {std:.3f}"
 

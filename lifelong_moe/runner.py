@@ -35,6 +35,7 @@ from lifelong_moe.evaluation.evaluate import Evaluation, evaluate
 from lifelong_moe.evaluation.evaluate_lm import evaluate_lm
 from lifelong_moe.evaluation.plots import plot_matrix, plot_routing
 from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.models import count_parameters, moe_layers, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
 from lifelong_moe.resume import (
@@ -50,6 +51,7 @@ from lifelong_moe.resume import (
     run_tag,
     slurm_job,
 )
+from lifelong_moe.tracking import names
 from lifelong_moe.tracking.mlflow_run import (
     RunTracker,
     check_store,
@@ -112,9 +114,11 @@ def build(cfg: DictConfig) -> Experiment:
         cfg.model, "model", input_shape=list(stream.input_shape), n_classes=stream.n_classes
     )
     method = instantiate(cfg.method, "method", model=model)
+    method.set_lr_schedule(LRSchedule.from_trainer(cfg.trainer))
     method.setup_stream(stream)
     check_store(cfg.tracking.uri)
-    return Experiment(cfg, stream, model, method)
+    # A method may wrap the backbone (SEED's expert ensemble): evaluate what it trains.
+    return Experiment(cfg, stream, method.model, method)
 
 
 @dataclass
@@ -190,13 +194,13 @@ def make_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> 
     )
 
 
-def row_metrics(i: int, prefix: str, R: list[list[float]]) -> dict[str, float]:
+def row_metrics(i: int, family: str, R: list[list[float]]) -> dict[str, float]:
+    """Row i of an accuracy matrix and what follows from it (family ``acc`` or ``acc_til``)."""
     Ri = np.array(R)
-    out = {f"{prefix}/exp_{j}": v for j, v in enumerate(R[i])}
-    out[f"{prefix}/seen"] = metrics.average_accuracy(Ri, i)
-    name = "" if prefix == "acc" else f"{prefix}/"
-    out[f"{name}forgetting"] = metrics.forgetting(Ri, i)
-    out[f"{name}bwt"] = metrics.bwt(Ri, i)
+    out = {names.exp_metric(family, j): v for j, v in enumerate(R[i])}
+    out[names.seen(family)] = metrics.average_accuracy(Ri, i)
+    out[names.forgetting(family)] = metrics.forgetting(Ri, i)
+    out[names.bwt(family)] = metrics.bwt(Ri, i)
     return out
 
 
@@ -324,6 +328,8 @@ def restore(exp: Experiment, state: dict[str, Any], tracker: RunTracker) -> Hist
     exp.method.load_method_state(state["method"])
     exp.method.seen = exp.stream.experiences[: state["next"]]
     h = History(**state["history"])
+    # A state saved before the metric rename (issue 13) continues under today's names.
+    h.logged = [names.modernize(row) for row in h.logged]
     tracker.log_missing_rows(h.logged)
     restore_rng(state["rng"])
     return h
@@ -402,25 +408,25 @@ def _loop(
         h.routing.append(ev.routing)
         layers = moe_layers(model)
         h.expert_counts.append(next(iter(layers.values())).n_experts if layers else 0)
-        logged = row_metrics(i, "acc", h.R)
+        logged = row_metrics(i, names.ACC, h.R)
         if ev.accuracy_task is not None:
             h.R_task.append(ev.accuracy_task)
-            logged |= row_metrics(i, "acc_til", h.R_task)
+            logged |= row_metrics(i, names.ACC_TIL, h.R_task)
         if language:
             h.L.append(ev.loss)
-            logged |= {f"loss/exp_{j}": v for j, v in enumerate(ev.loss)}
-            logged |= {f"ppl/exp_{j}": v for j, v in enumerate(ev.perplexity)}
-            logged["ppl/seen"] = metrics.average_perplexity(np.array(h.L), i)
+            logged |= {names.exp_metric(names.LOSS, j): v for j, v in enumerate(ev.loss)}
+            logged |= {names.exp_metric(names.PPL, j): v for j, v in enumerate(ev.perplexity)}
+            logged[names.PPL_SEEN] = metrics.average_perplexity(np.array(h.L), i)
         params = count_parameters(model)
-        logged |= {f"params/{k}": v for k, v in params.items()}
-        logged["time/train_s"] = h.train_seconds[-1]
-        logged["cost/checkpoint_s"] = saver.seconds  # included in time/train_s
-        logged["cost/checkpoint_mb"] = saver.bytes / 2**20
-        logged["time/eval_s"] = eval_seconds
-        logged["memory/peak_mb"] = peak_memory_mb(device)
-        loss = trainer.callback_metrics.get("train/loss")
+        logged |= {names.cost_params(k): v for k, v in params.items()}
+        logged[names.COST_TRAIN_S] = h.train_seconds[-1]
+        logged[names.COST_CHECKPOINT_S] = saver.seconds  # part of cost/train_s
+        logged[names.COST_CHECKPOINT_MB] = saver.bytes / 2**20
+        logged[names.COST_EVAL_S] = eval_seconds
+        logged[names.COST_PEAK_MB] = peak_memory_mb(device)
+        loss = trainer.callback_metrics.get(names.TRAIN_LOSS)
         if loss is not None:
-            logged["train/loss"] = float(loss)
+            logged[names.TRAIN_LOSS] = float(loss)
         h.logged.append(logged)
         # State first, metrics second: a crash in between re-logs the row on resume,
         # the other order could log a step twice.
@@ -430,9 +436,9 @@ def _loop(
             tracker.log_metrics(logged, step=i)
         print(
             f"[{i + 1}/{T}] {method.__class__.__name__} on experience {i}: "
-            f"acc {ev.accuracy[i]:.3f}  seen {logged['acc/seen']:.3f}  "
-            f"forgetting {logged['forgetting']:.3f}  bwt {logged['bwt']:+.3f}  "
-            + (f"ppl seen {logged['ppl/seen']:.2f}  " if language else "")
+            f"acc {ev.accuracy[i]:.3f}  seen {logged[names.ACC_SEEN]:.3f}  "
+            f"forgetting {logged[names.ACC_FORGETTING]:.3f}  bwt {logged[names.ACC_BWT]:+.3f}  "
+            + (f"ppl seen {logged[names.PPL_SEEN]:.2f}  " if language else "")
             + f"params {params['total']:,} ({params['active']:,} active)  "
             f"train {h.train_seconds[-1]:.1f}s  eval {eval_seconds:.2f}s",
             flush=True,
@@ -456,10 +462,11 @@ def _loop(
 def _finish(cfg: DictConfig, stream: Stream, h: History, tracker: RunTracker) -> dict[str, Any]:
     R, b = np.array(h.R), np.array(h.b)
     final = metrics.summarize(R, b)
-    final["time/train_total_s"] = float(sum(h.train_seconds))
+    final[names.COST_TRAIN_TOTAL_S] = float(sum(h.train_seconds))
     if h.R_task:
         til = metrics.summarize(np.array(h.R_task), np.array(h.b_task))
-        final |= {f"acc_til/{k.removeprefix('acc/')}": v for k, v in til.items()}
+        prefix = names.ACC + "/"
+        final |= {f"{names.ACC_TIL}/{k.removeprefix(prefix)}": v for k, v in til.items()}
     if h.L:
         final |= metrics.summarize_loss(np.array(h.L), np.array(h.b_loss))
     # forgetting and bwt of the last step are already logged with the row: log each step once.

@@ -338,7 +338,7 @@ def test_cli_runs_ewc_lwf_replay_and_naive_with_replay(workdir):
         assert run.info.status == "FINISHED"
         R = np.array(artifact_json(uri, run.info.run_id, "accuracy_matrix.json")["R"])
         assert R.shape == (5, 5)
-        assert 0 <= run.data.metrics["forgetting"] <= 1
+        assert 0 <= run.data.metrics["acc/forgetting"] <= 1
     replay, naive_replay = found[2], found[3]
     assert replay.data.params["method.replay_buffer_size"] == "200"
     assert naive_replay.data.params["method.replay_buffer_size"] == "100"

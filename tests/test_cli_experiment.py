@@ -32,7 +32,7 @@ def test_naive_forgets_joint_does_not(workdir):
         assert R.shape == (5, 5) and b.shape == (5,)
         m = run.data.metrics
         summary = metrics.summarize(R, b)
-        for key in ("acc/final", "acc/avg_incremental", "forgetting", "bwt", "fwt"):
+        for key in ("acc/final", "acc/avg_incremental", "acc/forgetting", "acc/bwt", "acc/fwt"):
             assert m[key] == pytest.approx(summary[key], abs=1e-9), key
         for i in range(5):
             history = client.get_metric_history(run.info.run_id, f"acc/exp_{i}")
@@ -49,8 +49,8 @@ def test_naive_forgets_joint_does_not(workdir):
             "accuracy_matrix.png",
             "summary.json",
         } <= names
-    assert found["naive"].data.metrics["forgetting"] > 0.3
-    assert found["joint"].data.metrics["forgetting"] < 0.1
+    assert found["naive"].data.metrics["acc/forgetting"] > 0.3
+    assert found["joint"].data.metrics["acc/forgetting"] < 0.1
 
 
 def test_lifelong_moe_logs_costs_routing_and_checkpoints(workdir):
@@ -66,9 +66,11 @@ def test_lifelong_moe_logs_costs_routing_and_checkpoints(workdir):
     )
     (run,) = runs(uri)
     client = MlflowClient(uri)
-    total = [h.value for h in client.get_metric_history(run.info.run_id, "params/total")]
-    active = [h.value for h in client.get_metric_history(run.info.run_id, "params/active")]
-    trainable = [h.value for h in client.get_metric_history(run.info.run_id, "params/trainable")]
+    total = [h.value for h in client.get_metric_history(run.info.run_id, "cost/params_total")]
+    active = [h.value for h in client.get_metric_history(run.info.run_id, "cost/params_active")]
+    trainable = [
+        h.value for h in client.get_metric_history(run.info.run_id, "cost/params_trainable")
+    ]
     assert len(set(active)) == 1, "compute per token must stay constant"
     assert total[0] < total[1] < total[2]
     assert total[1] - total[0] == total[2] - total[1]

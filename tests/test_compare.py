@@ -18,6 +18,7 @@ from lifelong_moe.evaluation.metrics import (
     summarize,
     summarize_loss,
 )
+from lifelong_moe.tracking import names
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
@@ -37,7 +38,10 @@ def accuracy_matrix(method: str, seed: int) -> np.ndarray:
     return R
 
 
-def log_run(client, experiment_id, method, seed, status="FINISHED", matrix="accuracy") -> str:
+def log_run(
+    client, experiment_id, method, seed, status="FINISHED", matrix="accuracy", legacy=False
+) -> str:
+    """One run as the runner logs it; ``legacy`` logs the names used before issue 13."""
     benchmark = "char_lm" if matrix == "perplexity" else "permuted_digits"
     tags = {
         "method": method,
@@ -52,26 +56,27 @@ def log_run(client, experiment_id, method, seed, status="FINISHED", matrix="accu
     params = {"method.name": method, "method.lr": "0.01", "benchmark.n_experiences": str(T)}
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     R = accuracy_matrix(method, seed)
+    OLD = {new: old for old, new in names.LEGACY.items()} if legacy else {}
     metrics = []
     for i in range(T):
         if matrix == "accuracy":
             step = {f"acc/exp_{j}": R[i, j] for j in range(T)}
-            step |= {"acc/seen": average_accuracy(R, i), "forgetting": forgetting(R, i)}
-            step["bwt"] = bwt(R, i)
+            step |= {"acc/seen": average_accuracy(R, i), "acc/forgetting": forgetting(R, i)}
+            step["acc/bwt"] = bwt(R, i)
         else:
             L = np.log(1.0 / R)  # any positive loss matrix will do
             step = {f"ppl/exp_{j}": float(np.exp(L[i, j])) for j in range(T)}
             step["ppl/seen"] = average_perplexity(L, i)
-        step |= {f"params/{k}": v + 100 * i for k, v in PARAMS.items()}
-        step |= {"time/train_s": 1.0 + seed, "memory/peak_mb": 100.0}
-        metrics += [Metric(k, float(v), 1000 + i, i) for k, v in step.items()]
+        step |= {f"cost/params_{k}": v + 100 * i for k, v in PARAMS.items()}
+        step |= {"cost/train_s": 1.0 + seed, "cost/peak_mb": 100.0}
+        metrics += [Metric(OLD.get(k, k), float(v), 1000 + i, i) for k, v in step.items()]
     if matrix == "accuracy":
         final = summarize(R, B)
-        final.pop("forgetting"), final.pop("bwt")  # already logged per step
+        final.pop("acc/forgetting"), final.pop("acc/bwt")  # already logged per step
     else:
         final = summarize_loss(np.log(1.0 / R))
-    final["time/train_total_s"] = T * (1.0 + seed)
-    metrics += [Metric(k, float(v), 2000, T - 1) for k, v in final.items()]
+    final["cost/train_total_s"] = T * (1.0 + seed)
+    metrics += [Metric(OLD.get(k, k), float(v), 2000, T - 1) for k, v in final.items()]
     client.log_batch(run_id, metrics=metrics, tags=[RunTag("mlflow.note.content", "fake")])
     matrix_json = {"R": R.tolist(), "b": B, "experiences": list(range(T))}
     client.log_text(run_id, json.dumps(matrix_json), "accuracy_matrix.json")
@@ -115,20 +120,20 @@ def test_json_means_stds_and_counts(store, capsys):
     for method, row in accuracy.items():
         assert row["n"] == 2 and len(row["run_ids"]) == 2
         assert row["benchmark"] == "permuted_digits"
-        for metric in ("acc/final", "acc/avg_incremental", "forgetting", "bwt", "fwt"):
+        for metric in ("acc/final", "acc/avg_incremental", "acc/forgetting", "acc/bwt", "acc/fwt"):
             mean, std = expected(method, metric)
             assert row["metrics"][metric]["mean"] == pytest.approx(mean), metric
             assert row["metrics"][metric]["std"] == pytest.approx(std), metric
             assert row["metrics"][metric]["n"] == 2
         # Costs: the latest step's value per run (after the last expansion).
-        assert row["metrics"]["params/total"] == {"mean": 5200.0, "std": 0.0, "n": 2}
-        time = row["metrics"]["time/train_total_s"]
+        assert row["metrics"]["cost/params_total"] == {"mean": 5200.0, "std": 0.0, "n": 2}
+        time = row["metrics"]["cost/train_total_s"]
         assert time["mean"] == pytest.approx(4.5) and time["std"] == pytest.approx(
             np.std([3, 6], ddof=1)
         )
     # The FAILED run (seed 7) or the other experiment's run (seed 8) would shift naive's means.
     for seeds in ((0, 1, 7), (0, 1, 8)):
-        for metric in ("acc/final", "forgetting"):
+        for metric in ("acc/final", "acc/forgetting"):
             polluted = expected("naive", metric, seeds)[0]
             assert accuracy["naive"]["metrics"][metric]["mean"] != pytest.approx(polluted)
 
@@ -143,7 +148,12 @@ def test_perplexity_runs_get_their_own_table(store, capsys):
     assert ppl["metrics"]["ppl/final"]["std"] == 0.0
 
 
-COST_KEYS = ("params/total", "params/trainable", "params/active", "time/train_total_s")
+COST_KEYS = (
+    "cost/params_total",
+    "cost/params_trainable",
+    "cost/params_active",
+    "cost/train_total_s",
+)
 
 
 def test_markdown_default(store, capsys):
@@ -166,9 +176,9 @@ def test_csv_and_output_file(store, tmp_path, capsys):
 
     rows = {r["method"]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"naive", "lifelong_moe"}
-    mean, std = expected("lifelong_moe", "forgetting")
-    assert float(rows["lifelong_moe"]["forgetting_mean"]) == pytest.approx(mean)
-    assert float(rows["lifelong_moe"]["forgetting_std"]) == pytest.approx(std)
+    mean, std = expected("lifelong_moe", "acc/forgetting")
+    assert float(rows["lifelong_moe"]["acc/forgetting_mean"]) == pytest.approx(mean)
+    assert float(rows["lifelong_moe"]["acc/forgetting_std"]) == pytest.approx(std)
     assert rows["lifelong_moe"]["n"] == "2" and rows["lifelong_moe"]["matrix"] == "accuracy"
 
 
@@ -258,3 +268,24 @@ def test_console_entry_point_nothing_matches(store):
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1
     assert "no runs match" in result.stderr
+
+
+def test_store_with_pre_rename_names_compares_alike(store, tmp_path, capsys):
+    """Runs logged as ``forgetting``, ``params/total``, ... (before issue 13) read as today's."""
+    uri = f"sqlite:///{tmp_path}/old.db"
+    client = mlflow.MlflowClient(uri)
+    eid = client.create_experiment("lifelong-moe", artifact_location=str(tmp_path / "a"))
+    for method in ("naive", "lifelong_moe"):
+        for seed in (0, 1):
+            log_run(client, eid, method, seed, legacy=True)
+    assert "forgetting" in client.search_runs([eid])[0].data.metrics
+    old = json_rows({"uri": uri}, capsys, "--filter", "matrix=accuracy")
+    new = json_rows(store, capsys, "--filter", "matrix=accuracy")
+    key = lambda r: r["method"]  # noqa: E731
+    for a, b in zip(sorted(old, key=key), sorted(new, key=key), strict=True):
+        assert a["metrics"].keys() == b["metrics"].keys()
+        for metric, stats in b["metrics"].items():
+            assert a["metrics"][metric] == pytest.approx(stats), metric
+    folder = tmp_path / "plots"
+    assert main(["--tracking-uri", uri, "--plot", str(folder), "--format", "csv"]) == 0
+    assert (folder / "accuracy_curves.png").is_file()

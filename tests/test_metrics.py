@@ -69,9 +69,9 @@ def test_summarize_keys_and_values():
         {
             "acc/final": 2.15 / 3,
             "acc/avg_incremental": (0.6 + 0.85 + 2.15 / 3) / 3,
-            "forgetting": 0.25,
-            "bwt": -0.15,
-            "fwt": 0.15,
+            "acc/forgetting": 0.25,
+            "acc/bwt": -0.15,
+            "acc/fwt": 0.15,
         }
     )
 
@@ -81,9 +81,9 @@ def test_single_experience_edge_case():
     assert s == {
         "acc/final": pytest.approx(0.7),
         "acc/avg_incremental": pytest.approx(0.7),
-        "forgetting": 0.0,
-        "bwt": 0.0,
-        "fwt": 0.0,
+        "acc/forgetting": 0.0,
+        "acc/bwt": 0.0,
+        "acc/fwt": 0.0,
     }
     assert summarize_loss([[1.0]]) == {
         "ppl/final": pytest.approx(math.e),

@@ -51,10 +51,10 @@ def test_sigkill_then_resume_matches_uninterrupted(workdir):
     got = artifact_json(uri, resumed.info.run_id, "accuracy_matrix.json")
     assert got["R"] == expected["R"] and got["b"] == expected["b"]
     client = MlflowClient(uri)
-    for key in ("acc/seen", "forgetting", "acc/exp_0", "params/total"):
+    for key in ("acc/seen", "acc/forgetting", "acc/exp_0", "cost/params_total"):
         steps = [m.step for m in client.get_metric_history(resumed.info.run_id, key)]
         assert sorted(steps) == list(range(5)), (key, steps)
-    for key in ("acc/final", "forgetting", "bwt", "fwt"):
+    for key in ("acc/final", "acc/forgetting", "acc/bwt", "acc/fwt"):
         assert resumed.data.metrics[key] == reference.data.metrics[key]
 
 

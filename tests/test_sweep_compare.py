@@ -54,7 +54,7 @@ def test_parallel_sweep_then_compare(workdir):
     for method, row in by_method.items():
         mine = [r for r in found if r.data.tags["method"] == method]
         assert row["n"] == 2 and set(row["run_ids"]) == {r.info.run_id for r in mine}
-        for metric in ("acc/final", "forgetting", "bwt", "fwt", "params/total"):
+        for metric in ("acc/final", "acc/forgetting", "acc/bwt", "acc/fwt", "cost/params_total"):
             values = [r.data.metrics[metric] for r in mine]
             assert row["metrics"][metric]["mean"] == pytest.approx(statistics.mean(values))
             assert row["metrics"][metric]["std"] == pytest.approx(statistics.stdev(values))

@@ -112,8 +112,8 @@ def test_run_logs_through_a_tracking_server(workdir, mlflow_server):
     for j in range(T):
         logged = history(client, run_id, f"acc/exp_{j}")
         assert logged == pytest.approx({i: matrix["R"][i][j] for i in range(T)})
-    assert set(history(client, run_id, "forgetting")) == set(range(T))
-    assert "acc/final" in run.data.metrics and "fwt" in run.data.metrics
+    assert set(history(client, run_id, "acc/forgetting")) == set(range(T))
+    assert "acc/final" in run.data.metrics and "acc/fwt" in run.data.metrics
 
     # The artifacts went through the server's proxy into its destination, not to a local path.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lifelong_moe.tracking import names
+
 ArrayLike = np.ndarray | Sequence[Sequence[float]]
 
 
@@ -128,11 +130,11 @@ def summarize(R: ArrayLike, b: Sequence[float] | np.ndarray) -> dict[str, float]
     R = _matrix(R)
     t = R.shape[0] - 1
     return {
-        "acc/final": average_accuracy(R, t),
-        "acc/avg_incremental": average_incremental_accuracy(R, t),
-        "forgetting": forgetting(R, t),
-        "bwt": bwt(R, t),
-        "fwt": fwt(R, b, t),
+        names.ACC_FINAL: average_accuracy(R, t),
+        names.ACC_AVG_INCREMENTAL: average_incremental_accuracy(R, t),
+        names.ACC_FORGETTING: forgetting(R, t),
+        names.ACC_BWT: bwt(R, t),
+        names.ACC_FWT: fwt(R, b, t),
     }
 
 
@@ -172,7 +174,7 @@ def summarize_loss(
         ppl_forgetting = float(np.mean([P[t, j] - np.min(P[j:t, j]) for j in range(t)]))
         loss_bwt = float(np.mean([L[t, j] - L[j, j] for j in range(t)]))
     return {
-        "ppl/final": average_perplexity(L, t),
-        "ppl/forgetting": ppl_forgetting,
-        "loss/bwt": loss_bwt,
+        names.PPL_FINAL: average_perplexity(L, t),
+        names.PPL_FORGETTING: ppl_forgetting,
+        names.LOSS_BWT: loss_bwt,
     }

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.methods.lr_schedule import LRSchedule
 
 
 class LogitsOnly(nn.Module):
@@ -129,6 +130,15 @@ class AvalanchePeer(ContinualMethod):
             )
         except TypeError as error:
             raise ConfigError(f"method.strategy_args for {strategy}: {error}") from None
+
+    def set_lr_schedule(self, schedule: LRSchedule) -> None:
+        """Avalanche's loop builds its own optimizer steps: only a constant LR applies."""
+        if not schedule.is_constant:
+            raise ConfigError(
+                f"trainer.lr_schedule={schedule.name} (warmup_steps={schedule.warmup_steps}) does "
+                "not apply to method=avalanche: Avalanche trains with its own loop at a constant LR"
+            )
+        super().set_lr_schedule(schedule)
 
     def setup_stream(self, stream: Stream) -> None:
         super().setup_stream(stream)

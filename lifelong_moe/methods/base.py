@@ -13,15 +13,16 @@ the first steps.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.methods.lr_schedule import LRSchedule
 
 if TYPE_CHECKING:
     from lifelong_moe.methods.replay import ReplayBuffer
@@ -43,6 +44,7 @@ class ContinualMethod(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         replay_buffer_size: int = 0,
+        replay_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -56,6 +58,13 @@ class ContinualMethod(L.LightningModule):
         self.experience: Experience | None = None
         self.seen: list[Experience] = []
         self.replay = make_replay(replay_buffer_size)
+        self.replay_fraction = check_replay_fraction(replay_fraction)
+        self.replay_seed = torch.initial_seed()  # the runner has just seeded torch with ``seed``
+        self.lr_schedule = LRSchedule()
+
+    def set_lr_schedule(self, schedule: LRSchedule) -> None:
+        """The runner hands over the trainer-level schedule once, before the first experience."""
+        self.lr_schedule = schedule
 
     def __getstate__(self) -> dict:
         """What ddp_spawn pickles into its workers: training needs neither the stream (its
@@ -74,9 +83,14 @@ class ContinualMethod(L.LightningModule):
         self.seen.append(exp)
 
     def train_dataset(self, exp: Experience) -> Dataset:
+        parts = [exp.train]
+        if self.replay_fraction > 0:
+            earlier = [e.train for e in self.seen if e.index < exp.index]
+            if earlier:
+                parts.append(replay_windows(exp, earlier, self.replay_fraction, self.replay_seed))
         if self.replay is not None and len(self.replay):
-            return ConcatDataset([exp.train, self.replay.dataset()])
-        return exp.train
+            parts.append(self.replay.dataset())
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def expert_mask(self, exp: Experience) -> torch.Tensor | None:
         """Expert mask for training and evaluating on ``exp``; None: route over every expert."""
@@ -131,9 +145,22 @@ class ContinualMethod(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """AdamW, plus the per-step LR schedule of ``trainer.lr_schedule`` unless it is constant."""
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_schedule.is_constant:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)  # len(loader) * max_epochs
+        index = self.experience.index if self.experience is not None else 0
+        schedule = self.lr_schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: schedule.factor(step, total, index)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # -- state for checkpoints ----------------------------------------------------------------
     def method_state(self) -> dict:
@@ -158,3 +185,26 @@ def make_replay(size: int) -> ReplayBuffer | None:
     from lifelong_moe.methods.replay import ReplayBuffer  # replay.py imports this module
 
     return ReplayBuffer(size, seed=torch.initial_seed())
+
+
+# -- replay of a fixed fraction of earlier experiences' data (continual pre-training recipe) ---
+def check_replay_fraction(fraction: float) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
+        raise ConfigError(f"method.replay_fraction={fraction!r} must be a number in [0, 1)")
+    return float(fraction)
+
+
+def replay_windows(exp: Experience, earlier: list[Dataset], fraction: float, seed: int) -> Subset:
+    """A seeded uniform sample of earlier experiences' training data (examples or text windows)
+    sized so that it makes up ``fraction`` of the experience's training set (Ibrahim et al.
+    2024 replay a fixed share of old data). Seeded by the run's seed and the experience
+    index: the same run draws the same examples, also after resuming.
+    """
+    pool = ConcatDataset(earlier)
+    n = round(fraction * len(exp.train) / (1 - fraction))
+    generator = torch.Generator().manual_seed((seed * 1_000 + exp.index) % 2**63)
+    if n <= len(pool):
+        index = torch.randperm(len(pool), generator=generator)[:n]
+    else:  # more than all earlier data: draw with replacement
+        index = torch.randint(len(pool), (n,), generator=generator)
+    return Subset(pool, index.tolist())

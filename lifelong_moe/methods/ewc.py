@@ -36,12 +36,17 @@ class EWC(ContinualMethod):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         replay_buffer_size: int = 0,
+        replay_fraction: float = 0.0,
         lambda_ewc: float = 1e4,
         gamma: float = 1.0,
         fisher_batch_size: int = 32,
     ) -> None:
         super().__init__(
-            model, lr=lr, weight_decay=weight_decay, replay_buffer_size=replay_buffer_size
+            model,
+            lr=lr,
+            weight_decay=weight_decay,
+            replay_buffer_size=replay_buffer_size,
+            replay_fraction=replay_fraction,
         )
         if lambda_ewc < 0:
             raise ConfigError(f"method.lambda_ewc={lambda_ewc} must be >= 0")

@@ -41,10 +41,15 @@ class LifelongMoE(ContinualMethod):
         expand_init: str = "random",
         gate_init: str = "mean",
         replay_buffer_size: int = 0,
+        replay_fraction: float = 0.0,
         task_aware_routing: bool = False,
     ) -> None:
         super().__init__(
-            model, lr=lr, weight_decay=weight_decay, replay_buffer_size=replay_buffer_size
+            model,
+            lr=lr,
+            weight_decay=weight_decay,
+            replay_buffer_size=replay_buffer_size,
+            replay_fraction=replay_fraction,
         )
         if experts_per_experience < 0:
             raise ConfigError(

@@ -31,11 +31,16 @@ class LwF(ContinualMethod):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         replay_buffer_size: int = 0,
+        replay_fraction: float = 0.0,
         lambda_kd: float = 1.0,
         temperature: float = 2.0,
     ) -> None:
         super().__init__(
-            model, lr=lr, weight_decay=weight_decay, replay_buffer_size=replay_buffer_size
+            model,
+            lr=lr,
+            weight_decay=weight_decay,
+            replay_buffer_size=replay_buffer_size,
+            replay_fraction=replay_fraction,
         )
         if lambda_kd < 0:
             raise ConfigError(f"method.lambda_kd={lambda_kd} must be >= 0")

@@ -133,11 +133,16 @@ class Replay(ContinualMethod):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         replay_buffer_size: int = 200,
+        replay_fraction: float = 0.0,
     ) -> None:
         if replay_buffer_size == 0:
             raise ConfigError(
                 "method=replay needs method.replay_buffer_size > 0, got 0 (that is method=naive)"
             )
         super().__init__(
-            model, lr=lr, weight_decay=weight_decay, replay_buffer_size=replay_buffer_size
+            model,
+            lr=lr,
+            weight_decay=weight_decay,
+            replay_buffer_size=replay_buffer_size,
+            replay_fraction=replay_fraction,
         )

@@ -25,6 +25,7 @@ from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.tracking import MlflowClient
 
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.tracking import names
 
 LIBRARIES = ("torch", "lightning", "avalanche-lib", "hydra-core", "mlflow", "torchmetrics")
 
@@ -185,7 +186,7 @@ class RunTracker:
 
     def log_missing_rows(self, rows: list[Mapping[str, float]]) -> None:
         """Resume: log the rows (step = index) that did not reach MLflow before a crash."""
-        history = self.client.get_metric_history(self.run_id, "acc/seen")
+        history = self.client.get_metric_history(self.run_id, names.ACC_SEEN)
         logged = {m.step for m in history}
         for step, row in enumerate(rows):
             if step not in logged:

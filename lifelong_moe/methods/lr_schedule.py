@@ -1,0 +1,103 @@
+"""Learning-rate schedules per experience: the continual pre-training recipe as an option.
+
+Lightning builds a fresh optimizer at every experience (see ``methods/base.py``), so a schedule
+here is a function of (step within the experience, steps of the experience, experience index).
+It multiplies ``method.lr`` (eta_max):
+
+- ``constant``: eta_max, after an optional linear warm-up (today's behaviour with 0 steps).
+- ``cosine_rewarm`` (Ibrahim et al. 2024, "Simple and scalable strategies to continually
+  pre-train LLMs", Sec. 5; Thérien et al. 2025, TMLR): at *every* experience, re-warm linearly
+  from 0 to eta_max over ``warmup_steps``, then re-decay by a half cosine to
+  eta_min = ``lr_floor`` * eta_max at the experience's last step.
+- ``infinite`` (Ibrahim et al. 2024, Sec. 7.2 "infinite learning rate schedules", the schedule
+  Thérien et al. use for continually pre-trained MoEs): on the first experience only, linear
+  warm-up to eta_max then a cosine cool-down over ``cooldown_steps`` to the constant level
+  eta_const = ``lr_constant`` * eta_max; afterwards eta_const with no re-warming, so a new
+  experience continues where the last left off. The last ``anneal_steps`` of each experience
+  decay linearly from eta_const to eta_min (the paper anneals a branch of the run; we have one
+  model, so the next experience resumes at eta_const).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lifelong_moe.errors import ConfigError
+
+SCHEDULES = ("constant", "cosine_rewarm", "infinite")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The trainer-level schedule settings (``trainer.lr_schedule`` and friends)."""
+
+    name: str = "constant"
+    warmup_steps: int = 0
+    lr_floor: float = 0.1
+    lr_constant: float = 0.5
+    cooldown_steps: int = 0
+    anneal_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ConfigError(
+                f"trainer.lr_schedule={self.name!r} is not one of {', '.join(SCHEDULES)}"
+            )
+        for key in ("warmup_steps", "cooldown_steps", "anneal_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"trainer.{key}={value!r} must be an integer >= 0")
+        for key in ("lr_floor", "lr_constant"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ConfigError(
+                    f"trainer.{key}={value!r} must be a fraction of method.lr in [0, 1]"
+                )
+        if self.name == "infinite" and self.lr_floor > self.lr_constant:
+            raise ConfigError(
+                f"trainer.lr_floor={self.lr_floor} must be <= trainer.lr_constant="
+                f"{self.lr_constant} (infinite anneals from the constant level down to the floor)"
+            )
+
+    @property
+    def is_constant(self) -> bool:
+        """True when every step runs at eta_max: no scheduler is needed at all."""
+        return self.name == "constant" and self.warmup_steps == 0
+
+    @classmethod
+    def from_trainer(cls, trainer_cfg: Any) -> LRSchedule:
+        """From the trainer config; configs stored before these keys existed get the defaults."""
+        get = trainer_cfg.get
+        return cls(
+            name=get("lr_schedule", "constant"),
+            warmup_steps=get("warmup_steps", 0),
+            lr_floor=get("lr_floor", 0.1),
+            lr_constant=get("lr_constant", 0.5),
+            cooldown_steps=get("cooldown_steps", 0),
+            anneal_steps=get("anneal_steps", 0),
+        )
+
+    def factor(self, step: int, total: int, experience: int) -> float:
+        """Multiplier of eta_max at optimizer ``step`` (0-based) of an experience of ``total`` steps."""
+        warmup = self.warmup_steps if self.name != "infinite" or experience == 0 else 0
+        if step < warmup:
+            return step / warmup
+        if self.name == "constant":
+            return 1.0
+        if self.name == "cosine_rewarm":
+            span = max(total - 1 - warmup, 1)
+            progress = min((step - warmup) / span, 1.0)
+            return self.lr_floor + (1 - self.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        # infinite
+        anneal_start = total - self.anneal_steps
+        if step >= anneal_start and self.anneal_steps > 0:
+            progress = (step - anneal_start + 1) / self.anneal_steps
+            return self.lr_constant + (self.lr_floor - self.lr_constant) * progress
+        if experience == 0 and step - warmup < self.cooldown_steps:
+            progress = (step - warmup) / self.cooldown_steps
+            return self.lr_constant + (1 - self.lr_constant) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
+        return self.lr_constant

@@ -1,0 +1,365 @@
+"""SEED (Rypeść et al., "Divide and not forget: Ensemble of selectively trained experts in
+continual learning", ICLR 2024): a class-incremental, exemplar-free peer of Lifelong-MoE.
+
+K experts share the early layers of the backbone. Each expert keeps one Gaussian (mean and
+full covariance) per class in its own feature space. Following the authors' code
+(github.com/grypesc/SEED, ``src/approach/seed.py``):
+
+- Experiences 0..K-1 each train a new expert with cross-entropy through a throw-away linear
+  head over the experience's classes. Experience 0 also trains the shared layers, which are
+  frozen afterwards; later experts start as a copy of expert 0 (``initialization_strategy=
+  first``).
+- From experience K on, every expert's Gaussians of the new classes are fitted, the mean
+  pairwise KL divergence between them measures how well the expert separates them, and the
+  expert with the largest (least overlap) is fine-tuned alone with
+  ``(1 - alpha) * CE + alpha * MSE(features, features of the expert before fine-tuning)``.
+- After an experience, every expert that exists (k <= min(t, K-1)) fits Gaussians of the
+  experience's classes; Gaussians already fitted are kept (no drift compensation).
+- Prediction: each expert's log-likelihoods under its Gaussians, a softmax with temperature
+  ``tau`` over the classes it knows, averaged over the experts that know each class; argmax.
+  No task labels at test time, no exemplars.
+
+Where we deviate, and why:
+
+- Backbones are ours, not ResNets: for ``model=mlp``/``moe_mlp`` the shared part is the input
+  embedding plus the first ``shared_blocks`` residual blocks, each expert is the remaining
+  blocks plus the final LayerNorm (features: d_model). For ``model=vit``/``moe_vit`` the shared
+  part is the patch embedding, positions and the first ``shared_blocks`` transformer blocks;
+  each expert is the remaining blocks, the final LayerNorm and the mean pool. The backbone's
+  class head is unused.
+- The loss is the paper's divided by ``1 - alpha``: ``CE + alpha / (1 - alpha) * MSE``, so that
+  the base class's cross-entropy term stays as it is; AdamW is invariant to that constant
+  scale (up to its epsilon). The optimizer is our AdamW for ``trainer.max_epochs`` epochs
+  (the paper: SGD with step decay, separate fine-tuning epochs).
+- Covariances get ``shrinkage * I`` added (the code adds an eps to the diagonal and raises it
+  when the matrix is singular); with fewer samples per class than feature dimensions (digits)
+  the covariance is singular without it. No horizontally flipped copies of the training
+  images when fitting Gaussians (a flipped digit is another digit).
+- The forward returns ``log`` of the averaged class confidences (clamped at 1e-30), so the
+  runner's evaluator reads SEED's Bayes decision as logits through the usual path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+from torch import nn
+from torch.distributions import MultivariateNormal, kl_divergence
+from torch.utils.data import DataLoader, Dataset
+
+from lifelong_moe.data.stream import Experience, Stream
+from lifelong_moe.errors import ConfigError
+from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.models.mlp import ResidualMLP
+from lifelong_moe.models.vit import PatchTransformer
+
+
+# -- splitting our backbones into a shared stem and an expert trunk ----------------------------
+class MLPStem(nn.Module):
+    def __init__(self, model: ResidualMLP, shared_blocks: int) -> None:
+        super().__init__()
+        self.embed = model.embed
+        self.norms = nn.ModuleList(model.norms[:shared_blocks])
+        self.ffns = nn.ModuleList(model.ffns[:shared_blocks])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.flatten(1))
+        for norm, ffn in zip(self.norms, self.ffns, strict=True):
+            h = h + ffn(norm(h))[0]
+        return h
+
+
+class MLPTrunk(nn.Module):
+    def __init__(self, model: ResidualMLP, shared_blocks: int) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(model.norms[shared_blocks:])
+        self.ffns = nn.ModuleList(model.ffns[shared_blocks:])
+        self.norm_out = model.norm_out
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for norm, ffn in zip(self.norms, self.ffns, strict=True):
+            h = h + ffn(norm(h))[0]
+        return self.norm_out(h)
+
+
+class ViTStem(nn.Module):
+    def __init__(self, model: PatchTransformer, shared_blocks: int) -> None:
+        super().__init__()
+        self.patch, self.position = model.patch, model.position
+        self.blocks = nn.ModuleList(list(model.blocks)[:shared_blocks])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2) + self.position
+        for block in self.blocks:
+            h = block(h)[0]
+        return h
+
+
+class ViTTrunk(nn.Module):
+    def __init__(self, model: PatchTransformer, shared_blocks: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(list(model.blocks)[shared_blocks:])
+        self.norm_out = model.norm_out
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(h)[0]
+        return self.norm_out(h).mean(1)
+
+
+def split_backbone(model: nn.Module, shared_blocks: int) -> tuple[nn.Module, nn.Module, int]:
+    """(shared stem, one expert trunk, feature size) of one of our classification backbones."""
+    if isinstance(model, ResidualMLP):
+        n_blocks, stem, trunk = len(model.norms), MLPStem, MLPTrunk
+    elif isinstance(model, PatchTransformer):
+        n_blocks, stem, trunk = len(model.blocks), ViTStem, ViTTrunk
+    else:
+        raise ConfigError(
+            f"method=seed needs model=mlp, moe_mlp, vit or moe_vit, got {type(model).__name__}"
+        )
+    if isinstance(shared_blocks, bool) or not isinstance(shared_blocks, int):
+        raise ConfigError(f"method.shared_blocks={shared_blocks!r} must be an integer")
+    if not 0 <= shared_blocks < n_blocks:
+        raise ConfigError(
+            f"method.shared_blocks={shared_blocks} must be in [0, {n_blocks - 1}]: the model "
+            f"has {n_blocks} blocks and each expert needs at least one"
+        )
+    return (
+        stem(model, shared_blocks),
+        trunk(model, shared_blocks),
+        model.norm_out.normalized_shape[0],
+    )
+
+
+# -- Gaussians, expert selection, Bayes ensemble (pure functions) ------------------------------
+def fit_gaussian(features: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and shrunk covariance (``cov + shrinkage * I``) of ``features`` [n, d], in float64."""
+    f = features.double()
+    mean = f.mean(0)
+    centered = f - mean
+    cov = centered.T @ centered / max(len(f) - 1, 1)
+    return mean, cov + shrinkage * torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+
+
+def overlap_score(means: torch.Tensor, covs: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise KL divergence between one expert's Gaussians of the new classes
+    (means [n, d], covs [n, d, d]); larger = the classes overlap less in this expert."""
+    new = MultivariateNormal(means.unsqueeze(1), covariance_matrix=covs.unsqueeze(1))
+    old = MultivariateNormal(means.unsqueeze(0), covariance_matrix=covs.unsqueeze(0))
+    return kl_divergence(new, old).mean()
+
+
+def select_expert(candidates: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, list[float]]:
+    """SEED's choice: the expert whose Gaussians of the new classes diverge most (least overlap)."""
+    scores = [float(overlap_score(m, c)) for m, c in candidates]
+    return max(range(len(scores)), key=lambda k: scores[k]), scores
+
+
+def bayes_log_probs(
+    features: list[torch.Tensor | None],
+    means: torch.Tensor,
+    covs: torch.Tensor,
+    present: torch.Tensor,
+    tau: float,
+) -> torch.Tensor:
+    """log of SEED's ensemble confidence [B, C].
+
+    ``features[k]`` [B, d] are expert k's features (None for an expert without Gaussians);
+    ``means`` [K, C, d], ``covs`` [K, C, d, d], ``present`` [K, C] (expert k has class c).
+    Per expert: softmax(log N(f_k; mu_kc, Sigma_kc) / tau) over the classes it knows; per
+    class: the sum over experts divided by the number of experts that know it.
+    """
+    K, C = present.shape
+    batch = next(f for f in features if f is not None).shape[0] if present.any() else 0
+    device = means.device
+    total = torch.zeros(batch, C, dtype=torch.float64, device=device)
+    for k in range(K):
+        known = present[k].nonzero().flatten()
+        if len(known) == 0:
+            continue
+        gauss = MultivariateNormal(
+            means[k, known].double(), covariance_matrix=covs[k, known].double()
+        )
+        loglik = gauss.log_prob(features[k].double().unsqueeze(1))  # [B, n_known]
+        total[:, known] += torch.softmax(loglik / tau, dim=1)
+    confidence = total / present.sum(0).clamp_min(1)
+    return confidence.clamp_min(1e-30).log().float()
+
+
+# -- the ensemble: what the runner evaluates ----------------------------------------------------
+class SeedEnsemble(nn.Module):
+    """Shared stem + K expert trunks + per-expert class Gaussians (buffers, so they checkpoint).
+
+    In training mode with a task head set, the forward is the selected expert's head over the
+    experience's classes, placed in the global class space (other classes at -inf, so the base
+    class's cross-entropy is exactly the task-local one). Otherwise it is the Bayes ensemble.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, n_classes: int, n_experts: int, shared_blocks: int, tau: float
+    ) -> None:
+        super().__init__()
+        self.stem, trunk, self.d_features = split_backbone(backbone, shared_blocks)
+        self.experts = nn.ModuleList(copy.deepcopy(trunk) for _ in range(n_experts))
+        self.n_classes, self.tau = n_classes, tau
+        d = self.d_features
+        self.register_buffer("means", torch.zeros(n_experts, n_classes, d, dtype=torch.float64))
+        self.register_buffer(
+            "covs", torch.eye(d, dtype=torch.float64).repeat(n_experts, n_classes, 1, 1)
+        )
+        self.register_buffer("present", torch.zeros(n_experts, n_classes, dtype=torch.bool))
+        self.head: nn.Linear | None = None
+        self.active = 0
+        self.task_classes: torch.Tensor | None = None
+        self.last_hidden: torch.Tensor | None = None
+        self.last_features: torch.Tensor | None = None
+
+    def features(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return self.experts[expert](self.stem(x))
+
+    def forward(
+        self, x: torch.Tensor, expert_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list]:
+        h = self.stem(x)
+        if self.training and self.head is not None:
+            self.last_hidden = h
+            self.last_features = self.experts[self.active](h)
+            local = self.head(self.last_features)
+            logits = local.new_full((len(x), self.n_classes), float("-inf"))
+            logits[:, self.task_classes.to(x.device)] = local
+            return logits, []
+        if not self.present.any():  # nothing fitted yet (the untrained baseline b): uniform
+            return h.new_zeros(len(x), self.n_classes), []
+        feats = [
+            self.experts[k](h) if self.present[k].any() else None for k in range(len(self.experts))
+        ]
+        return bayes_log_probs(feats, self.means, self.covs, self.present, self.tau), []
+
+
+class Seed(ContinualMethod):
+    """SEED as a method: picks, trains and fits the experts; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        n_experts: int = 3,
+        shared_blocks: int = 0,
+        alpha: float = 0.99,
+        tau: float = 3.0,
+        shrinkage: float = 0.1,
+    ) -> None:
+        if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
+            raise ConfigError(f"method.n_experts={n_experts!r} must be an integer >= 1")
+        if not 0 <= alpha < 1:
+            raise ConfigError(f"method.alpha={alpha} must be in [0, 1)")
+        if not tau > 0:
+            raise ConfigError(f"method.tau={tau} must be > 0")
+        if not shrinkage > 0:
+            raise ConfigError(f"method.shrinkage={shrinkage} must be > 0")
+        n_classes = model.head.out_features
+        ensemble = SeedEnsemble(model, n_classes, n_experts, shared_blocks, tau)
+        super().__init__(ensemble, lr=lr, weight_decay=weight_decay)
+        self.alpha, self.shrinkage = alpha, shrinkage
+        self.teacher: nn.Module | None = None
+        self.chosen: list[int] = []  # expert trained at each experience
+        self.overlaps: list[list[float]] = []  # selection scores, experiences >= K
+
+    def setup_stream(self, stream: Stream) -> None:
+        super().setup_stream(stream)
+        if stream.scenario != "class_incremental":
+            raise ConfigError(
+                f"method=seed is class-incremental (new classes per experience), "
+                f"benchmark {stream.name} is {stream.scenario}"
+            )
+        seen: set[int] = set()
+        for exp in stream.experiences:
+            if not exp.classes or seen & set(exp.classes):
+                raise ConfigError(
+                    f"method=seed needs disjoint classes per experience; experience {exp.index} "
+                    f"of {stream.name} has classes {exp.classes} (task-IL label reuse is not supported)"
+                )
+            seen |= set(exp.classes)
+
+    @property
+    def ensemble(self) -> SeedEnsemble:
+        return self.model
+
+    def before_experience(self, exp: Experience) -> None:
+        super().before_experience(exp)
+        m = self.ensemble
+        K = len(m.experts)
+        self.teacher = None
+        if exp.index < K:
+            k = exp.index
+            if k > 0:  # the code's default initialization_strategy="first"
+                m.experts[k].load_state_dict(m.experts[0].state_dict())
+        else:
+            candidates = []
+            for j in range(K):
+                feats = class_features(m, j, exp.train, exp.classes)
+                gauss = [fit_gaussian(feats[c], self.shrinkage) for c in exp.classes]
+                candidates.append(
+                    (torch.stack([g[0] for g in gauss]), torch.stack([g[1] for g in gauss]))
+                )
+            k, scores = select_expert(candidates)
+            self.overlaps.append(scores)
+            self.teacher = copy.deepcopy(m.experts[k]).requires_grad_(False).eval()
+        self.chosen.append(k)
+        m.requires_grad_(False)
+        m.experts[k].requires_grad_(True)
+        m.stem.requires_grad_(exp.index == 0)
+        device = m.means.device
+        m.head = nn.Linear(m.d_features, len(exp.classes)).to(device)
+        m.active = k
+        m.task_classes = torch.tensor(exp.classes, dtype=torch.long)
+
+    def extra_loss(
+        self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, aux: list
+    ) -> dict[str, torch.Tensor]:
+        if self.teacher is None or self.alpha == 0:
+            return {}
+        m = self.ensemble
+        with torch.no_grad():
+            old = self.teacher.to(x.device)(m.last_hidden)
+        mse = nn.functional.mse_loss(m.last_features, old)
+        return {"feature_kd": self.alpha / (1 - self.alpha) * mse}
+
+    def fit_experience(self, exp: Experience, loader: DataLoader, trainer: L.Trainer) -> None:
+        """Train the chosen expert, then fit Gaussians before the runner evaluates."""
+        super().fit_experience(exp, loader, trainer)
+        m = self.ensemble
+        m.head, self.teacher, m.last_hidden, m.last_features = None, None, None, None
+        for k in range(min(exp.index + 1, len(m.experts))):
+            feats = class_features(m, k, exp.train, exp.classes)
+            for c in exp.classes:
+                m.means[k, c], m.covs[k, c] = fit_gaussian(feats[c], self.shrinkage)
+                m.present[k, c] = True
+        m.requires_grad_(False)
+
+    def method_state(self) -> dict:
+        return {**super().method_state(), "chosen": self.chosen, "overlaps": self.overlaps}
+
+    def load_method_state(self, state: dict) -> None:
+        super().load_method_state(state)
+        self.chosen, self.overlaps = list(state.get("chosen", [])), list(state.get("overlaps", []))
+
+
+@torch.no_grad()
+def class_features(
+    m: SeedEnsemble, expert: int, data: Dataset, classes: list[int], batch_size: int = 512
+) -> dict[int, torch.Tensor]:
+    """Expert ``expert``'s features of ``data``, grouped by class (eval mode)."""
+    was_training = m.training
+    m.eval()
+    device = m.means.device
+    feats, labels = [], []
+    for batch in DataLoader(data, batch_size=batch_size):
+        feats.append(m.features(batch[0].to(device), expert))
+        labels.append(batch[1].to(device))
+    m.train(was_training)
+    f, y = torch.cat(feats), torch.cat(labels)
+    return {c: f[y == c] for c in classes}

@@ -1,0 +1,139 @@
+"""The names a run is recorded under in MLflow: metrics, tags and artifact paths, in one place.
+
+The runner writes them, resume and compare read them; keeping them here means a rename is one
+edit. Metric prefixes follow what the MLflow UI groups by the part before the first ``/``:
+continual-learning metrics sit under the matrix they come from (``acc/``, ``acc_til/``, ``ppl/``,
+``loss/``), costs under ``cost/`` (``params/`` would read like MLflow's own Parameters), training
+loss terms under ``train/``, routing statistics under ``routing/``.
+
+Stores written before issue 13 used unprefixed ``forgetting``/``bwt``/``fwt`` and
+``params/``, ``time/``, ``memory/`` costs: :data:`LEGACY` maps those to today's names, and
+:func:`modernize` lets readers (compare) treat old and new runs alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# --- metric families: the matrix a metric is computed from --------------------------------------
+
+ACC = "acc"  # accuracy matrix R (class- or domain-incremental view)
+ACC_TIL = "acc_til"  # the same with task labels at test time (task-incremental view)
+PPL = "ppl"  # perplexity exp(L) of the language-model loss matrix
+LOSS = "loss"  # the loss matrix L itself (nats per byte)
+
+
+def exp_metric(family: str, j: int) -> str:
+    """``acc/exp_3``: the row entry for test experience j (step = trained experience)."""
+    return f"{family}/exp_{j}"
+
+
+def seen(family: str) -> str:
+    """``acc/seen``: A_t, the mean over experiences seen so far."""
+    return f"{family}/seen"
+
+
+def forgetting(family: str) -> str:
+    return f"{family}/forgetting"
+
+
+def bwt(family: str) -> str:
+    return f"{family}/bwt"
+
+
+def fwt(family: str) -> str:
+    return f"{family}/fwt"
+
+
+def final(family: str) -> str:
+    return f"{family}/final"
+
+
+def avg_incremental(family: str) -> str:
+    return f"{family}/avg_incremental"
+
+
+ACC_SEEN = seen(ACC)
+ACC_FINAL = final(ACC)
+ACC_AVG_INCREMENTAL = avg_incremental(ACC)
+ACC_FORGETTING = forgetting(ACC)
+ACC_BWT = bwt(ACC)
+ACC_FWT = fwt(ACC)
+PPL_SEEN = seen(PPL)
+PPL_FINAL = final(PPL)
+PPL_FORGETTING = forgetting(PPL)
+LOSS_BWT = bwt(LOSS)
+
+# --- costs --------------------------------------------------------------------------------------
+
+COST = "cost"
+
+
+def cost_params(kind: str) -> str:
+    """``cost/params_total`` for kind ``total`` (also ``trainable``, ``active``)."""
+    return f"{COST}/params_{kind}"
+
+
+COST_PARAMS_TOTAL = cost_params("total")
+COST_PARAMS_TRAINABLE = cost_params("trainable")
+COST_PARAMS_ACTIVE = cost_params("active")
+COST_TRAIN_S = f"{COST}/train_s"  # wall time of one experience's fit
+COST_EVAL_S = f"{COST}/eval_s"  # wall time of evaluating on every test experience
+COST_PEAK_MB = f"{COST}/peak_mb"  # peak memory (CUDA allocator, or process max RSS on CPU)
+COST_TRAIN_TOTAL_S = f"{COST}/train_total_s"  # sum of cost/train_s over the stream
+COST_CHECKPOINT_S = f"{COST}/checkpoint_s"  # writing training checkpoints, part of train_s
+COST_CHECKPOINT_MB = f"{COST}/checkpoint_mb"  # size of one training checkpoint
+
+# --- training loss and its terms ----------------------------------------------------------------
+
+TRAIN = "train"
+TRAIN_LOSS = f"{TRAIN}/loss"  # the total that is minimised
+TRAIN_CE = f"{TRAIN}/ce"  # the task loss (cross-entropy)
+
+
+def train_term(key: str) -> str:
+    """``train/kd`` for the key ``kd`` of the dict a method's ``extra_loss`` returns."""
+    return f"{TRAIN}/{key}"
+
+
+# --- routing (mean over MoE layers, and per layer) ----------------------------------------------
+
+ROUTING = "routing"
+ROUTING_SPECIALIZATION = f"{ROUTING}/specialization"
+ROUTING_DRIFT = f"{ROUTING}/drift"
+ROUTING_MAX_IMBALANCE = f"{ROUTING}/max_imbalance"
+
+
+def routing_layer(metric: str, layer: int) -> str:
+    """``routing/drift/layer_2`` for the metric ``drift`` (or its full name) of MoE layer 2."""
+    return f"{ROUTING}/{metric.removeprefix(ROUTING + '/')}/layer_{layer}"
+
+
+# --- names used before issue 13 -----------------------------------------------------------------
+
+LEGACY: dict[str, str] = {
+    "forgetting": ACC_FORGETTING,
+    "bwt": ACC_BWT,
+    "fwt": ACC_FWT,
+    "params/total": COST_PARAMS_TOTAL,
+    "params/trainable": COST_PARAMS_TRAINABLE,
+    "params/active": COST_PARAMS_ACTIVE,
+    "time/train_s": COST_TRAIN_S,
+    "time/eval_s": COST_EVAL_S,
+    "memory/peak_mb": COST_PEAK_MB,
+    "time/train_total_s": COST_TRAIN_TOTAL_S,
+}
+# acc_til/ already carried its prefix; only the unprefixed accuracy trio moved.
+_BY_NEW = {new: old for old, new in LEGACY.items()}
+
+
+def legacy_name(name: str) -> str | None:
+    """The name a metric had before issue 13, or None when it did not change."""
+    return _BY_NEW.get(name)
+
+
+def modernize(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A run's metrics under today's names; an old name yields to a new one logged beside it."""
+    out = {LEGACY.get(k, k): v for k, v in metrics.items() if k in LEGACY}
+    out |= {k: v for k, v in metrics.items() if k not in LEGACY}
+    return out
