@@ -70,7 +70,7 @@ def reference(tmp_path_factory) -> dict:
     ("at", "where"),
     [
         ("train_step:3:7", "at experience 3, epoch 0, step 5"),
-        ("train_step:3:23", "at experience 3, epoch 1, step 20"),
+        ("train_step:3:23", "at experience 3, epoch 0, step 20"),
         ("evaluate:3", "at experience 3, epoch 1, step 40"),
     ],
 )
