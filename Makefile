@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-# Naive, joint, MoE fine-tuning and Lifelong-MoE on permuted digits, then the comparison table.
+# Naive, joint, MoE fine-tuning and Lifelong-MoE on permuted digits, then the comparison table;
+# the last line is the URL of the sweep's parent run, which holds that comparison in the MLflow UI.
 demo: $(STAMP)
 	$(BIN)/lifelong-moe -m experiment=demo method=naive,joint,moe_finetune,lifelong_moe \
 		tracking.sweep_id=$(DEMO_SWEEP)

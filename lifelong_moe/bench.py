@@ -7,6 +7,10 @@ tokens; plus a training step with a fraction of the experts frozen against none 
 
 Needs torch alone (it also runs on GPU boxes with nothing else installed):
     python -m lifelong_moe.bench dispatch --device cpu --threads 2 --tokens 8192 --experts 16 64
+
+`loop` times the runner's training (Lightning) against a bare PyTorch loop on the same run
+config, in one process (see lifelong_moe/loop_bench.py):
+    lifelong-moe-bench loop method=moe_finetune benchmark=permuted_digits --threads 2 --epochs 3 15
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.moe import MoELayer
+from lifelong_moe.moe import MoELayer, fused
 from lifelong_moe.moe.layer import ACTIVATIONS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -158,6 +162,7 @@ class Case:
     skipped: str | None = None
     fwd_ms: list[float] = field(default_factory=list)
     fwdbwd_ms: list[float] = field(default_factory=list)
+    peak_mb: float | None = None  # CUDA: peak memory of one fwd+bwd above what was allocated
 
 
 def _moe_forward(layer: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -204,9 +209,16 @@ def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device,
     step_none = split_banks(layer, 0).to(device, dtype)
     step_frozen = split_banks(layer, n_frozen).to(device, dtype)
     dense = DenseFFN(d, k * h, args.activation).to(device, dtype)
+    fusable = fused.runs_on(device) and not (d % fused.ALIGN or h % fused.ALIGN)
+    fused_layer = None
+    if fusable:
+        fused_layer = MoELayer.from_config({**layer.get_config(), "dispatch": "fused"})
+        fused_layer = fused_layer.to(device, dtype)
+        fused_layer.load_state_dict(layer.state_dict())
     forwards = {
         "dense": dense,
         "grouped": _moe_forward(layer),
+        **({"fused": _moe_forward(fused_layer)} if fused_layer is not None else {}),
         "none": _moe_forward(step_none),
         "frozen": _moe_forward(step_frozen),
     }
@@ -218,9 +230,13 @@ def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device,
     # they run less efficiently, about 1.5 * E*C / (k*h) times dense
     einsum_cost = 1.0 + 1.5 * onehot * d / (n_tokens * d * k * h)
     mem = 8 * n_tokens * k * h * nbytes / 2**30
+    fused_case = []
+    if fused_layer is not None:
+        fused_case = [Case("moe-fused", forwards["fused"], _trainable(fused_layer), 1.2, mem)]
     return [
         Case("dense-active", forwards["dense"], _trainable(dense), 1.0, mem),
         Case("moe-grouped", forwards["grouped"], _trainable(layer), 1.2, mem),
+        *fused_case,
         Case("moe-loop", _moe_forward(loop), _trainable(loop), 2.0 + n_experts / 16, mem),
         Case("step-0-frozen", forwards["none"], _trainable(step_none), 1.3, mem, train_step=True),
         Case(
@@ -248,6 +264,28 @@ def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device,
             heavy=True,
         ),
     ]
+
+
+def peak_activation_mb(fn: Callable[[], None], device: torch.device) -> float | None:
+    """Peak memory of one call above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def tflops(n_tokens: int, d: int, h: int, k: int, ms: float | None, backward: bool) -> float | None:
+    """Achieved TFLOP/s of the expert MLPs: 2 GEMMs of 2*d*h FLOPs per active expert and token,
+    x3 with the backward (router, gather and combine not counted: the dense-active baseline
+    does the same useful work)."""
+    if not ms:
+        return None
+    flops = 4 * n_tokens * d * h * k * (3 if backward else 1)
+    return flops / (ms * 1e-3) / 1e12
 
 
 def _summary(values: list[float]) -> dict:
@@ -281,6 +319,7 @@ def bench_one(args: argparse.Namespace, n_experts: int, n_tokens: int, device, d
         log(f"{tag} warm-up {case.name}")
         fwd_bwd, fwd = runs[case.name]
         times = [timer(fwd_bwd) for _ in range(args.warmup)]
+        case.peak_mb = peak_activation_mb(fwd_bwd, device)
         if fwd is not None:
             timer(fwd)
         dense_ms = min(times) if dense_ms is None else dense_ms
@@ -309,6 +348,7 @@ def bench_one(args: argparse.Namespace, n_experts: int, n_tokens: int, device, d
                 "fwdbwd_ms": c.fwdbwd_ms,
                 "fwd": _summary(c.fwd_ms),
                 "fwdbwd": _summary(c.fwdbwd_ms),
+                "peak_mb": c.peak_mb,
             }
             for c in cases
         ],
@@ -322,10 +362,16 @@ def _fmt(value: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], shapes: dict | None = None) -> str:
+    d, h, k = (
+        (shapes or {}).get("d_model"),
+        (shapes or {}).get("d_hidden"),
+        (shapes or {}).get("top_k"),
+    )
     lines = [
-        "| E | T | impl | fwd ms | fwd / dense | fwd+bwd ms | fwd+bwd / dense | fwd+bwd min ms |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| E | T | impl | fwd ms | fwd / dense | fwd+bwd ms | fwd+bwd / dense | fwd+bwd min ms "
+        "| fwd+bwd TFLOP/s | peak MB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         head = f"| {res['n_experts']} | {res['n_tokens']} |"
@@ -333,20 +379,22 @@ def markdown(results: list[dict]) -> str:
         for c in res["cases"]:
             label = c["name"] + (" (fwd+bwd+AdamW)" if c["train_step"] else "")
             if c["skipped"]:
-                lines.append(f"{head} {label} | {c['skipped']} ||||||")
+                lines.append(f"{head} {label} | {c['skipped']} ||||||||")
                 continue
             f, fb = c["fwd"]["median_ms"], c["fwdbwd"]["median_ms"]
             rf = f / dense["fwd"]["median_ms"] if f is not None else None
             rfb = fb / dense["fwdbwd"]["median_ms"]
+            tf = tflops(res["n_tokens"], d, h, k, fb, True) if d else None
             lines.append(
                 f"{head} {label} | {_fmt(f)} | {_fmt(rf, '{:.2f}')} | {_fmt(fb)} | "
-                f"{_fmt(rfb, '{:.2f}')} | {_fmt(c['fwdbwd']['min_ms'])} |"
+                f"{_fmt(rfb, '{:.2f}')} | {_fmt(c['fwdbwd']['min_ms'])} | "
+                f"{_fmt(tf, '{:.2f}')} | {_fmt(c.get('peak_mb'), '{:.0f}')} |"
             )
     lines += [
         "",
         "| E | T | grouped fwd+bwd: x faster than loop | x faster than einsum | "
-        "frozen step / none frozen |",
-        "|---:|---:|---:|---:|---:|",
+        "frozen step / none frozen | fused fwd+bwd / grouped |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         med = {c["name"]: c["fwdbwd"]["median_ms"] for c in res["cases"]}
@@ -355,9 +403,10 @@ def markdown(results: list[dict]) -> str:
         loop = med["moe-loop"] / grouped if med["moe-loop"] else None
         einsum = med["gshard-einsum"] / grouped if med["gshard-einsum"] else None
         ratio = frozen / none if frozen and none else None
+        fused_ratio = med["moe-fused"] / grouped if med.get("moe-fused") else None
         lines.append(
             f"| {res['n_experts']} | {res['n_tokens']} | {_fmt(loop, '{:.2f}')} | "
-            f"{_fmt(einsum, '{:.2f}')} | {_fmt(ratio, '{:.2f}')} |"
+            f"{_fmt(einsum, '{:.2f}')} | {_fmt(ratio, '{:.2f}')} | {_fmt(fused_ratio, '{:.2f}')} |"
         )
     return "\n".join(lines)
 
@@ -392,13 +441,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--frozen-fraction", type=float, default=0.875)
-    p.add_argument("--compile", action="store_true", help="torch.compile grouped MoE and dense")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile dense, grouped and fused MoE"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-case-seconds", type=float, default=300.0, help="skip slower baselines")
     p.add_argument("--max-gib", type=float, default=6.0, help="skip baselines needing more memory")
     p.add_argument("--json", default=None, help="write all raw numbers here")
+    q = sub.add_parser("loop", help="runner's training time vs a bare PyTorch loop")
+    q.add_argument("overrides", nargs="*", help="lifelong-moe config overrides (key=value)")
+    q.add_argument("--epochs", type=int, nargs="+", default=[3], help="trainer.max_epochs")
+    q.add_argument("--repeats", type=int, default=5)
+    q.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    q.add_argument("--json", default=None, help="write all raw numbers here")
     args = parser.parse_args(argv)
+    if args.command == "loop":
+        if args.repeats < 1 or min(args.epochs) < 1:
+            parser.error("--repeats and --epochs must be >= 1")
+        return args
     if args.repeats < 1 or args.warmup < 1:
         parser.error("--repeats and --warmup must be >= 1")
     if not 0.0 <= args.frozen_fraction < 1.0:
@@ -406,10 +467,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def loop_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """Runner vs bare loop for each --epochs value; a markdown table on stdout."""
+    from lifelong_moe.loop_bench import measure
+
+    rows = []
+    try:
+        for epochs in args.epochs:
+            overrides = [
+                *args.overrides,
+                f"trainer.max_epochs={epochs}",
+                "tracking.log_checkpoints=false",
+            ]
+            log(f"[loop] {' '.join(overrides)}")
+            rows.append(measure(overrides, args.repeats, log=log))
+    except ConfigError as err:
+        print(f"lifelong-moe-bench: {err}", file=sys.stderr)
+        return 2
+    device = device_name(torch.device("cpu"))
+    print(f"device: {device}, torch {torch.__version__}, median of {args.repeats}\n")
+    print(
+        "| config | runner s | bare loop s | runner / bare (wall) | "
+        "runner / bare (process CPU, median) | (process CPU, min) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        config = " ".join(row["overrides"][:-1])
+        print(
+            f"| {config} | {row['runner_median_s']:.2f} | {row['bare_median_s']:.2f} | "
+            f"{row['ratio']:.2f} | {row['ratio_cpu']:.2f} | {row['ratio_cpu_min']:.2f} |"
+        )
+    if args.json:
+        report = {"device": device, "torch": torch.__version__, "argv": argv, "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.command == "loop":
+        return loop_main(args, sys.argv[1:] if argv is None else list(argv))
     torch.manual_seed(args.seed)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     results = []
@@ -443,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         f"device: {report['device']}, torch {report['torch']}, {args.dtype}, "
         f"d={args.d_model} h={args.d_hidden} k={args.top_k}, median of {args.repeats}\n"
     )
-    print(markdown(results))
+    print(markdown(results, report["shapes"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

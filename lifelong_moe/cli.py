@@ -50,7 +50,9 @@ def sweep_id() -> str | None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return None
-    return str(Path(hydra_cfg.sweep.dir)).replace("/", "_")
+    from lifelong_moe.tracking.sweep import sweep_id_from_dir  # the parent run uses it too
+
+    return sweep_id_from_dir(hydra_cfg.sweep.dir)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -81,6 +83,8 @@ def app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from lifelong_moe.tracking.hydra_callback import close_open_parents
+
     try:
         check_choices(sys.argv[1:])
         app()
@@ -90,6 +94,8 @@ def main() -> None:
     except signals.Interrupted as stop:  # outside the job: while Hydra composes the config
         print(f"interrupted ({stop}) before the run started: nothing was recorded", file=sys.stderr)
         sys.exit(stop.exit_code)
+    finally:  # a sweep whose job failed: finish its parent run with what did finish
+        close_open_parents()
 
 
 if __name__ == "__main__":

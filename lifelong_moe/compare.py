@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation.metrics import mean_std
 from lifelong_moe.tracking import names
@@ -48,6 +50,13 @@ COSTS = [
 # Per-experience metrics behind the plots: the seen-so-far curve and the forgetting bars.
 CURVE = {"accuracy": names.ACC_SEEN, "perplexity": names.PPL_SEEN}
 BARS = {"accuracy": names.ACC_FORGETTING, "perplexity": names.PPL_FORGETTING}
+# Where each kind's end-of-stream matrix lives in a run, and its key in that JSON.
+MATRIX_ARTIFACT = {
+    "accuracy": ("accuracy_matrix.json", "R"),
+    "perplexity": ("perplexity_matrix.json", "perplexity"),
+}
+# The aggregate table as MLflow shows tables (``MlflowClient.log_table``).
+TABLE_ARTIFACT = "comparison_table.json"
 
 _SHORTHAND = re.compile(r"([A-Za-z_][\w.\-/]*)=([^'\"]*)")
 _PREFIXES = {"tags": "tags", "tag": "tags", "params": "params", "param": "params"}
@@ -140,6 +149,10 @@ def _check_store(uri: str) -> None:
         path = Path(uri.removeprefix("file://").removeprefix("file:"))
         if not path.is_dir():
             raise StoreError(f"no MLflow store at {uri} ({path} is not a folder)")
+    elif uri.split(":", 1)[0].split("+")[0] in ("postgresql", "postgres"):
+        from lifelong_moe.tracking.mlflow_run import check_postgres
+
+        check_postgres(uri)  # driver installed, server answers: one line otherwise
     else:
         # Fail fast instead of retrying with backoff for minutes (MLflow's default).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -216,14 +229,19 @@ def columns(matrix: str) -> list[str]:
     return QUALITY.get(matrix, []) + COSTS
 
 
-def _fmt(metric: str, mean: float, std: float) -> str:
-    if math.isnan(mean):
+def _fmt(metric: str, mean: float, std: float, n: int) -> str:
+    """``mean ± std``; with one value (n = 1) there is no spread, so the mean alone."""
+    if n == 0 or math.isnan(mean):
         return "-"
     if metric.startswith(names.cost_params("")):
-        return f"{mean:,.0f} ± {std:,.0f}"
-    if metric.startswith(names.COST + "/"):
-        return f"{mean:.1f} ± {std:.1f}"
-    return f"{mean:.3f} ± {std:.3f}"
+        number = "{:,.0f}"
+    elif metric.startswith(names.COST + "/"):
+        number = "{:.1f}"
+    else:
+        number = "{:.3f}"
+    if n == 1:
+        return number.format(mean)
+    return f"{number.format(mean)} ± {number.format(std)}"
 
 
 def to_markdown(groups: Sequence[Group], group_by: Sequence[str]) -> str:
@@ -241,7 +259,7 @@ def to_markdown(groups: Sequence[Group], group_by: Sequence[str]) -> str:
         ]
         for g in (g for g in groups if g.matrix == kind):
             cells = [*g.key, str(len(g.runs))]
-            cells += [_fmt(c, *g.stats(c)[:2]) for c in cols]
+            cells += [_fmt(c, *g.stats(c)) for c in cols]
             lines.append("| " + " | ".join(cells) + " |")
         title = [f"### {kind}", ""] if len(kinds) > 1 else []
         parts.append("\n".join(title + lines))
@@ -326,17 +344,185 @@ def write_plots(client, groups: Sequence[Group], folder: Path) -> list[Path]:
     return written
 
 
+def _mean_matrix(client, runs: Sequence[RunRecord], kind: str, tmp: Path) -> np.ndarray | None:
+    """Mean over a group's runs of their end-of-stream matrix (runs of another shape are left out)."""
+    name, key = MATRIX_ARTIFACT[kind]
+    matrices = []
+    for r in runs:
+        try:
+            local = client.download_artifacts(r.run_id, name, str(tmp))
+        except Exception:  # a run without the artifact (older layout, crashed before the end)
+            continue
+        matrices.append(np.asarray(json.loads(Path(local).read_text())[key], dtype=float))
+    if not matrices:
+        return None
+    shape = matrices[0].shape
+    return np.mean([m for m in matrices if m.shape == shape], axis=0)
+
+
+def plot_matrices(client, groups: Sequence[Group], folder: Path) -> list[Path]:
+    """Per matrix kind: every group's mean matrix side by side, on one colour scale."""
+    from matplotlib.figure import Figure
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run
+    written = []
+    for kind in sorted({g.matrix for g in groups}):
+        if kind not in MATRIX_ARTIFACT:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            panels = [
+                (g, m)
+                for g in groups
+                if g.matrix == kind
+                and (m := _mean_matrix(client, g.runs, kind, Path(tmp))) is not None
+            ]
+        if not panels:
+            continue
+        values = np.concatenate([m.ravel() for _, m in panels])
+        values = values[np.isfinite(values)]
+        if kind == "accuracy":
+            vmin, vmax = 0.0, 1.0
+        else:
+            vmin, vmax = float(values.min()), float(values.max())
+        size = max(m.shape[0] for _, m in panels)
+        fig = Figure(figsize=(1.0 + max(2.4, 0.55 * size + 0.8) * len(panels), 1.2 + 0.5 * size))
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (g, m) in zip(axes, panels, strict=True):
+            image = ax.imshow(m, cmap="viridis", vmin=vmin, vmax=vmax)
+            if m.size <= 144:
+                for (i, j), v in np.ndenumerate(m):
+                    shade = (v - vmin) / (vmax - vmin or 1.0)
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if shade > 0.6 else "white",
+                    )
+            ax.set_title("\n".join(g.key) + f" (n={len(g.runs)})", fontsize=9)
+            ax.set_xlabel("test experience j")
+            ax.set_xticks(range(m.shape[1]))
+            ax.set_yticks(range(m.shape[0]))
+        axes[0].set_ylabel("after training on i")
+        label = "accuracy R[i][j], mean over seeds" if kind == "accuracy" else f"{kind}, mean"
+        fig.colorbar(image, ax=list(axes), label=label, shrink=0.9)
+        path = folder / f"{kind}_matrices.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        written.append(path)
+    return written
+
+
+def verdict(groups: Sequence[Group], group_by: Sequence[str]) -> list[str]:
+    """One line per benchmark (or per matrix kind): who forgets least, who ends best.
+
+    Lower is better for forgetting and for perplexity, higher for accuracy.
+    """
+    lines = []
+    split = "benchmark" in group_by
+    where = list(group_by).index("benchmark") if split else None
+
+    def label(g: Group) -> str:
+        return "/".join(v for i, v in enumerate(g.key) if i != where) or "all"
+
+    scopes: dict[tuple[str, str], list[Group]] = {}
+    for g in groups:
+        scope = g.key[where] if split else ""
+        scopes.setdefault((g.matrix, scope), []).append(g)
+    for (kind, scope), mine in sorted(scopes.items()):
+        if kind not in BARS or kind not in QUALITY:
+            continue
+        parts = []
+        final = QUALITY[kind][0]
+        for metric, word, lower in (
+            (BARS[kind], "least forgetting", True),
+            (final, f"best {final}", kind != "accuracy"),
+        ):
+            scored = [(g, g.stats(metric)) for g in mine if g.stats(metric)[2] > 0]
+            if not scored:
+                continue
+            best, (mean, std, n) = (min if lower else max)(scored, key=lambda x: x[1][0])
+            parts.append(f"{word}: **{label(best)}** ({_fmt(metric, mean, std, n)}, n={n})")
+        if parts:
+            head = f"{scope} ({kind})" if scope else kind
+            lines.append(f"{head}: " + "; ".join(parts))
+    return lines
+
+
+def table_data(groups: Sequence[Group], group_by: Sequence[str]) -> dict[str, list]:
+    """The aggregate as columns for ``MlflowClient.log_table``: one row per group, mean/std/n."""
+    kinds = sorted({g.matrix for g in groups})
+    cols = list(dict.fromkeys(c for k in kinds for c in columns(k)))
+    data: dict[str, list] = {k: [] for k in [*group_by, "matrix", "n"]}
+    for c in cols:
+        data[f"{c} mean"], data[f"{c} std"] = [], []
+    for g in groups:
+        for key, value in zip(group_by, g.key, strict=True):
+            data[key].append(value)
+        data["matrix"].append(g.matrix)
+        data["n"].append(len(g.runs))
+        for c in cols:
+            mean, std, n = g.stats(c)
+            data[f"{c} mean"].append(None if n == 0 else round(mean, 6))
+            data[f"{c} std"].append(None if n == 0 else round(std, 6))
+    return data
+
+
+def record(
+    client,
+    run_id: str,
+    groups: Sequence[Group],
+    group_by: Sequence[str],
+    meta: dict,
+    plots: Sequence[Path],
+    preface: str = "",
+) -> None:
+    """Write a comparison into a run: tables (text and ``log_table``), plots, and a description.
+
+    Used by ``--log`` (a run of its own) and by a sweep's parent run (its own runs' comparison).
+    The description (``mlflow.note.content``) is what the UI shows on the run's page.
+    """
+    from mlflow.entities import RunTag
+
+    for fmt in ("md", "csv", "json"):
+        client.log_text(run_id, render(groups, group_by, fmt, meta), f"comparison.{fmt}")
+    client.log_table(run_id, table_data(groups, group_by), TABLE_ARTIFACT)
+    for path in plots:
+        client.log_artifact(run_id, str(path), "plots")
+    lines = [preface] if preface else []
+    found = verdict(groups, group_by)
+    if found:
+        lines += ["**Verdict**", "", *[f"- {line}" for line in found]]
+    lines += [
+        "",
+        f"Mean ± std over seeds (n runs per row), from {meta['n_runs']} runs:",
+        "",
+        to_markdown(groups, group_by),
+        f"Table: `{TABLE_ARTIFACT}`; plots: `plots/` (A_t over experiences, forgetting, "
+        "accuracy matrices side by side).",
+    ]
+    note = "\n".join(lines)
+    client.log_batch(run_id, tags=[RunTag("mlflow.note.content", note[:5000])])
+
+
 def log_comparison(
-    client, experiment: str, tables: dict[str, str], plots: Sequence[Path], meta: dict
-) -> str:
+    client, experiment: str, groups: Sequence[Group], plots: Sequence[Path], meta: dict
+) -> tuple[str, str]:
     """A run of its own (``kind=comparison``) so the table and plots show in the MLflow UI.
 
-    The default filter (``kind=experiment``) keeps such runs out of later comparisons.
+    Returns (experiment id, run id). The default filter (``kind=experiment``) keeps such runs
+    out of later comparisons.
     """
     from mlflow.entities import Param
 
+    from lifelong_moe.tracking.mlflow_run import mark_experiment
+
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    tags = {"kind": "comparison", "group_by": ",".join(meta["group_by"])}
+    mark_experiment(client, experiment_id)
+    group_by = meta["group_by"]
+    tags = {"kind": "comparison", "group_by": ",".join(group_by)}
     run = client.create_run(experiment_id, run_name="compare " + tags["group_by"], tags=tags)
     run_id = run.info.run_id
     params = {
@@ -346,12 +532,23 @@ def log_comparison(
         "n_runs": str(meta["n_runs"]),
     }
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
-    for name, text in tables.items():
-        client.log_text(run_id, text, name)
-    for path in plots:
-        client.log_artifact(run_id, str(path), "plots")
+    record(client, run_id, groups, group_by, meta, plots, f"Filter: `{meta['filter']}`")
     client.set_terminated(run_id, "FINISHED")
-    return run_id
+    return experiment_id, run_id
+
+
+def sweep_parent_hint(client, uri: str, experiments: Sequence[str], filters: Sequence[str]) -> str:
+    """With ``--filter sweep_id=X``: the line that opens that sweep's parent run, else ''."""
+    from lifelong_moe.tracking.mlflow_run import find_sweep_parent, ui_hint
+
+    ids = [m.group(2) for f in filters if (m := re.fullmatch(r"(tags?\.)?sweep_id=(\S+)", f))]
+    for sweep in ids:
+        for name in experiments:
+            experiment = client.get_experiment_by_name(name)
+            parent = experiment and find_sweep_parent(client, experiment.experiment_id, sweep)
+            if parent:
+                return f"The sweep's parent run holds this comparison: {ui_hint(uri, experiment.experiment_id, parent)}"
+    return ""
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -434,18 +631,26 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
 
+    lines = verdict(groups, group_by)
+    if lines and args.format == "md":
+        print("\n".join(lines).replace("**", ""), file=sys.stderr)
     plots: list[Path] = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.plot or args.log:
-            plots = write_plots(client, groups, args.plot or Path(tmp))
+            folder = args.plot or Path(tmp)
+            plots = write_plots(client, groups, folder) + plot_matrices(client, groups, folder)
             if args.plot:
                 print(f"wrote {len(plots)} plots to {args.plot}", file=sys.stderr)
         if args.log:
-            tables = {
-                f"comparison.{f}": render(groups, group_by, f, meta) for f in ("md", "csv", "json")
-            }
-            run_id = log_comparison(client, experiments[0], tables, plots, meta)
+            from lifelong_moe.tracking.mlflow_run import ui_hint
+
+            experiment_id, run_id = log_comparison(client, experiments[0], groups, plots, meta)
             print(f"logged comparison run {run_id} in experiment {experiments[0]}", file=sys.stderr)
+            hint = ui_hint(args.tracking_uri, experiment_id, run_id)
+            print(f"See the comparison: {hint}", file=sys.stderr)
+    hint = sweep_parent_hint(client, args.tracking_uri, experiments, args.filter)
+    if hint:
+        print(hint, file=sys.stderr)
     return 0
 
 

@@ -1,10 +1,11 @@
 """Resume an interrupted run in the same MLflow run, from inside the experience it was in.
 
-After every experience the runner stores ``resume/state.pt`` beside the run's artifacts: the
+After every experience the runner stores ``~resume/state.pt`` beside the run's artifacts: the
 grown model, the method's own state (EWC's Fisher, the replay buffer), the history of R and
 of what was logged, and the RNG states. Inside an experience, training checkpoints on local
 disk (``checkpointing.py``) carry the rest: optimizer, loop progress, data position, RNG.
-Restoring both makes the resumed run bit-identical to an uninterrupted one on CPU.
+Restoring both makes the resumed run bit-identical to an uninterrupted one on CPU. The state is
+deleted once the run FINISHED (``tracking.keep_resume_state=true`` keeps it).
 
 Nothing loaded can run code: states and checkpoints are read with ``weights_only=True``
 (tensors, numbers, strings and containers only). Before anything is written, ``check_run``
@@ -29,8 +30,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.tracking import names
 
-STATE = "resume/state.pt"
+STATE = names.RESUME_STATE
 
 
 def capture_rng() -> dict[str, Any]:
@@ -128,11 +130,15 @@ def load_state(uri: str, run_id: str) -> dict[str, Any] | None:
     corrupt) stops the resume with one line instead.
     """
     client = MlflowClient(uri)
-    completed = client.get_metric_history(run_id, "acc/seen")
+    completed = client.get_metric_history(run_id, names.ACC_SEEN)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run_id, STATE, tmp)
-        except Exception:
+        for where in (STATE, names.LEGACY_RESUME_STATE):  # runs started before issue 13
+            try:
+                path = client.download_artifacts(run_id, where, tmp)
+                break
+            except Exception:
+                continue
+        else:
             if completed:
                 raise ConfigError(
                     f"resume={run_id}: the run logged {len(completed)} experience(s) but its "

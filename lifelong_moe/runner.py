@@ -6,13 +6,17 @@ MLflow run exists, so a bad command never leaves a run behind.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import resource
 import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,8 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.trainer.connectors import callback_connector as _callback_connector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
@@ -51,7 +57,8 @@ from lifelong_moe.resume import (
     run_tag,
     slurm_job,
 )
-from lifelong_moe.tracking import names
+from lifelong_moe.throughput import throughput_metrics
+from lifelong_moe.tracking import names, report
 from lifelong_moe.tracking.mlflow_run import (
     RunTracker,
     check_store,
@@ -64,6 +71,21 @@ from lifelong_moe.tracking.mlflow_run import (
 # Lightning's per-fit banners (GPU available, tips) would repeat at every experience.
 for _name in ("lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# Known and harmless, silenced by message only: Lightning's pytree helper still uses the LeafSpec
+# class that torch 2.14 deprecates; nothing we or the user can change.
+warnings.filterwarnings(
+    "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+)
+# MLflow's notes on creating a fresh sqlite store, and its download progress bars (resume reads
+# the state back), are not results either.
+logging.getLogger("mlflow.store.db.utils").addFilter(
+    lambda record: (
+        not record.getMessage().startswith(
+            ("Creating initial MLflow database tables", "Updating database tables")
+        )
+    )
+)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def instantiate(node: DictConfig, group: str, **kwargs: Any) -> Any:
@@ -96,6 +118,14 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.num_workers={cfg.num_workers} must be >= 0")
 
 
+def check_tracking(cfg: DictConfig) -> None:
+    interval = cfg.get("system_metrics_interval_s", 2.0)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+        raise ConfigError(
+            f"tracking.system_metrics_interval_s={interval} must be a positive number of seconds"
+        )
+
+
 @dataclass
 class Experiment:
     """Everything built from the config, validated, before any training."""
@@ -113,10 +143,13 @@ def build(cfg: DictConfig) -> Experiment:
     model = instantiate(
         cfg.model, "model", input_shape=list(stream.input_shape), n_classes=stream.n_classes
     )
+    if cfg.trainer.get("compile", False):
+        model.compile()  # in place: parameter names, checkpoints and expand() stay as they are
     method = instantiate(cfg.method, "method", model=model)
     method.set_lr_schedule(LRSchedule.from_trainer(cfg.trainer))
     method.setup_stream(stream)
     check_store(cfg.tracking.uri)
+    check_tracking(cfg.tracking)
     # A method may wrap the backbone (SEED's expert ensemble): evaluate what it trains.
     return Experiment(cfg, stream, method.model, method)
 
@@ -158,6 +191,32 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+PROGRESS_REFRESH_STEPS = 10
+
+
+@functools.cache
+def _callback_factories(group: str) -> tuple:
+    return tuple(entry_points(group=group))
+
+
+def _external_callbacks(group: str) -> list:
+    """Lightning's external-callback discovery with the entry-point scan done once per process.
+
+    Every Trainer scans all installed distributions' entry points (~12 ms of CPU, measured in
+    results/loop_cpu.md): a sixth of a 3-epoch experience of split digits. Factories are still
+    called per Trainer, so no callback instance is shared between experiences.
+    """
+    callbacks: list = []
+    for factory in _callback_factories(group):
+        made = factory.load()()
+        callbacks.extend(made if isinstance(made, list) else [made])
+    return callbacks
+
+
+if hasattr(_callback_connector, "_load_external_callbacks"):
+    _callback_connector._load_external_callbacks = _external_callbacks
+
+
 def make_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> L.Trainer:
     """A fresh Trainer for one experience.
 
@@ -175,8 +234,11 @@ def make_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> 
         strategy = "ddp_fork" if t.accelerator == "cpu" else "ddp_spawn"
         # Inside a SLURM allocation Lightning would expect SLURM to have started the ranks.
         plugins = [LightningEnvironment()]
+    # The bar redraws at every step by default: a tenth of a small CPU step (results/loop_cpu.md).
+    bar = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if t.progress_bar else []
     return L.Trainer(
         plugins=plugins,
+        callbacks=[*bar, *(callbacks or [])],
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
@@ -187,7 +249,6 @@ def make_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> 
         deterministic=t.deterministic,
         enable_progress_bar=t.progress_bar,
         logger=False,
-        callbacks=callbacks,
         enable_checkpointing=False,  # ours: checkpointing.StepCheckpoint
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -253,6 +314,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             start_run(cfg, exp, tracker)
         folder = checkpoint_folder(cfg, tracker.run_id)
     signals.STATE.run_id = tracker.run_id
+    if cfg.tracking.get("system_metrics", True):
+        interval = float(cfg.tracking.get("system_metrics_interval_s", 2.0))
+        tracker.start_system_metrics(interval, resume=bool(resume_id))
     try:
         summary = _loop(cfg, exp, tracker, state, ckpt, folder)
     except (signals.Interrupted, SIGTERMException) as error:
@@ -261,6 +325,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             error if isinstance(error, signals.Interrupted) else signals.Interrupted(signal.SIGTERM)
         )
         # A second signal from here on exits at once (signals._handler).
+        tracker.stop_system_metrics()
         tracker.finish("KILLED")
         print(
             f"interrupted: run {tracker.run_id} marked KILLED at {signals.where()}; "
@@ -272,6 +337,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             requeue(tracker.run_id)
         raise stop from None
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
+        tracker.stop_system_metrics()
         tracker.finish("KILLED")
         print(
             f"interrupted: run {tracker.run_id} marked KILLED; continue it with resume={tracker.run_id}",
@@ -279,12 +345,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         raise
     except BaseException:
+        tracker.stop_system_metrics()
         tracker.finish("FAILED")
         raise
+    tracker.stop_system_metrics()
     tracker.finish("FINISHED")
-    signals.STATE.deferred = 0
+    # After FINISHED, not before: a crash in between leaves a finished run with a spare state,
+    # never an unfinished run without one.
+    if not cfg.tracking.get("keep_resume_state", False):
+        try:
+            tracker.delete_artifacts(names.RESUME_FOLDER)
+        except Exception as error:  # a store that cannot delete keeps it; the run is done
+            first = (str(error).splitlines() or [type(error).__name__])[0][:200]
+            print(f"note: could not delete {names.RESUME_FOLDER}/ of the run: {first}", flush=True)
     if tracker.writes:
         remove(folder)
+    signals.STATE.deferred = 0
     if tracker.writes:
         print(f"\nSee this run: {tracker.ui_command()}   (run id {tracker.run_id})", flush=True)
     return summary
@@ -308,12 +384,16 @@ def start_run(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> None:
     if cfg.tracking.get("sweep_id"):
         tags["sweep_id"] = str(cfg.tracking.sweep_id)
         # Nests the sweep's runs under one parent run in the MLflow UI.
-        tags["mlflow.parentRunId"] = tracker.sweep_parent(tags["sweep_id"])
+        parent = tracker.sweep_parent(tags["sweep_id"])
+        if parent:
+            tags["mlflow.parentRunId"] = parent
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_name = cfg.tracking.run_name or f"{tags['method']}-{tags['benchmark']}-s{cfg.seed}"
     run_id = tracker.start(run_name, tags, flatten(resolved))
     tracker.set_tags({"checkpoint_dir": str(checkpoint_folder(cfg, run_id))})
-    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    tracker.describe(report.running_description(tags, len(stream)))
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), names.CONFIG)
+    tracker.log_inputs(report.dataset_inputs(resolved["benchmark"], stream))
     print(f"run {run_id} ({run_name}): {len(stream)} experiences of {stream.name}", flush=True)
 
 
@@ -423,10 +503,14 @@ def _loop(
         logged[names.COST_CHECKPOINT_S] = saver.seconds  # part of cost/train_s
         logged[names.COST_CHECKPOINT_MB] = saver.bytes / 2**20
         logged[names.COST_EVAL_S] = eval_seconds
+        logged |= throughput_metrics(
+            model, data, cfg.trainer.max_epochs, h.train_seconds[-1], device,
+            cfg.trainer.precision, trainer.world_size,
+        )  # fmt: skip
         logged[names.COST_PEAK_MB] = peak_memory_mb(device)
-        loss = trainer.callback_metrics.get(names.TRAIN_LOSS)
-        if loss is not None:
-            logged[names.TRAIN_LOSS] = float(loss)
+        # train/loss and its terms (train/ce, train/kd, ...): means over the last epoch.
+        prefix = names.train_term("")
+        logged |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
         h.logged.append(logged)
         # State first, metrics second: a crash in between re-logs the row on resume,
         # the other order could log a step twice.
@@ -453,7 +537,7 @@ def _loop(
                     input_shape=list(stream.input_shape),
                     n_classes=stream.n_classes,
                 )
-                tracker.log_file(path, "checkpoints")
+                tracker.log_file(path, names.CHECKPOINTS)
     # Held until run() marks the run FINISHED: a signal now lets the run complete (exit 0).
     signals.STATE.deferred += 1
     return _finish(cfg, stream, h, tracker)
@@ -477,7 +561,9 @@ def _finish(cfg: DictConfig, stream: Stream, h: History, tracker: RunTracker) ->
     matrix = {"R": h.R, "b": h.b, "experiences": experiences}
     if h.R_task:
         matrix |= {"R_task": h.R_task, "b_task": h.b_task}
-    tracker.log_json(matrix, "accuracy_matrix.json")
+    tracker.log_json(matrix, names.ACCURACY_MATRIX)
+    til = {"accuracy_til": h.R_task} if h.R_task else {}
+    tracker.log_table(report.matrix_table("accuracy", h.R, **til), names.ACCURACY_TABLE)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "accuracy_matrix.png"
         plot_matrix(R, path, title=f"{cfg.method.name} on {stream.name}: accuracy R[i][j]")
@@ -491,14 +577,17 @@ def _finish(cfg: DictConfig, stream: Stream, h: History, tracker: RunTracker) ->
                     "b_loss": h.b_loss,
                     "domains": experiences,
                 },
-                "perplexity_matrix.json",
+                names.PERPLEXITY_MATRIX,
             )
+            table = report.matrix_table("perplexity", perplexity.tolist(), loss=h.L)
+            tracker.log_table(table, names.PERPLEXITY_TABLE)
             path = Path(tmp) / "perplexity_matrix.png"
             plot_matrix(perplexity, path, title=f"{cfg.method.name} on {stream.name}: perplexity")
             tracker.log_file(path)
         if h.routing and h.routing[-1]:
             routing = routing_record(h)
-            tracker.log_json(routing, "routing.json")
+            tracker.log_json(routing, names.ROUTING_JSON)
+            tracker.log_table(report.routing_table(routing), names.ROUTING_TABLE)
             path = Path(tmp) / "routing.png"
             plot_routing(routing, path)
             tracker.log_file(path)
@@ -511,7 +600,15 @@ def _finish(cfg: DictConfig, stream: Stream, h: History, tracker: RunTracker) ->
         "R": h.R,
         "b": h.b,
     }
-    tracker.log_json(summary, "summary.json")
+    tracker.log_json(report.rounded(summary), names.SUMMARY)
+    run = {
+        "method": cfg.method.name,
+        "benchmark": cfg.benchmark.name,
+        "model": cfg.model.get("name", "model"),
+        "seed": str(cfg.seed),
+    }
+    perplexity_rows = np.exp(np.array(h.L)).tolist() if h.L else None
+    tracker.describe(report.description(run, h.R, final, perplexity_rows))
     print_report(summary)
     return summary
 
@@ -521,11 +618,11 @@ def routing_record(h: History) -> dict[str, Any]:
     origin: list[int] = []
     for i, count in enumerate(h.expert_counts):
         origin += [i] * (count - len(origin))
-    names = [f"layer_{k}" for k in range(len(h.routing[-1]))]
+    layers = [f"layer_{k}" for k in range(len(h.routing[-1]))]
     return {
-        "layers": dict(zip(names, h.routing[-1], strict=True)),
+        "layers": dict(zip(layers, h.routing[-1], strict=True)),
         "expert_origin": origin,
-        "per_experience": [dict(zip(names, r, strict=True)) for r in h.routing],
+        "per_experience": [dict(zip(layers, r, strict=True)) for r in h.routing],
     }
 
 

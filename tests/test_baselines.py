@@ -186,6 +186,7 @@ def test_lwf_snapshots_the_previous_model_and_distills_old_classes_only():
     teacher = method.teacher
     assert teacher is not None and teacher is not method.model
     assert not any(p.requires_grad for p in teacher.parameters())
+    assert not any(n.startswith("teacher") for n, _ in method.named_modules())
     assert method.old_classes.tolist() == [0, 1]
     torch.testing.assert_close(teacher(x)[0], before)
     # the student starts as the teacher: nothing to distill yet

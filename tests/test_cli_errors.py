@@ -36,6 +36,10 @@ CASES = {
         ["tracking.uri=sqlite:////nonexistent/dir/mlflow.db"],
         ["/nonexistent/dir"],
     ),
+    "system metrics interval not positive": (
+        ["tracking.system_metrics_interval_s=0"],
+        ["tracking.system_metrics_interval_s=0", "positive"],
+    ),
     "file store": (
         ["tracking.uri=file:./mlruns"],
         ["tracking.uri=file:./mlruns", "sqlite:///", "MLFLOW_ALLOW_FILE_STORE=true"],

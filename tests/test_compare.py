@@ -216,6 +216,7 @@ def test_plot_writes_pngs(store, tmp_path, capsys):
     assert names == [
         "accuracy_curves.png",
         "accuracy_forgetting.png",
+        "accuracy_matrices.png",
         "perplexity_curves.png",
         "perplexity_forgetting.png",
     ]
@@ -225,15 +226,30 @@ def test_plot_writes_pngs(store, tmp_path, capsys):
 def test_log_creates_comparison_run(store, capsys):
     before = json_rows(store, capsys)
     assert main(["--tracking-uri", store["uri"], "--log", "--filter", "matrix=accuracy"]) == 0
-    assert "logged comparison run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "logged comparison run" in err
     client = store["client"]
     experiment = client.get_experiment_by_name("lifelong-moe")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     [run] = client.search_runs([experiment.experiment_id], "tags.kind = 'comparison'")
     assert run.info.status == "FINISHED"
+    url = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert (
+        f"See the comparison: mlflow ui --backend-store-uri {store['uri']}   then open {url}" in err
+    )
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"comparison.md", "comparison.csv", "comparison.json", "plots"} <= files
+    assert "comparison_table.json" in files
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"plots/accuracy_curves.png", "plots/accuracy_forgetting.png"}
+    assert plots == {
+        "plots/accuracy_curves.png",
+        "plots/accuracy_forgetting.png",
+        "plots/accuracy_matrices.png",
+    }
+    note = run.data.tags["mlflow.note.content"]
+    assert (
+        "least forgetting: **lifelong_moe**" in note and "| naive | permuted_digits | 2 |" in note
+    )
     # The comparison run itself never enters a later comparison.
     assert json_rows(store, capsys) == before
 

@@ -70,6 +70,9 @@ def test_growth_freezing_and_teacher_sharing_over_three_experiences():
                 assert twin.n_experts == n - 2
                 assert twin.experts.w1_frozen.data_ptr() == layer.experts.w1_frozen.data_ptr()
                 assert twin.router is not layer.router
+            # outside the module tree: not in the state, not a module "in eval mode" to Lightning
+            assert not any(n.startswith("teacher") for n, _ in method.named_modules())
+            assert not any(k.startswith("teacher") for k in method.state_dict())
             optimizer = method.configure_optimizers()
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             frozen_ids = {id(b) for b in method.model.buffers()}

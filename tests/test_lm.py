@@ -183,7 +183,7 @@ def test_presets_compose_and_build(tmp_path):
             _convert_="all",
         )
         x = stream.experiences[0].test.tensors[0][:2]
-        assert model(x)[0].shape == (2, stream.input_shape[0], VOCAB_SIZE)
+        assert model(x)[0].shape == (len(x), stream.input_shape[0], VOCAB_SIZE)  # lm_gpu: 1 window
 
 
 def test_lm_rejects_image_inputs_in_one_line():

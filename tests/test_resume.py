@@ -7,6 +7,7 @@ import signal
 import pytest
 from mlflow.tracking import MlflowClient
 
+from lifelong_moe.tracking import names
 from tests.conftest import artifact_json, interrupt_cli, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow
@@ -20,11 +21,18 @@ ARGS = [
 ]
 
 
+def state_files(uri: str, run_id: str) -> list[str]:
+    return [a.path for a in MlflowClient(uri).list_artifacts(run_id, names.RESUME_FOLDER)]
+
+
 def test_same_seed_same_R_bit_for_bit(workdir):
     uri = store_uri(workdir)
-    for _ in range(2):
-        run_cli(workdir, f"tracking.uri={uri}", *ARGS)
+    for keep in ("false", "true"):
+        run_cli(workdir, f"tracking.uri={uri}", *ARGS, f"tracking.keep_resume_state={keep}")
     first, second = runs(uri)
+    # The resume state is deleted once a run FINISHED, unless the user keeps it.
+    assert state_files(uri, first.info.run_id) == []
+    assert state_files(uri, second.info.run_id) == [names.RESUME_STATE]
     R1 = artifact_json(uri, first.info.run_id, "accuracy_matrix.json")["R"]
     R2 = artifact_json(uri, second.info.run_id, "accuracy_matrix.json")["R"]
     assert R1 == R2
@@ -67,7 +75,9 @@ def test_ctrl_c_marks_killed_and_stays_resumable(workdir, monkeypatch):
     (run,) = runs(uri)
     assert run.info.status == "KILLED"
     assert f"resume={run.info.run_id}" in done.stderr
+    assert state_files(uri, run.info.run_id) == [names.RESUME_STATE]  # kept to resume from
     monkeypatch.delenv("LIFELONG_MOE_SIGNAL_AT")
     run_cli(workdir, f"tracking.uri={uri}", f"resume={run.info.run_id}")
     (run,) = runs(uri)
     assert run.info.status == "FINISHED"
+    assert state_files(uri, run.info.run_id) == []

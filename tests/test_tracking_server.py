@@ -21,6 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import FAST, cli, run_cli, runs, store_uri
+from tests.test_sweep_parent import MODE, PROBE, SMALL, SWEEP, check_parent, check_table
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +102,10 @@ def test_run_logs_through_a_tracking_server(workdir, mlflow_server):
     experiment = client.get_experiment_by_name("lifelong-moe")
     (run,) = client.search_runs([experiment.experiment_id])
     run_id = run.info.run_id
-    assert f"open {url}/#/experiments/{experiment.experiment_id}/runs/{run_id}" in result.stdout
+    assert f"See this run: {url}/#/experiments/{experiment.experiment_id}/runs/{run_id}{MODE}" in (
+        result.stdout
+    )
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.info.status == "FINISHED"
     assert run.data.tags["method"] == "naive" and run.data.tags["benchmark"] == "split_digits"
     assert run.data.params["benchmark.n_experiences"] == str(T)
@@ -118,7 +122,10 @@ def test_run_logs_through_a_tracking_server(workdir, mlflow_server):
     # The artifacts went through the server's proxy into its destination, not to a local path.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     stored = {p.name for p in artifacts.rglob("*") if p.is_file()}
-    assert {"config.yaml", "accuracy_matrix.json", "summary.json", "state.pt"} <= stored
+    assert {"config.yaml", "accuracy_matrix.json", "summary.json", "accuracy.json"} <= stored
+    assert "state.pt" not in stored  # the resume state was deleted through the server at the end
+    assert run.data.tags["mlflow.note.content"] and run.inputs.dataset_inputs
+    assert "system/cpu_utilization_percentage" in run.data.metrics
     assert not (workdir / "mlruns").exists() and not (workdir / "mlflow.db").exists()
 
 
@@ -153,3 +160,47 @@ def test_four_runs_in_parallel_share_one_sqlite_store(workdir):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, f"acc/exp_{j}")]
             assert sorted(steps) == list(range(T)), (run.data.tags["seed"], j, steps)
         assert "accuracy_matrix.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def rest(url: str, path: str, body: dict | None = None) -> dict:
+    """One call to the server's REST API (what the UI reads), GET or POST."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_parallel_sweep_through_a_server_has_one_parent(workdir, mlflow_server):
+    """Two jobs at once on http: one parent (created before them), holding the comparison."""
+    url, _ = mlflow_server
+    result = run_cli(
+        workdir,
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        PROBE,
+        *SWEEP,
+        *SMALL,
+        f"tracking.uri={url}",
+    )
+    parent, children = check_parent(url)
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep.runs_finished"] == "4/4"
+    check_table(url, parent, children)
+    probes = [json.loads(p.read_text()) for p in workdir.glob("multirun/*/*/probe_*.json")]
+    assert len(probes) == 4 and all(p["parent"] == "RUNNING" for p in probes)
+
+    # What the UI sees, through the REST API: the experiment opens on runs; one parent.
+    experiment = rest(url, "experiments/get-by-name?experiment_name=lifelong-moe")["experiment"]
+    tags = {t["key"]: t["value"] for t in experiment["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    found = rest(
+        url,
+        "runs/search",
+        {"experiment_ids": [experiment["experiment_id"]], "filter": "tags.kind = 'sweep'"},
+    )["runs"]
+    assert [r["info"]["run_id"] for r in found] == [parent.info.run_id]
+    link = f"{url}/#/experiments/{experiment['experiment_id']}/runs/{parent.info.run_id}{MODE}"
+    assert f"See the sweep (its comparison): {link}" in result.stdout

@@ -23,13 +23,14 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.lr_schedule import LRSchedule
+from lifelong_moe.methods.step_stats import NonFiniteLossError, StepStats
+from lifelong_moe.tracking import names
 
 if TYPE_CHECKING:
     from lifelong_moe.methods.replay import ReplayBuffer
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced NaN or inf: the run stops and is marked FAILED."""
+__all__ = ["ContinualMethod", "NonFiniteLossError", "make_replay"]
 
 
 class ContinualMethod(L.LightningModule):
@@ -58,9 +59,25 @@ class ContinualMethod(L.LightningModule):
         self.experience: Experience | None = None
         self.seen: list[Experience] = []
         self.replay = make_replay(replay_buffer_size)
+        self.step_stats = StepStats()
         self.replay_fraction = check_replay_fraction(replay_fraction)
         self.replay_seed = torch.initial_seed()  # the runner has just seeded torch with ``seed``
         self.lr_schedule = LRSchedule()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Two names bypass nn.Module's registration checks.
+
+        Lightning sets ``_current_fx_name`` around every hook (~45 times a step); skip
+        nn.Module's Parameter/Module/Tensor checks for that plain string (results/loop_cpu.md).
+        A method's ``teacher`` (a frozen snapshot of the past: LwF, Lifelong-MoE, SEED) is held
+        outside the module tree: as a submodule it would be saved in the LightningModule's state
+        and reported by Lightning at every fit as modules "in eval mode at the start of training".
+        Methods move it to the batch's device themselves.
+        """
+        if name == "_current_fx_name" or name == "teacher":
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
 
     def set_lr_schedule(self, schedule: LRSchedule) -> None:
         """The runner hands over the trainer-level schedule once, before the first experience."""
@@ -136,14 +153,27 @@ class ContinualMethod(L.LightningModule):
         terms = {"ce": nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten())}
         terms.update(self.extra_loss(x, y, logits, aux))
         loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            index = self.experience.index if self.experience is not None else "?"
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at experience {index}, step {self.global_step} "
-                f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
-            )
-        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        # NaN guard and epoch loss on the device: no host sync per step (see step_stats.py).
+        self.step_stats.update(loss, terms, self.global_step, len(y))
+        if self.step_stats.due(batch_idx):
+            self.step_stats.check(self._experience_index())
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.step_stats.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self.step_stats.check(self._experience_index())
+        mean = self.step_stats.mean()
+        if mean is not None:
+            # The total and each of its terms (train/ce, train/kd, ...): epoch means, reduced over
+            # DDP ranks here, once per epoch (sync_dist), never per step.
+            self.log(names.TRAIN_LOSS, mean, prog_bar=True, sync_dist=True)
+            terms = self.step_stats.term_means()
+            self.log_dict({names.train_term(k): v for k, v in terms.items()}, sync_dist=True)
+
+    def _experience_index(self) -> int | str:
+        return self.experience.index if self.experience is not None else "?"
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         """AdamW, plus the per-step LR schedule of ``trainer.lr_schedule`` unless it is constant."""

@@ -88,7 +88,7 @@ class LifelongMoE(ContinualMethod):
         self.expand_init = expand_init
         self.gate_init = gate_init
         # Distillation target: a separate module, or the student with the new experts masked.
-        self.teacher: nn.Module | None = None
+        self._set_teacher(None)
         self.teacher_mask: torch.Tensor | None = None
 
     @property
@@ -98,7 +98,8 @@ class LifelongMoE(ContinualMethod):
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
-        self.teacher, self.teacher_mask = None, None
+        self._set_teacher(None)
+        self.teacher_mask = None
         if exp.index == 0:
             return
         n_old = next(iter(self.layers.values())).n_experts
@@ -110,7 +111,7 @@ class LifelongMoE(ContinualMethod):
         # Masking the new experts reproduces the old model only if nothing old can change.
         mask_teacher = self.freeze_shared and self.freeze_old
         if self.lambda_kd > 0 and not mask_teacher:
-            self.teacher = self._snapshot_teacher()
+            self._set_teacher(self._snapshot_teacher())
         for layer in self.layers.values():
             if self.experts_per_experience:
                 layer.expand(
@@ -152,6 +153,12 @@ class LifelongMoE(ContinualMethod):
             if id(p) not in expert_params:
                 p.requires_grad_(False)
 
+    def _set_teacher(self, teacher: nn.Module | None) -> None:
+        """Outside the module tree (see ContinualMethod.__setattr__); it follows the batch's device
+        in ``teacher_logits``."""
+        self.teacher = teacher
+        self.teacher_device: torch.device | None = None
+
     def _snapshot_teacher(self) -> nn.Module:
         """A copy of the model whose frozen expert banks are the student's own tensors."""
         shared = {id(b): b for layer in self.layers.values() for b in layer.buffers()}
@@ -162,6 +169,9 @@ class LifelongMoE(ContinualMethod):
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
         with torch.no_grad():
             if self.teacher is not None:
+                if self.teacher_device != x.device:
+                    self.teacher.to(x.device)  # once per experience: not a submodule (see above)
+                    self.teacher_device = x.device
                 return self.teacher(x)[0]
             if self.teacher_mask is not None:
                 was_training = self.model.training

@@ -56,7 +56,9 @@ class LwF(ContinualMethod):
         self.teacher, self.old_classes = None, None
         if exp.index == 0 or self.lambda_kd == 0:
             return
+        # Outside the module tree (ContinualMethod.__setattr__): it follows the batch's device below.
         self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.teacher_device: torch.device | None = None
         old = sorted({c for e in self.seen[:-1] for c in e.classes})
         # A stream without class lists (empty) distills every logit.
         self.old_classes = torch.tensor(old, dtype=torch.long) if old else None
@@ -66,6 +68,9 @@ class LwF(ContinualMethod):
     ) -> dict[str, torch.Tensor]:
         if self.teacher is None:
             return {}
+        if self.teacher_device != x.device:
+            self.teacher.to(x.device)
+            self.teacher_device = x.device
         with torch.no_grad():
             target = self.teacher(x)[0]
         student = logits

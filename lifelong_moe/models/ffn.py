@@ -35,6 +35,7 @@ def make_ffn(
     top_k: int,
     router_noise: float,
     capacity_factor: float | None,
+    dispatch: str = "auto",
 ) -> nn.Module:
     """The FFN of one block.
 
@@ -42,6 +43,7 @@ def make_ffn(
     ``d_hidden`` when ``moe`` is true, and otherwise a dense FFN of width ``top_k * d_hidden``:
     the dense twin then has the same active parameters per token (up to the router's
     ``d_model x n_experts`` gate). Other blocks are dense of width ``d_hidden`` in both.
+    ``dispatch`` picks the MoE layer's kernel path (auto, grouped, fused, loop; see MoELayer).
     """
     if not sparse_block:
         return DenseFFN(d_model, d_hidden)
@@ -53,6 +55,7 @@ def make_ffn(
             top_k,
             router_noise=router_noise,
             capacity_factor=capacity_factor,
+            dispatch=dispatch,
         )
     return DenseFFN(d_model, top_k * d_hidden)
 

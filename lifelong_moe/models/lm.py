@@ -39,6 +39,7 @@ class CausalLM(nn.Module):
         top_k: int = 2,
         router_noise: float = 0.0,
         capacity_factor: float | None = None,
+        dispatch: str = "auto",
     ) -> None:
         super().__init__()
         if len(input_shape) != 1:
@@ -61,6 +62,7 @@ class CausalLM(nn.Module):
             top_k,
             router_noise,
             capacity_factor,
+            dispatch,
         )
         self.norm_out = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)

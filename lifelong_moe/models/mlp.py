@@ -30,6 +30,7 @@ class ResidualMLP(nn.Module):
         top_k: int = 2,
         router_noise: float = 0.0,
         capacity_factor: float | None = None,
+        dispatch: str = "auto",
     ) -> None:
         super().__init__()
         moe_blocks = list(moe_blocks)
@@ -46,6 +47,7 @@ class ResidualMLP(nn.Module):
                 top_k,
                 router_noise,
                 capacity_factor,
+                dispatch,
             )
             for i in range(n_blocks)
         )

@@ -60,6 +60,7 @@ class TransformerStack(nn.ModuleList):
         top_k: int,
         router_noise: float,
         capacity_factor: float | None,
+        dispatch: str = "auto",
     ) -> None:
         if d_model % n_heads:
             raise ConfigError(
@@ -79,6 +80,7 @@ class TransformerStack(nn.ModuleList):
                     top_k,
                     router_noise,
                     capacity_factor,
+                    dispatch,
                 ),
             )
             for i in range(n_blocks)

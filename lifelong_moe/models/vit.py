@@ -30,6 +30,7 @@ class PatchTransformer(nn.Module):
         top_k: int = 2,
         router_noise: float = 0.0,
         capacity_factor: float | None = None,
+        dispatch: str = "auto",
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
@@ -55,6 +56,7 @@ class PatchTransformer(nn.Module):
             top_k,
             router_noise,
             capacity_factor,
+            dispatch,
         )
         self.norm_out = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)

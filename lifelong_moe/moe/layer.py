@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.moe import fused
 from lifelong_moe.moe.dispatch import capacity_for, grouped_experts, loop_experts
 from lifelong_moe.moe.experts import EXPERT_INITS, Experts
 from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS, Router
@@ -27,6 +28,9 @@ ACTIVATIONS = {
     "silu": F.silu,
 }
 DISPATCHES = {"grouped": grouped_experts, "loop": loop_experts}
+# "fused": Triton kernels (moe/fused.py) on CUDA, grouped elsewhere; "auto": fused on CUDA when
+# fused.FUSED_BY_DEFAULT says it is the faster one there, grouped otherwise.
+DISPATCH_CHOICES = ("auto", "grouped", "fused", "loop")
 # grouped_mm needs 16-byte aligned rows: 8 elements in bf16/fp16 (4 would do in fp32).
 ALIGN = 8
 
@@ -66,7 +70,7 @@ class MoELayer(nn.Module):
         normalize_top_k: bool = True,
         balance_scope: str = "all",
         capacity_factor: float | None = None,
-        dispatch: str = "grouped",
+        dispatch: str = "auto",
         expand_init: str = "random",
         gate_init: str = "random",
         n_frozen: int = 0,
@@ -82,11 +86,13 @@ class MoELayer(nn.Module):
         if top_k > n_experts:
             raise ConfigError(f"top_k={top_k}: expected at most n_experts={n_experts}")
         _choice("activation", activation, tuple(ACTIVATIONS))
-        _choice("dispatch", dispatch, tuple(DISPATCHES))
+        _choice("dispatch", dispatch, DISPATCH_CHOICES)
         _choice("balance_scope", balance_scope, BALANCE_SCOPES)
         _choice("expand_init", expand_init, EXPERT_INITS)
         _choice("gate_init", gate_init, GATE_INITS)
-        if dispatch == "grouped":
+        if dispatch == "fused":
+            fused.check_shapes(d_model, d_hidden, activation)
+        if dispatch in ("grouped", "auto"):
             for name, value in (("d_model", d_model), ("d_hidden", d_hidden)):
                 if value % ALIGN:
                     raise ConfigError(
@@ -150,20 +156,35 @@ class MoELayer(nn.Module):
         flat = x.reshape(-1, self.d_model)
         routing = self.router(flat, expert_mask)
         capacity = capacity_for(self.capacity_factor, flat.shape[0], self.top_k, self.n_experts)
-        run = DISPATCHES[self.dispatch]
+        kind = self.resolved_dispatch(flat.device)
+        if kind == "fused":
+            run, activation = fused.fused_experts, self.activation
+        else:
+            run, activation = DISPATCHES[kind], ACTIVATIONS[self.activation]
         y, counts, dropped = run(
             flat,
             routing.expert_ids,
             routing.gates,
             routing.valid,
             self.experts,
-            ACTIVATIONS[self.activation],
+            activation,
             capacity,
         )
         if self.training:
             self.expert_usage.add_(counts.to(self.expert_usage.dtype))
         aux = MoEAux(routing.balance_loss, routing.z_loss, counts, dropped)
         return y.view(x.shape), aux
+
+    def resolved_dispatch(self, device: torch.device) -> str:
+        """The dispatch that runs on `device`: the Triton kernels need CUDA (or the interpreter)
+        and 16-aligned widths; everywhere else the grouped_mm path is the reference."""
+        if self.dispatch in ("grouped", "loop"):
+            return self.dispatch
+        aligned = not (self.d_model % fused.ALIGN or self.d_hidden % fused.ALIGN)
+        if self.dispatch == "fused":
+            return "fused" if fused.runs_on(device) else "grouped"
+        cuda_ok = device.type == "cuda" and fused.available()
+        return "fused" if cuda_ok and aligned and fused.FUSED_BY_DEFAULT else "grouped"
 
     @torch.no_grad()
     def expand(

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.metadata
+import importlib.util
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -71,6 +73,58 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# MLflow 3 opens an experiment in its GenAI view (traces) unless this tag says otherwise.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+# Where `mlflow ui` serves by default: the URL printed for stores that have no server of their own.
+LOCAL_UI = "http://127.0.0.1:5000"
+# The UI's own switch between its GenAI and model-training views (a fresh browser starts on
+# GenAI, whatever the experiment's tag): the query in the URL selects model training.
+UI_MODE = "?workflowType=machine_learning"
+
+
+def mark_experiment(client: MlflowClient, experiment_id: str) -> None:
+    """Make the MLflow UI open the experiment on its runs (model training), not on traces."""
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
+
+
+def create_experiment(client: MlflowClient, name: str) -> str:
+    """Create the experiment (marked for model training); a parallel creator may win the race."""
+    try:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel run
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The browser URL of a run (or of the experiment's run list when run_id is None).
+
+    An http(s) tracking URI is a server with its own UI; any other store is served by
+    ``mlflow ui`` on its default address.
+    """
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    url = f"{base}/#/experiments/{experiment_id}/runs"
+    return f"{url}/{run_id}{UI_MODE}" if run_id else f"{url}{UI_MODE}"
+
+
+def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """One line that opens the run: the URL, preceded by the ``mlflow ui`` command if needed."""
+    url = ui_url(uri, experiment_id, run_id)
+    if uri.startswith(("http://", "https://")):
+        return url
+    return f"mlflow ui --backend-store-uri {uri}   then open {url}"
+
+
+def find_sweep_parent(client: MlflowClient, experiment_id: str, sweep_id: str) -> str | None:
+    """The run id of a sweep's parent run (tags kind=sweep, sweep_id), None if it has none."""
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'",
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
 def check_store(uri: str) -> None:
     """Fail before training, in one line, when the tracking store cannot be used."""
     scheme = urlparse(uri).scheme
@@ -96,6 +150,9 @@ def check_store(uri: str) -> None:
         except OSError:
             raise ConfigError(f"tracking.uri={uri}: {path} is not writable") from None
         return
+    if scheme.split("+")[0] in ("postgresql", "postgres"):
+        check_postgres(uri)
+        return
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -107,6 +164,62 @@ def check_store(uri: str) -> None:
                 f"tracking.uri={uri} is not reachable ({first[:200]}); start it with "
                 "`mlflow server` or choose another tracking.uri"
             ) from None
+
+
+# SQLAlchemy driver name -> the module it imports (SQLAlchemy 2.1 defaults postgresql:// to psycopg).
+POSTGRES_MODULES = {"psycopg": "psycopg", "psycopg2": "psycopg2", "pg8000": "pg8000"}
+POSTGRES_EXTRA = (
+    "pip install 'lifelong-moe[postgres]' (in a checkout: pip install -e '.[postgres]')"
+)
+
+
+def check_postgres(uri: str) -> None:
+    """A PostgreSQL store: its driver is installed, the server answers, and we may write.
+
+    Messages never show the password. Writable means: INSERT on MLflow's ``experiments`` table
+    where the schema exists, else CREATE on the current schema (MLflow creates its tables).
+    """
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    try:
+        url = make_url(uri)
+    except Exception:  # SQLAlchemy's ArgumentError and friends: the URL does not parse
+        raise ConfigError(
+            f"tracking.uri={uri}: expected postgresql://user@host:port/database"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    driver = url.get_driver_name()
+    module = POSTGRES_MODULES.get(driver, driver)
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"tracking.uri={shown}: the PostgreSQL driver {module!r} is not installed; "
+            f"install it with {POSTGRES_EXTRA}"
+        )
+    args = {"connect_timeout": 10} if module in ("psycopg", "psycopg2") else {}
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=args)
+    probe = sqlalchemy.text(
+        "SELECT CASE WHEN to_regclass('experiments') IS NULL "
+        "THEN has_schema_privilege(current_schema(), 'CREATE') "
+        "ELSE has_table_privilege('experiments', 'INSERT') END"
+    )
+    try:
+        with engine.connect() as connection:
+            writable = connection.execute(probe).scalar()
+    except Exception as error:  # driver or server errors all mean: cannot track there
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"tracking.uri={shown} is not reachable ({first[:200]}); start the database or "
+            "choose another tracking.uri"
+        ) from None
+    finally:
+        engine.dispose()
+    if not writable:
+        raise ConfigError(
+            f"tracking.uri={shown}: user {url.username} may not write there (needs CREATE on "
+            "the schema, or INSERT on MLflow's tables)"
+        )
 
 
 @contextlib.contextmanager
@@ -139,15 +252,11 @@ class RunTracker:
             self.client = MlflowClient(uri)
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = (
-                found.experiment_id if found else self._create_experiment(experiment)
+                found.experiment_id if found else create_experiment(self.client, experiment)
             )
+            if found is None or found.tags.get(EXPERIMENT_KIND) != MODEL_DEVELOPMENT:
+                mark_experiment(self.client, self.experiment_id)
         self.run_id = run_id
-
-    def _create_experiment(self, name: str) -> str:
-        try:
-            return self.client.create_experiment(name)
-        except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel run
-            return self.client.get_experiment_by_name(name).experiment_id
 
     def start(self, run_name: str | None, tags: dict[str, str], params: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
@@ -157,27 +266,13 @@ class RunTracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         return self.run_id
 
-    def sweep_parent(self, sweep_id: str) -> str:
-        """The run that holds a sweep's runs (kind=sweep), created by the first job to ask.
+    def sweep_parent(self, sweep_id: str) -> str | None:
+        """The run that holds this sweep's runs (kind=sweep), or None when there is none.
 
-        It is a container only, finished at once; parallel jobs on one sqlite store agree on it
-        through the store lock.
+        The sweep's launching process creates it before any job starts
+        (:mod:`lifelong_moe.tracking.sweep`), so jobs only look it up: no race between jobs.
         """
-        with store_lock(self.uri):
-            found = self.client.search_runs(
-                [self.experiment_id],
-                f"tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'",
-                max_results=1,
-            )
-            if found:
-                return found[0].info.run_id
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"sweep {sweep_id}",
-                tags={"kind": "sweep", "sweep_id": sweep_id},
-            )
-            self.client.set_terminated(run.info.run_id, "FINISHED")
-            return run.info.run_id
+        return find_sweep_parent(self.client, self.experiment_id, sweep_id)
 
     def reopen(self, run_id: str) -> None:
         """Continue an existing run (resume): it is RUNNING again until finish()."""
@@ -215,15 +310,69 @@ class RunTracker:
     def log_figure(self, figure: Any, name: str) -> None:
         self.client.log_figure(self.run_id, figure, name)
 
+    def log_table(self, table: Mapping[str, list], name: str) -> None:
+        """A table artifact that the UI's evaluation view lists (``name`` ends in .json)."""
+        self.client.log_table(self.run_id, dict(table), name)
+
+    def describe(self, markdown: str) -> None:
+        """The run's description on its page in the UI (the ``mlflow.note.content`` tag)."""
+        self.set_tags({names.TAG_DESCRIPTION: markdown})
+
+    def log_inputs(self, inputs: list[Mapping[str, str]]) -> None:
+        """Attach datasets (name, digest, source_type, source, profile, context) to the run."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        datasets = [
+            DatasetInput(
+                Dataset(
+                    d["name"], d["digest"], d["source_type"], d["source"], profile=d.get("profile")
+                ),
+                [InputTag(MLFLOW_DATASET_CONTEXT, d.get("context", "train"))],
+            )
+            for d in inputs
+        ]
+        self.client.log_inputs(self.run_id, datasets=datasets)
+
+    def delete_artifacts(self, path: str) -> None:
+        """Remove an artifact file or folder (local, mlflow-artifacts over HTTP, object stores)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        uri = self.client.get_run(self.run_id).info.artifact_uri
+        get_artifact_repository(uri, tracking_uri=self.uri).delete_artifacts(path)
+
+    def start_system_metrics(self, interval_s: float, resume: bool = False) -> None:
+        """CPU, memory, disk, network (and GPU where present) as ``system/*`` metrics.
+
+        MLflow's monitor samples every ``interval_s`` in a thread; it is given this run and
+        store explicitly because the tracker never sets MLflow's active run.
+        """
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no INFO chatter
+        self.monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=self.uri
+        )
+        self.monitor.start()
+
+    def stop_system_metrics(self) -> None:
+        """Stop sampling; a run shorter than one interval still gets one sample of each."""
+        monitor, self.monitor = getattr(self, "monitor", None), None
+        if monitor is None:
+            return
+        monitor.finish()
+        # The monitor publishes only after a full interval; _logging_step counts what it sent.
+        if monitor._logging_step == 0:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
     def ui_command(self) -> str:
-        """How to look at this run: a server already has a UI, a local store needs ``mlflow ui``."""
-        if self.uri.startswith(("http://", "https://")):
-            base = self.uri.rstrip("/")
-            return f"open {base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        return f"mlflow ui --backend-store-uri {self.uri}"
+        """How to look at this run: the URL, after ``mlflow ui`` where the store has no server."""
+        return ui_hint(self.uri, self.experiment_id, self.run_id)
 
 
 class SilentTracker(RunTracker):
@@ -241,8 +390,8 @@ class SilentTracker(RunTracker):
     def reopen(self, run_id: str) -> None:
         self.run_id = run_id
 
-    def sweep_parent(self, sweep_id: str) -> str:
-        return ""
+    def sweep_parent(self, sweep_id: str) -> str | None:
+        return None
 
     def log_missing_rows(self, rows: list[Mapping[str, float]]) -> None:
         pass
@@ -263,6 +412,24 @@ class SilentTracker(RunTracker):
         pass
 
     def log_figure(self, figure: Any, name: str) -> None:
+        pass
+
+    def log_table(self, table: Mapping[str, list], name: str) -> None:
+        pass
+
+    def describe(self, markdown: str) -> None:
+        pass
+
+    def log_inputs(self, inputs: list[Mapping[str, str]]) -> None:
+        pass
+
+    def delete_artifacts(self, path: str) -> None:
+        pass
+
+    def start_system_metrics(self, interval_s: float, resume: bool = False) -> None:
+        pass
+
+    def stop_system_metrics(self) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:

@@ -137,3 +137,27 @@ def modernize(metrics: Mapping[str, float]) -> dict[str, float]:
     out = {LEGACY.get(k, k): v for k, v in metrics.items() if k in LEGACY}
     out |= {k: v for k, v in metrics.items() if k not in LEGACY}
     return out
+
+
+# --- tags ---------------------------------------------------------------------------------------
+
+TAG_DESCRIPTION = "mlflow.note.content"  # the run's markdown description in the MLflow UI
+
+# --- artifacts ----------------------------------------------------------------------------------
+
+CONFIG = "config.yaml"
+ACCURACY_MATRIX = "accuracy_matrix.json"
+PERPLEXITY_MATRIX = "perplexity_matrix.json"
+ROUTING_JSON = "routing.json"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+# Long-form tables (one row per cell) for the UI's evaluation view; must end in .json.
+ACCURACY_TABLE = "tables/accuracy.json"
+PERPLEXITY_TABLE = "tables/perplexity.json"
+ROUTING_TABLE = "tables/routing.json"
+# What resume needs, not a result: the UI lists folders first, then by name, so the folder is
+# named to sort after every result folder ('~' follows all letters) and to read as scratch.
+# It is deleted when the run FINISHED unless tracking.keep_resume_state=true.
+RESUME_FOLDER = "~resume"
+RESUME_STATE = f"{RESUME_FOLDER}/state.pt"
+LEGACY_RESUME_STATE = "resume/state.pt"  # runs started before issue 13

@@ -1,0 +1,193 @@
+"""A sweep's parent run: created before any job, finished after the last, holding the comparison.
+
+The launching process of ``lifelong-moe -m`` (see :mod:`lifelong_moe.tracking.hydra_callback`)
+opens the parent (``kind=sweep``, RUNNING) before the launcher starts a job, so there is exactly
+one per sweep whatever the launcher (basic, joblib, submitit) or store (sqlite, http, PostgreSQL);
+jobs find it by their ``sweep_id`` tag and nest under it. When the sweep ends, or the launching
+process exits because a job failed, the parent is finished with what ``lifelong-moe-compare``
+computes for its runs (:func:`lifelong_moe.compare.record`) and a status that says whether every
+job finished.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from mlflow.entities import RunTag
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from lifelong_moe import compare
+from lifelong_moe.tracking import names
+from lifelong_moe.tracking.mlflow_run import (
+    check_store,
+    create_experiment,
+    mark_experiment,
+    store_lock,
+    ui_hint,
+)
+
+GROUP_BY = ["method", "benchmark"]
+# Overrides that would put a sweep's runs into several stores or experiments: no single parent.
+SPLITTING = ("tracking.uri", "tracking.experiment", "tracking.sweep_id", "experiment")
+
+
+def sweep_id_from_dir(sweep_dir: str) -> str:
+    """Every job of one sweep shares Hydra's sweep directory: it names the sweep."""
+    return str(Path(str(sweep_dir))).replace("/", "_")
+
+
+def expected_jobs(config: DictConfig) -> int | None:
+    """How many jobs Hydra's basic sweeper makes of the overrides (None for other sweepers)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    try:
+        overrides = OverridesParser.create().parse_overrides(
+            params + list(config.hydra.overrides.task)
+        )
+        (batch,) = BasicSweeper.split_arguments(overrides, None)
+    except Exception:  # a sweep syntax that needs the config loader (glob): count unknown
+        return None
+    return len(batch)
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys that take several values in this sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    except Exception:
+        return []
+    return [o.get_key_element() for o in overrides if o.is_sweep_override()]
+
+
+class SweepParent:
+    """The parent run of one sweep in one experiment of one store."""
+
+    def __init__(
+        self, uri: str, experiment: str, sweep_id: str, expected: int | None = None
+    ) -> None:
+        self.uri, self.experiment, self.sweep_id, self.expected = (
+            uri,
+            experiment,
+            sweep_id,
+            expected,
+        )
+        self.client = MlflowClient(uri)
+        self.experiment_id = ""
+        self.run_id = ""
+        self.status = ""
+
+    def open(self) -> str:
+        """Create the parent, RUNNING, before any job exists; returns its run id."""
+        with store_lock(self.uri):
+            found = self.client.get_experiment_by_name(self.experiment)
+            self.experiment_id = (
+                found.experiment_id if found else create_experiment(self.client, self.experiment)
+            )
+        mark_experiment(self.client, self.experiment_id)
+        tags = {"kind": "sweep", "sweep_id": self.sweep_id}
+        if self.expected is not None:
+            tags["sweep.runs_expected"] = str(self.expected)
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"sweep {self.sweep_id}", tags=tags
+        )
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def children(self) -> list:
+        """The sweep's runs, whatever their status."""
+        found, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                f"tags.kind = 'experiment' and tags.sweep_id = '{self.sweep_id}'",
+                max_results=1000,
+                page_token=token,
+            )
+            found += list(page)
+            token = page.token
+            if not token:
+                return found
+
+    def close(self) -> str:
+        """Record the comparison of the finished runs and end the parent; returns its status.
+
+        FINISHED when every expected job left a FINISHED run; KILLED when a run was interrupted
+        and none failed; FAILED otherwise. ``sweep.runs_finished`` ("3/4") says how many made it.
+        Calling it again does nothing.
+        """
+        if self.status or not self.run_id:
+            return self.status
+        runs = self.children()
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        total = max(self.expected or 0, len(runs))
+        statuses = [r.info.status for r in runs]
+        if len(done) == total and total > 0:
+            status = "FINISHED"
+        elif "KILLED" in statuses and "FAILED" not in statuses:
+            status = "KILLED"
+        else:
+            status = "FAILED"
+        tags = {
+            "sweep.runs_finished": f"{len(done)}/{total}",
+            "sweep.runs_failed": str(statuses.count("FAILED")),
+            "sweep.runs_killed": str(statuses.count("KILLED")),
+        }
+        summary = f"**Sweep `{self.sweep_id}`**: {len(done)} of {total} runs finished"
+        if status != "FINISHED":
+            summary += f" (status {status}: the table covers the finished runs only)"
+        summary += ".\n"
+        if done:
+            records = [
+                compare.RunRecord(
+                    r.info.run_id, r.data.tags, r.data.params, names.modernize(r.data.metrics)
+                )
+                for r in done
+            ]
+            groups = compare.group_runs(records, GROUP_BY)
+            meta = {
+                "experiments": [self.experiment],
+                "filter": f"tags.sweep_id = '{self.sweep_id}' AND attributes.status = 'FINISHED'",
+                "group_by": GROUP_BY,
+                "n_runs": len(records),
+            }
+            with tempfile.TemporaryDirectory() as tmp:
+                plots = compare.write_plots(self.client, groups, Path(tmp))
+                plots += compare.plot_matrices(self.client, groups, Path(tmp))
+                compare.record(self.client, self.run_id, groups, GROUP_BY, meta, plots, summary)
+        else:
+            tags["mlflow.note.content"] = summary
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(self.run_id, status)
+        self.status = status
+        return status
+
+    def hint(self) -> str:
+        return ui_hint(self.uri, self.experiment_id, self.run_id)
+
+
+def open_parent(config: DictConfig) -> SweepParent | None:
+    """The parent for the sweep that ``config`` (Hydra's multirun config) is about to launch.
+
+    None when the sweep spreads its runs over several stores or experiments (a swept
+    ``tracking.uri``, ``tracking.experiment`` or ``experiment`` preset): no single run can hold
+    them. Raises ConfigError when the store cannot be used.
+    """
+    split = [k for k in swept_keys(config) if k in SPLITTING]
+    if split:
+        print(f"note: {', '.join(split)} is swept, so this sweep gets no parent run", flush=True)
+        return None
+    tracking = config.tracking
+    check_store(tracking.uri)
+    sweep_id = tracking.get("sweep_id") or sweep_id_from_dir(config.hydra.sweep.dir)
+    parent = SweepParent(tracking.uri, tracking.experiment, str(sweep_id), expected_jobs(config))
+    parent.open()
+    return parent
