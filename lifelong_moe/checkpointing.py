@@ -71,6 +71,10 @@ def make_loader(data: Dataset, batch_size: int, num_workers: int, seed: int) -> 
         sampler=EpochSampler(len(data), seed),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        # Each new epoch's iterator draws its workers' base seed from this generator; without
+        # it the draw comes from torch's global RNG, which a run resumed from an epoch-end
+        # checkpoint would then see one draw short (router noise and dropout would differ).
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
