@@ -5,14 +5,26 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from lifelong_moe import signals
 
-from lifelong_moe.errors import ConfigError
+signals.install()  # before the heavy imports: a Ctrl-C during startup prints one line too
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from lifelong_moe.errors import ConfigError  # noqa: E402
+
+
+def conf_dir() -> Path:
+    """conf/ inside the installed package (wheel), else the source tree's top-level conf/."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return packaged if (packaged / "config.yaml").is_file() else here.parent / "conf"
+
+
+CONF_DIR = conf_dir()
 GROUPS = ("benchmark", "model", "method", "trainer", "tracking", "experiment")
 
 
@@ -51,8 +63,16 @@ def app(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         if cfg.tracking.get("sweep_id") is None:
             cfg.tracking.sweep_id = sweep_id()
+    signals.install()  # again: a launcher (submitit) may run this job in a process of its own
     try:
         summary = run(cfg)
+    except signals.Interrupted as stop:
+        if signals.STATE.run_id is None:
+            print(
+                f"interrupted ({stop}) before the run started: nothing was recorded",
+                file=sys.stderr,
+            )
+        sys.exit(stop.exit_code)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -63,15 +83,17 @@ def app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    try:
-        check_choices(sys.argv[1:])
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     from lifelong_moe.tracking.hydra_callback import close_open_parents
 
     try:
+        check_choices(sys.argv[1:])
         app()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except signals.Interrupted as stop:  # outside the job: while Hydra composes the config
+        print(f"interrupted ({stop}) before the run started: nothing was recorded", file=sys.stderr)
+        sys.exit(stop.exit_code)
     finally:  # a sweep whose job failed: finish its parent run with what did finish
         close_open_parents()
 

@@ -1,16 +1,25 @@
-"""Resume an interrupted run from its last completed experience, in the same MLflow run.
+"""Resume an interrupted run in the same MLflow run, from inside the experience it was in.
 
 After every experience the runner stores ``~resume/state.pt`` beside the run's artifacts: the
 grown model, the method's own state (EWC's Fisher, the replay buffer), the history of R and
-of what was logged, and the RNG states. Optimizer state is not needed: every experience starts
-a fresh optimizer (see methods/base.py). Restoring the RNG states makes the resumed run
-bit-identical to an uninterrupted one on CPU. The state is deleted once the run FINISHED
-(``tracking.keep_resume_state=true`` keeps it).
+of what was logged, and the RNG states. Inside an experience, training checkpoints on local
+disk (``checkpointing.py``) carry the rest: optimizer, loop progress, data position, RNG.
+Restoring both makes the resumed run bit-identical to an uninterrupted one on CPU. The state is
+deleted once the run FINISHED (``tracking.keep_resume_state=true`` keeps it).
+
+Nothing loaded can run code: states and checkpoints are read with ``weights_only=True``
+(tensors, numbers, strings and containers only). Before anything is written, ``check_run``
+refuses a FINISHED run, a run of another experiment, a missing or unreadable state, and warns
+about a run recorded by another git commit (continue only with ``resume_force=true``).
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 import random
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,10 +36,13 @@ STATE = names.RESUME_STATE
 
 
 def capture_rng() -> dict[str, Any]:
+    """RNG states in types that ``torch.load(weights_only=True)`` reads (tensors, ints, lists)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -39,8 +51,10 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -84,9 +98,39 @@ def run_config(uri: str, run_id: str) -> DictConfig:
         return OmegaConf.load(path)
 
 
-def load_state(uri: str, run_id: str) -> dict[str, Any] | None:
-    """The last saved state, or None when the run died before its first experience ended."""
+def check_run(uri: str, experiment: str, run_id: str, commit: str, force: bool) -> None:
+    """Refuse, in one line and before anything is written, a run that must not be resumed."""
     client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"resume={run_id}: the run is FINISHED; there is nothing to resume")
+    if run.data.tags.get("kind", "experiment") != "experiment":
+        raise ConfigError(
+            f"resume={run_id}: the run is a {run.data.tags['kind']}, not an experiment"
+        )
+    found = client.get_experiment_by_name(experiment)
+    if found is None or found.experiment_id != run.info.experiment_id:
+        other = client.get_experiment(run.info.experiment_id).name
+        raise ConfigError(
+            f"resume={run_id}: the run belongs to experiment '{other}', not '{experiment}'; "
+            f"add tracking.experiment={other}"
+        )
+    recorded = run.data.tags.get("git_commit", "unknown")
+    if recorded != commit:
+        message = f"run {run_id} was recorded by git commit {recorded}, this is {commit}"
+        if not force:
+            raise ConfigError(f"{message}; resuming could mix code versions: add resume_force=true")
+        print(f"warning: {message}; resuming anyway (resume_force=true)", file=sys.stderr)
+
+
+def load_state(uri: str, run_id: str) -> dict[str, Any] | None:
+    """The last saved state, or None when the run died before its first experience ended.
+
+    Read with ``weights_only=True``: a state file that would run code when unpickled (or is
+    corrupt) stops the resume with one line instead.
+    """
+    client = MlflowClient(uri)
+    completed = client.get_metric_history(run_id, names.ACC_SEEN)
     with tempfile.TemporaryDirectory() as tmp:
         for where in (STATE, names.LEGACY_RESUME_STATE):  # runs started before issue 13
             try:
@@ -95,5 +139,69 @@ def load_state(uri: str, run_id: str) -> dict[str, Any] | None:
             except Exception:
                 continue
         else:
+            if completed:
+                raise ConfigError(
+                    f"resume={run_id}: the run logged {len(completed)} experience(s) but its "
+                    f"resume state {STATE} is missing; it cannot be resumed"
+                ) from None
             return None
-        return torch.load(Path(path), map_location="cpu", weights_only=False)
+        try:
+            return torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as error:
+            # weights_only names the first object it would not build: "Unsupported global".
+            if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+                raise ConfigError(
+                    f"resume={run_id}: refused to load {STATE}: it holds objects other than "
+                    "tensors and plain values, and unpickling them could run code"
+                ) from None
+            first = (str(error).splitlines() or [type(error).__name__])[0][:200]
+            raise ConfigError(
+                f"resume={run_id}: {STATE} is corrupt ({first}); it cannot be resumed"
+            ) from None
+
+
+def run_tag(uri: str, run_id: str, name: str) -> str | None:
+    return MlflowClient(uri).get_run(run_id).data.tags.get(name)
+
+
+# -- SLURM: a preempted or timed-out job is requeued and continues its own run ----------------
+def slurm_job() -> str | None:
+    """This job's id as SLURM keeps it across requeues (array jobs: ``<array id>_<task id>``)."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def find_requeued(uri: str, experiment: str, job: str) -> str | None:
+    """The unfinished run that this SLURM job started before it was requeued, if any."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.kind = 'experiment' and tags.slurm_job = '{job}' "
+        "and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def requeue(run_id: str) -> None:
+    """``scontrol requeue`` this job (after SIGUSR1/SIGUSR2): it restarts and resumes ``run_id``."""
+    job = slurm_job()
+    if job is None:
+        print(f"not a SLURM job: nothing requeued; continue with resume={run_id}", file=sys.stderr)
+        return
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        ok = done.returncode == 0
+        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
+    except OSError as error:
+        ok, why = False, str(error)
+    if ok:
+        print(f"requeued SLURM job {job}: it will resume run {run_id}", file=sys.stderr)
+    else:
+        print(f"requeue of SLURM job {job} failed ({why}); resume={run_id}", file=sys.stderr)

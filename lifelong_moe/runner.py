@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -27,10 +28,12 @@ from hydra.errors import InstantiationException
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.trainer.connectors import callback_connector as _callback_connector
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
-from torch.utils.data import DataLoader
 
+from lifelong_moe import signals
+from lifelong_moe.checkpointing import StepCheckpoint, checkpoints, describe, make_loader, remove
 from lifelong_moe.data.stream import Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation import metrics
@@ -42,7 +45,19 @@ from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.models import count_parameters, moe_layers, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
-from lifelong_moe.resume import STATE, capture_rng, find_run, load_state, restore_rng, run_config
+from lifelong_moe.resume import (
+    STATE,
+    capture_rng,
+    check_run,
+    find_requeued,
+    find_run,
+    load_state,
+    requeue,
+    restore_rng,
+    run_config,
+    run_tag,
+    slurm_job,
+)
 from lifelong_moe.throughput import throughput_metrics
 from lifelong_moe.tracking import names, report
 from lifelong_moe.tracking.mlflow_run import (
@@ -203,7 +218,7 @@ if hasattr(_callback_connector, "_load_external_callbacks"):
     _callback_connector._load_external_callbacks = _external_callbacks
 
 
-def make_trainer(cfg: DictConfig) -> L.Trainer:
+def make_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> L.Trainer:
     """A fresh Trainer for one experience.
 
     On one machine ``ddp`` becomes ``ddp_fork`` (CPU) or ``ddp_spawn`` (GPU, where CUDA forbids
@@ -224,7 +239,7 @@ def make_trainer(cfg: DictConfig) -> L.Trainer:
     bar = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if t.progress_bar else []
     return L.Trainer(
         plugins=plugins,
-        callbacks=bar,
+        callbacks=[*bar, *(callbacks or [])],
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
@@ -235,7 +250,7 @@ def make_trainer(cfg: DictConfig) -> L.Trainer:
         deterministic=t.deterministic,
         enable_progress_bar=t.progress_bar,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=False,  # ours: checkpointing.StepCheckpoint
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
@@ -251,30 +266,77 @@ def row_metrics(i: int, family: str, R: list[list[float]]) -> dict[str, float]:
     return out
 
 
+def checkpoint_folder(cfg: DictConfig, run_id: str) -> Path:
+    """``<trainer.checkpoint_dir>/<run_id>``, absolute (also recorded as the run's tag)."""
+    return (Path(cfg.trainer.get("checkpoint_dir", "checkpoints")) / run_id).resolve()
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment end to end; returns the summary that is also logged as summary.json."""
     resume_id = None
-    check_store(cfg.tracking.uri)
+    uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
+    check_store(uri)
+    signals.point("startup")
     if cfg.get("resume"):
-        resume_id = find_run(cfg.tracking.uri, cfg.tracking.experiment, str(cfg.resume))
-        stored = run_config(cfg.tracking.uri, resume_id)
-        stored.tracking.uri, stored.resume = cfg.tracking.uri, resume_id
+        resume_id = find_run(uri, experiment, str(cfg.resume))
+    elif slurm_job():
+        # A requeued SLURM job runs the same command again: continue its own run.
+        resume_id = find_requeued(uri, experiment, slurm_job())
+    if resume_id:
+        check_run(uri, experiment, resume_id, git_commit(), bool(cfg.get("resume_force")))
+        stored = run_config(uri, resume_id)
+        with open_dict(stored):
+            stored.tracking.uri, stored.resume = uri, resume_id
+            stored.resume_force = bool(cfg.get("resume_force"))
+            stored.resume_trust = bool(cfg.get("resume_trust"))
         cfg = stored
     exp = build(cfg)
-    tracker = tracker_for_rank(cfg.tracking.uri, cfg.tracking.experiment)
-    state = None
+    tracker = tracker_for_rank(uri, experiment)
+    state, ckpt = None, None
     if resume_id:
-        tracker.reopen(resume_id)
-        state = load_state(cfg.tracking.uri, resume_id)
+        # Everything is read and checked before the run is touched: a refusal changes nothing.
+        state = load_state(uri, resume_id)
         done = state["next"] if state else 0
-        print(f"resuming run {resume_id} after {done} of {len(exp.stream)} experiences", flush=True)
+        exp.method.trust_pickles = is_local(uri) or bool(cfg.get("resume_trust"))
+        folder = Path(
+            run_tag(uri, resume_id, "checkpoint_dir") or checkpoint_folder(cfg, resume_id)
+        )
+        found = checkpoints(folder, done)
+        where = f"after {done} of {len(exp.stream)} experiences"
+        if found and done < len(exp.stream):
+            ckpt = found[-1]
+            at = describe(ckpt)
+            where = f"at experience {at['experience']}, epoch {at['epoch']}, step {at['step']}"
+        print(f"resuming run {resume_id} {where}", flush=True)
+        with signals.deferred():
+            tracker.reopen(resume_id)
     else:
-        start_run(cfg, exp, tracker)
+        with signals.deferred():
+            start_run(cfg, exp, tracker)
+        folder = checkpoint_folder(cfg, tracker.run_id)
+    signals.STATE.run_id = tracker.run_id
     if cfg.tracking.get("system_metrics", True):
         interval = float(cfg.tracking.get("system_metrics_interval_s", 2.0))
         tracker.start_system_metrics(interval, resume=bool(resume_id))
     try:
-        summary = _loop(cfg, exp, tracker, state)
+        summary = _loop(cfg, exp, tracker, state, ckpt, folder)
+    except (signals.Interrupted, SIGTERMException) as error:
+        # SIGTERMException: Lightning's own SIGTERM stop at an epoch end, had ours not come first.
+        stop = (
+            error if isinstance(error, signals.Interrupted) else signals.Interrupted(signal.SIGTERM)
+        )
+        # A second signal from here on exits at once (signals._handler).
+        tracker.stop_system_metrics()
+        tracker.finish("KILLED")
+        print(
+            f"interrupted: run {tracker.run_id} marked KILLED at {signals.where()}; "
+            f"continue with resume={tracker.run_id}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if stop.requeue:
+            requeue(tracker.run_id)
+        raise stop from None
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
         tracker.stop_system_metrics()
         tracker.finish("KILLED")
@@ -298,6 +360,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             first = (str(error).splitlines() or [type(error).__name__])[0][:200]
             print(f"note: could not delete {names.RESUME_FOLDER}/ of the run: {first}", flush=True)
     if tracker.writes:
+        remove(folder)
+    signals.STATE.deferred = 0
+    if tracker.writes:
         print(f"\nSee this run: {tracker.ui_command()}   (run id {tracker.run_id})", flush=True)
     return summary
 
@@ -315,6 +380,8 @@ def start_run(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> None:
         "git_commit": git_commit(),
         **library_versions(),
     }
+    if slurm_job():
+        tags["slurm_job"] = slurm_job()
     if cfg.tracking.get("sweep_id"):
         tags["sweep_id"] = str(cfg.tracking.sweep_id)
         # Nests the sweep's runs under one parent run in the MLflow UI.
@@ -324,10 +391,16 @@ def start_run(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_name = cfg.tracking.run_name or f"{tags['method']}-{tags['benchmark']}-s{cfg.seed}"
     run_id = tracker.start(run_name, tags, flatten(resolved))
+    tracker.set_tags({"checkpoint_dir": str(checkpoint_folder(cfg, run_id))})
     tracker.describe(report.running_description(tags, len(stream)))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), names.CONFIG)
     tracker.log_inputs(report.dataset_inputs(resolved["benchmark"], stream))
     print(f"run {run_id} ({run_name}): {len(stream)} experiences of {stream.name}", flush=True)
+
+
+def is_local(uri: str) -> bool:
+    """A store on this machine (sqlite or file): what a resume may trust with pickles."""
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
 
 def restore(exp: Experiment, state: dict[str, Any], tracker: RunTracker) -> History:
@@ -358,7 +431,12 @@ def save_state(exp: Experiment, h: History, tracker: RunTracker, next_index: int
 
 
 def _loop(
-    cfg: DictConfig, exp: Experiment, tracker: RunTracker, state: dict[str, Any] | None
+    cfg: DictConfig,
+    exp: Experiment,
+    tracker: RunTracker,
+    state: dict[str, Any] | None,
+    ckpt: Path | None = None,
+    folder: Path | None = None,
 ) -> dict[str, Any]:
     stream, model, method = exp.stream, exp.model, exp.method
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
@@ -373,25 +451,38 @@ def _loop(
         h.b_task = base.accuracy_task or []
         h.b_loss = getattr(base, "loss", [])
     T = len(stream)
+    folder = folder or checkpoint_folder(cfg, tracker.run_id)
     for i in range(len(h.R), T):
         experience = stream.experiences[i]
+        signals.STATE.experience, signals.STATE.step = i, None
+        signals.point("before_experience", i)
         method.before_experience(experience)
         data = method.train_dataset(experience)
-        loader = DataLoader(
-            data,
-            batch_size=cfg.trainer.batch_size,
-            shuffle=True,
-            num_workers=cfg.trainer.num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed * 1_000 + i),
-            persistent_workers=cfg.trainer.num_workers > 0,
+        loader = make_loader(
+            data, cfg.trainer.batch_size, cfg.trainer.num_workers, seed=cfg.seed * 1_000 + i
+        )
+        saver = StepCheckpoint(
+            folder,
+            i,
+            every_n_steps=cfg.trainer.get("checkpoint_every_n_steps", 0),
+            keep=cfg.trainer.get("checkpoint_keep", 2),
+            sampler=loader.sampler,
         )
         start = time.perf_counter()
-        trainer = make_trainer(cfg)
-        method.fit_experience(experience, loader, trainer)
+        trainer = make_trainer(cfg, callbacks=[saver])
+        if method.lightning_loop:
+            with signals.training():  # a signal stops at the next step boundary
+                method.fit_experience(experience, loader, trainer, ckpt_path=ckpt)
+        else:
+            method.fit_experience(experience, loader, trainer)
+        ckpt = None  # only the experience the run was in continues from a checkpoint
+        saver.apply_pending_rng()
         h.train_seconds.append(time.perf_counter() - start)
+        signals.point("evaluate", i)
         start = time.perf_counter()
         ev: Evaluation = evaluate_after(evaluator, exp, cfg, device)
         eval_seconds = time.perf_counter() - start
+        signals.point("after_experience", i)
         method.after_experience(experience, data)
 
         h.R.append(ev.accuracy)
@@ -412,6 +503,8 @@ def _loop(
         params = count_parameters(model)
         logged |= {names.cost_params(k): v for k, v in params.items()}
         logged[names.COST_TRAIN_S] = h.train_seconds[-1]
+        logged[names.COST_CHECKPOINT_S] = saver.seconds  # part of cost/train_s
+        logged[names.COST_CHECKPOINT_MB] = saver.bytes / 2**20
         logged[names.COST_EVAL_S] = eval_seconds
         logged |= throughput_metrics(
             model, data, cfg.trainer.max_epochs, h.train_seconds[-1], device,
@@ -424,8 +517,10 @@ def _loop(
         h.logged.append(logged)
         # State first, metrics second: a crash in between re-logs the row on resume,
         # the other order could log a step twice.
-        save_state(exp, h, tracker, i + 1)
-        tracker.log_metrics(logged, step=i)
+        with signals.deferred():
+            save_state(exp, h, tracker, i + 1)
+            signals.point("log_metrics", i)
+            tracker.log_metrics(logged, step=i)
         print(
             f"[{i + 1}/{T}] {method.__class__.__name__} on experience {i}: "
             f"acc {ev.accuracy[i]:.3f}  seen {logged[names.ACC_SEEN]:.3f}  "
@@ -436,7 +531,7 @@ def _loop(
             flush=True,
         )
         if cfg.tracking.log_checkpoints:
-            with tempfile.TemporaryDirectory() as tmp:
+            with signals.deferred(), tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"model_exp_{i}.pt"
                 save_model(
                     model,
@@ -446,6 +541,8 @@ def _loop(
                     n_classes=stream.n_classes,
                 )
                 tracker.log_file(path, names.CHECKPOINTS)
+    # Held until run() marks the run FINISHED: a signal now lets the run complete (exit 0).
+    signals.STATE.deferred += 1
     return _finish(cfg, stream, h, tracker)
 
 

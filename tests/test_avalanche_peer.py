@@ -53,6 +53,21 @@ def test_config_errors_name_the_bad_value():
         peer().setup_stream(Stream("plain", [], 10, (1, 8, 8), "class_incremental"))
 
 
+def trusted(method):
+    """As the runner sets it when the state comes from a local store."""
+    method.trust_pickles = True
+    return method
+
+
+def test_untrusted_peer_refuses_pickled_plugins(digits):
+    method = peer("Replay", strategy_args={"mem_size": 20})
+    method.setup_stream(digits)
+    train(method, digits, range(1))
+    state = pickle.loads(pickle.dumps(method.method_state()))
+    with pytest.raises(ConfigError, match="resume_trust=true"):
+        peer("Replay", strategy_args={"mem_size": 20}).load_method_state(state)
+
+
 @pytest.mark.parametrize(
     ("strategy", "args"),
     [
@@ -77,9 +92,9 @@ def test_strategies_train_our_model_silently(digits, strategy, args):
     state = pickle.loads(pickle.dumps(method.method_state()))  # as the runner stores it
     if strategy == "AGEM":  # its plugin keeps a live iterator: resuming says so, in one line
         with pytest.raises(ConfigError, match="AGEMPlugin: cannot pickle"):
-            peer(strategy, strategy_args=args).load_method_state(state)
+            trusted(peer(strategy, strategy_args=args)).load_method_state(state)
     else:
-        peer(strategy, strategy_args=args).load_method_state(state)
+        trusted(peer(strategy, strategy_args=args)).load_method_state(state)
     assert any(
         not torch.equal(a, b) for a, b in zip(before, method.model.parameters(), strict=True)
     )
@@ -112,7 +127,7 @@ def test_resume_restores_the_strategy_memory(digits, strategy, args):
     weights = {k: v.clone() for k, v in first.model.state_dict().items()}
     train(first, digits, range(1, 2))
 
-    resumed = peer(strategy, strategy_args=args)
+    resumed = trusted(peer(strategy, strategy_args=args))
     resumed.setup_stream(digits)
     resumed.model.load_state_dict(weights)
     resumed.load_method_state(state)

@@ -66,13 +66,17 @@ def test_sigkill_then_resume_matches_uninterrupted(workdir):
         assert resumed.data.metrics[key] == reference.data.metrics[key]
 
 
-def test_ctrl_c_marks_killed_and_stays_resumable(workdir):
+def test_ctrl_c_marks_killed_and_stays_resumable(workdir, monkeypatch):
+    """Ctrl-C inside experience 3, at a named step (no timing): KILLED, exit 130, one line."""
+    monkeypatch.setenv("LIFELONG_MOE_SIGNAL_AT", "train_step:3:10=SIGINT")
     uri = store_uri(workdir)
-    stderr = interrupt_cli(workdir, [f"tracking.uri={uri}", *ARGS], signal.SIGINT)
+    done = run_cli(workdir, f"tracking.uri={uri}", *ARGS, check=False)
+    assert done.returncode == 130 and "Traceback" not in done.stderr
     (run,) = runs(uri)
     assert run.info.status == "KILLED"
-    assert f"resume={run.info.run_id}" in stderr
+    assert f"resume={run.info.run_id}" in done.stderr
     assert state_files(uri, run.info.run_id) == [names.RESUME_STATE]  # kept to resume from
+    monkeypatch.delenv("LIFELONG_MOE_SIGNAL_AT")
     run_cli(workdir, f"tracking.uri={uri}", f"resume={run.info.run_id}")
     (run,) = runs(uri)
     assert run.info.status == "FINISHED"

@@ -13,7 +13,9 @@ sees logits only); ``trainer.precision`` and ``gradient_clip_val`` do not apply.
 evaluator runs without metrics or loggers, and it never evaluates during training.
 
 Resume: the strategy's plugins (its memory) are pickled into the run state after every
-experience. A plugin holding a subset of an Avalanche dataset pickles the whole dataset
+experience; unpickling runs whatever the pickle says, so a resume reads them only from a local
+store (sqlite or file), or from a remote one with ``resume_trust=true``. Avalanche's loop has no
+step checkpoints: an interrupted peer resumes from the start of its experience. A plugin holding a subset of an Avalanche dataset pickles the whole dataset
 underneath (Replay on split_digits: 0.3 MB, on a large benchmark its training set); AGEM's
 live iterator cannot be pickled at all, so an interrupted AGEM run cannot resume and says so.
 """
@@ -75,6 +77,10 @@ def torch_device(accelerator: str) -> torch.device:
 
 
 class AvalanchePeer(ContinualMethod):
+    lightning_loop = False
+    # Set by the runner on resume: whether the store may hand us pickles (local or trusted).
+    trust_pickles = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -175,6 +181,11 @@ class AvalanchePeer(ContinualMethod):
         from avalanche.training.plugins import EvaluationPlugin
         from avalanche.training.plugins.clock import Clock
 
+        if not self.trust_pickles:
+            raise ConfigError(
+                "resume: method=avalanche keeps its plugins as pickles, which run code when "
+                "loaded; the tracking store is not local: add resume_trust=true if you trust it"
+            )
         lost = [p for p in state["plugins"] if isinstance(p, str)]
         if lost:
             raise ConfigError(

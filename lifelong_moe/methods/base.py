@@ -12,6 +12,7 @@ the first steps.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -34,6 +35,9 @@ __all__ = ["ContinualMethod", "NonFiniteLossError", "make_replay"]
 
 class ContinualMethod(L.LightningModule):
     """Cross-entropy training of ``model`` (which returns ``(logits, aux)``) on one experience at a time."""
+
+    # Trains with Lightning's loop: checkpoints and signal stops at step boundaries apply.
+    lightning_loop = True
 
     def __init__(
         self,
@@ -109,9 +113,19 @@ class ContinualMethod(L.LightningModule):
         """Expert mask for training and evaluating on ``exp``; None: route over every expert."""
         return None
 
-    def fit_experience(self, exp: Experience, loader: DataLoader, trainer: L.Trainer) -> None:
-        """Train on one experience; Lightning's loop unless a method brings its own (peers)."""
-        trainer.fit(self, loader)
+    def fit_experience(
+        self,
+        exp: Experience,
+        loader: DataLoader,
+        trainer: L.Trainer,
+        ckpt_path: str | Path | None = None,
+    ) -> None:
+        """Train on one experience; Lightning's loop unless a method brings its own (peers).
+
+        ``ckpt_path`` continues the experience from a training checkpoint (checkpointing.py),
+        read with ``weights_only=True``.
+        """
+        trainer.fit(self, loader, ckpt_path=ckpt_path, weights_only=True)
 
     def after_experience(self, exp: Experience, train_data: Dataset) -> None:
         """Called after evaluation of experience ``exp``; e.g. EWC's Fisher, replay buffer updates.

@@ -328,9 +328,11 @@ class Seed(ContinualMethod):
         mse = nn.functional.mse_loss(m.last_features, old)
         return {"feature_kd": self.alpha / (1 - self.alpha) * mse}
 
-    def fit_experience(self, exp: Experience, loader: DataLoader, trainer: L.Trainer) -> None:
+    def fit_experience(
+        self, exp: Experience, loader: DataLoader, trainer: L.Trainer, ckpt_path: str | None = None
+    ) -> None:
         """Train the chosen expert, then fit Gaussians before the runner evaluates."""
-        super().fit_experience(exp, loader, trainer)
+        super().fit_experience(exp, loader, trainer, ckpt_path=ckpt_path)
         m = self.ensemble
         m.head, self.teacher, m.last_hidden, m.last_features = None, None, None, None
         for k in range(min(exp.index + 1, len(m.experts))):

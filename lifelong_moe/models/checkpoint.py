@@ -27,8 +27,12 @@ def save_model(model: nn.Module, model_cfg: dict[str, Any], path: str | Path, **
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """Rebuild the backbone at its saved size and load its weights."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    """Rebuild the backbone at its saved size and load its weights.
+
+    ``weights_only=True``: the file holds tensors, numbers, strings and containers only, so a
+    crafted file cannot run code (it fails with ``pickle.UnpicklingError`` instead).
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     cfg = {k: v for k, v in saved["model_cfg"].items() if k != "name"}
     model = hydra.utils.instantiate(cfg, **saved["build"], _convert_="all")
     restore_model(model, saved)

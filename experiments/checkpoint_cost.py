@@ -1,0 +1,84 @@
+"""Checkpoint cost at the default interval: seconds and MB per checkpoint, share of training time.
+
+Runs the real CLI (two experiences each) for moe_mlp + Lifelong-MoE on permuted digits and for
+the lm_cpu preset, then reads back, per experience, ``cost/checkpoint_s`` (time spent writing
+training checkpoints, part of the training time), ``cost/checkpoint_mb`` (size of one) and the
+training time. Writes results/checkpoint_cost.md.
+
+    .venv/bin/python experiments/checkpoint_cost.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+CASES = {
+    "moe_mlp, permuted_digits (5 epochs x 20 steps)": [
+        "method=lifelong_moe",
+        "model=moe_mlp",
+        "benchmark=permuted_digits",
+        "benchmark.n_experiences=2",
+        "trainer.progress_bar=false",
+    ],
+    "lm_cpu (1 epoch x 58 steps)": [
+        "experiment=lm_cpu",
+        "method=lifelong_moe",
+        "benchmark.domains=[english,python]",
+    ],
+}
+
+
+def measure(args: list[str]) -> list[dict[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        cli = Path(sys.executable).parent / "lifelong-moe"
+        subprocess.run(
+            [str(cli), *args, "tracking.log_checkpoints=false", f"tracking.uri={uri}"],
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+        )
+        client = MlflowClient(uri)
+        (run,) = [r for r in client.search_runs(["1"]) if r.data.tags.get("kind") == "experiment"]
+
+        def history(key: str) -> list[float]:
+            found = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            return [m.value for m in found]
+
+        train = history("cost/train_s") or history("time/train_s")
+        return [
+            {"train_s": t, "checkpoint_s": c, "checkpoint_mb": mb}
+            for t, c, mb in zip(
+                train, history("cost/checkpoint_s"), history("cost/checkpoint_mb"), strict=True
+            )
+        ]
+
+
+def main() -> None:
+    lines = [
+        "# Checkpoint cost at the default interval (trainer.checkpoint_every_n_steps=100, and",
+        "# every epoch end), per experience. Command: .venv/bin/python experiments/checkpoint_cost.py",
+        "",
+        "| case | experience | train s | checkpoint s (all) | share | MB per checkpoint |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, args in CASES.items():
+        for i, row in enumerate(measure(args)):
+            share = row["checkpoint_s"] / row["train_s"]
+            lines.append(
+                f"| {name} | {i} | {row['train_s']:.1f} | {row['checkpoint_s']:.2f} | "
+                f"{share:.1%} | {row['checkpoint_mb']:.2f} |"
+            )
+    out = REPO / "results" / "checkpoint_cost.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Training checkpoints inside an experience, so that a kill loses minutes, not an experience.
+
+Every ``trainer.checkpoint_every_n_steps`` optimizer steps and at the end of every epoch the
+``StepCheckpoint`` callback writes a Lightning checkpoint (``Trainer.save_checkpoint``) to
+``<trainer.checkpoint_dir>/<run_id>/exp<i>-step<s>.ckpt`` on local disk and keeps the newest
+``trainer.checkpoint_keep``. It holds what Lightning holds (model of the grown size, optimizer,
+loop progress, the data loader's position) plus this callback's state: the RNG states. A resumed
+run first restores the experience-boundary state (``resume.py``), replays ``before_experience``
+under the restored RNG (which rebuilds the method's state for the experience exactly: grown
+experts, frozen banks, teacher, expert origins; EWC's Fisher and the replay buffer only change
+after an experience), then calls ``fit(ckpt_path=...)`` with the newest checkpoint of that
+experience.
+
+Data order: ``EpochSampler`` draws each epoch's permutation from (seed, experience, epoch)
+alone, and torchdata's ``StatefulDataLoader`` (which Lightning saves and restores) skips the
+batches already trained on; so the resumed run sees exactly the batches the uninterrupted one
+would have seen. Writes are atomic (temporary file, then rename): a kill while writing leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from lifelong_moe import signals
+from lifelong_moe.errors import ConfigError
+
+NAME = re.compile(r"exp(\d+)-step(\d+)\.ckpt$")
+# torchdata calls a deprecated torch function at every loader creation: one warning per
+# experience that says nothing about the run.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle whose order depends on (seed, epoch) only, never on what ran before.
+
+    Lightning calls ``set_epoch`` at the start of every epoch; a resumed loader therefore
+    rebuilds the interrupted epoch's permutation, and the later ones, exactly.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+def make_loader(data: Dataset, batch_size: int, num_workers: int, seed: int) -> StatefulDataLoader:
+    """The training loader of one experience: shuffled by ``EpochSampler``, resumable mid-epoch."""
+    return StatefulDataLoader(
+        data,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(data), seed),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        # Each new epoch's iterator draws its workers' base seed from this generator; without
+        # it the draw comes from torch's global RNG, which a run resumed from an epoch-end
+        # checkpoint would then see one draw short (router noise and dropout would differ).
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def run_dir(root: str, run_id: str) -> Path:
+    """Where one run keeps its checkpoints (absolute, so a resume from elsewhere finds them)."""
+    return (Path(root) / run_id).resolve()
+
+
+def checkpoints(folder: Path, experience: int | None = None) -> list[Path]:
+    """The run's checkpoints, oldest first; only those of ``experience`` when given."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = NAME.match(path.name)
+        if match and (experience is None or int(match.group(1)) == experience):
+            found.append(((int(match.group(1)), int(match.group(2))), path))
+    return [path for _, path in sorted(found)]
+
+
+def describe(path: Path) -> dict[str, int]:
+    """Experience, epoch and step of a checkpoint, read back safely (``weights_only``)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        meta = saved["lifelong_moe"]
+        return {"experience": meta["experience"], "epoch": meta["epoch"], "step": meta["step"]}
+    except Exception as error:
+        first = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise ConfigError(
+            f"resume: checkpoint {path} cannot be read ({first}); move it away to resume from "
+            "the experience boundary instead"
+        ) from None
+
+
+def remove(folder: Path) -> None:
+    """A finished run needs no training checkpoints."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class StepCheckpoint(L.Callback):
+    """Writes checkpoints at step boundaries, stops there on a signal, and restores RNG states."""
+
+    def __init__(
+        self, folder: Path, experience: int, every_n_steps: int, keep: int, sampler: Any
+    ) -> None:
+        if every_n_steps < 0:
+            raise ConfigError(f"trainer.checkpoint_every_n_steps={every_n_steps} must be >= 0")
+        if keep < 1:
+            raise ConfigError(f"trainer.checkpoint_keep={keep} must be >= 1")
+        self.folder = folder
+        self.experience = experience
+        self.every_n_steps = every_n_steps
+        self.keep = keep
+        self.sampler = sampler
+        self.saved_step: int | None = None
+        self.seconds = 0.0  # spent writing checkpoints (the cost/checkpoint_s metric)
+        self.bytes = 0  # size of the last one
+        self._pending_rng: dict[str, Any] | None = None
+
+    # -- what Lightning stores of this callback ------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        from lifelong_moe.resume import capture_rng
+
+        return {"rng": capture_rng()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_rng = state_dict["rng"]
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["lifelong_moe"] = {
+            "experience": self.experience,
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+        }
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The loader restores its position on the sampler's current epoch: set it first.
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(checkpoint["epoch"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._load_loader_state(trainer)
+        self.apply_pending_rng()
+
+    @staticmethod
+    def _load_loader_state(trainer: L.Trainer) -> None:
+        """Work around Lightning 2.6 (issue #20550): when ``configure_optimizers`` reads
+        ``trainer.estimated_stepping_batches`` (an LR schedule), the loader is set up before the
+        checkpoint is restored and its saved position is silently dropped. Load it here and
+        restart the iterator, as Lightning's own path does; a no-op when Lightning did it."""
+        loop = trainer.fit_loop
+        pending = getattr(loop, "_combined_loader_states_to_load", None)
+        if pending and loop._combined_loader is not None and loop._data_fetcher is not None:
+            loop._combined_loader._load_state_dicts(pending)
+            loop._combined_loader_states_to_load = []
+            iter(loop._data_fetcher)
+
+    def apply_pending_rng(self) -> None:
+        """Bring the RNGs to where the checkpoint was written (also when fit had nothing left)."""
+        if self._pending_rng is not None:
+            from lifelong_moe.resume import restore_rng
+
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
+
+    # -- writing -------------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        step = trainer.global_step
+        signals.STATE.step = step
+        signals.point("train_step", self.experience, step)
+        last_of_epoch = idx + 1 >= trainer.num_training_batches
+        periodic = self.every_n_steps and step % self.every_n_steps == 0
+        stop = signals.requested() is not None
+        if stop or last_of_epoch or periodic:
+            self.save(trainer)
+        if stop:
+            signals.check()
+
+    def save(self, trainer: L.Trainer) -> None:
+        step = trainer.global_step
+        if self.saved_step == step:
+            return
+        start = time.perf_counter()
+        path = self.folder / f"exp{self.experience}-step{step}.ckpt"
+        tmp = path.with_suffix(".tmp")
+        if trainer.is_global_zero:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
+        if trainer.is_global_zero:
+            self.bytes = tmp.stat().st_size
+            os.replace(tmp, path)
+            for old in checkpoints(self.folder)[: -self.keep]:
+                old.unlink(missing_ok=True)
+        self.saved_step = step
+        self.seconds += time.perf_counter() - start

@@ -1,0 +1,104 @@
+"""kill -9 inside an experience, resume: the run ends bit-identical to an uninterrupted one.
+
+The kills land at named points (``LIFELONG_MOE_SIGNAL_AT``), never by timing: mid-epoch, just
+after an epoch-end checkpoint, and during evaluation once training of the experience is done.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lifelong_moe.tracking import names
+from tests.conftest import artifact_json, cli, run_cli, runs, store_uri
+
+pytestmark = pytest.mark.slow
+# 20 steps per epoch (digits, batch 64), checkpoints every 5 steps and at epoch ends.
+ARGS = [
+    "method=lifelong_moe",
+    "benchmark=permuted_digits",
+    "model=moe_mlp",
+    "model.d_model=32",
+    "model.d_hidden=32",
+    "trainer.max_epochs=2",
+    "trainer.progress_bar=false",
+    "trainer.checkpoint_every_n_steps=5",
+    "tracking.log_checkpoints=false",
+    "seed=3",
+]
+
+
+def run_until(cwd: Path, args: list[str], at: str) -> subprocess.CompletedProcess:
+    """Run the CLI and SIGKILL it when it reaches the named point ``at``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LIFELONG_MOE_SIGNAL_AT": f"{at}=SIGKILL"}
+    done = subprocess.run(
+        [*cli("lifelong-moe", "lifelong_moe.cli"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    assert done.returncode == -9, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+    return done
+
+
+def metric_steps(uri: str, run_id: str) -> dict[str, list[int]]:
+    client = MlflowClient(uri)
+    # System metrics are sampled by wall clock: how many there are depends on timing.
+    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")]
+    return {k: sorted(m.step for m in client.get_metric_history(run_id, k)) for k in keys}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("reference")
+    uri = store_uri(workdir)
+    run_cli(workdir, f"tracking.uri={uri}", *ARGS)
+    (run,) = runs(uri)
+    matrix = artifact_json(uri, run.info.run_id, "accuracy_matrix.json")
+    return {
+        "matrix": matrix,
+        "metrics": run.data.metrics,
+        "steps": metric_steps(uri, run.info.run_id),
+    }
+
+
+@pytest.mark.parametrize(
+    ("at", "where"),
+    [
+        ("train_step:3:7", "at experience 3, epoch 0, step 5"),
+        ("train_step:3:23", "at experience 3, epoch 0, step 20"),
+        ("evaluate:3", "at experience 3, epoch 1, step 40"),
+    ],
+)
+def test_kill_inside_experience_then_resume_is_bit_identical(workdir, reference, at, where):
+    uri = store_uri(workdir)
+    run_until(workdir, [f"tracking.uri={uri}", *ARGS], at)
+    (killed,) = runs(uri)
+    assert killed.info.status == "RUNNING"
+    folder = Path(killed.data.tags["checkpoint_dir"])
+    assert [p.name for p in folder.iterdir()], "no checkpoint was written"
+    assert len(list(folder.glob("*.ckpt"))) <= 2  # trainer.checkpoint_keep
+
+    resumed = run_cli(workdir, f"tracking.uri={uri}", "resume=last")
+    assert resumed.stdout.splitlines()[0] == f"resuming run {killed.info.run_id} {where}"
+    (run,) = runs(uri)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    got = artifact_json(uri, run.info.run_id, "accuracy_matrix.json")
+    assert got["R"] == reference["matrix"]["R"] and got["b"] == reference["matrix"]["b"]
+    for key in (
+        names.ACC_FINAL,
+        names.ACC_FORGETTING,
+        names.ACC_BWT,
+        names.ACC_FWT,
+        names.ACC_AVG_INCREMENTAL,
+    ):
+        assert run.data.metrics[key] == reference["metrics"][key], key
+    # every step's metrics exactly once, the same keys and steps as the uninterrupted run
+    assert metric_steps(uri, run.info.run_id) == reference["steps"]
+    assert not folder.exists(), "a finished run keeps no training checkpoints"
