@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+# Triton reads TRITON_INTERPRET at its first import, which any test module (or the CLI in-process)
+# may trigger: set it before everything, so that without a GPU the fused kernels run on the CPU
+# under the interpreter in whatever order (or pytest-xdist worker) the tests run.
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["trainer.max_epochs=2", "trainer.progress_bar=false", "tracking.log_checkpoints=false"]
 
