@@ -21,9 +21,12 @@ comes from, inferred from per-experience input statistics (see ``inferred_routin
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lifelong_moe.data.stream import Experience
 from lifelong_moe.errors import ConfigError
@@ -177,8 +180,14 @@ class LifelongMoE(ContinualMethod):
     def expert_mask(self, exp: Experience) -> torch.Tensor | None:
         return self.task_mask(exp.task_id)
 
-    def fit_experience(self, exp: Experience, loader, trainer) -> None:
-        super().fit_experience(exp, loader, trainer)
+    def fit_experience(
+        self,
+        exp: Experience,
+        loader: DataLoader,
+        trainer: L.Trainer,
+        ckpt_path: str | Path | None = None,
+    ) -> None:
+        super().fit_experience(exp, loader, trainer, ckpt_path=ckpt_path)
         if self.infer_routing:  # before evaluation, which must recognise this experience too
             self.statistics.add(exp.train)
 
