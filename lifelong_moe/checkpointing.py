@@ -150,6 +150,7 @@ class StepCheckpoint(L.Callback):
             "experience": self.experience,
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
+            "epoch_end": bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch),
         }
 
     def on_load_checkpoint(
@@ -158,6 +159,12 @@ class StepCheckpoint(L.Callback):
         # The loader restores its position on the sampler's current epoch: set it first.
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(checkpoint["epoch"])
+        if checkpoint.get("lifelong_moe", {}).get("epoch_end"):
+            # Written at an epoch's last batch: Lightning restarts at the next epoch, whose
+            # iterator must start fresh. The saved (exhausted) loader position would be consumed
+            # by that first iterator instead, and the whole next epoch would see no batch.
+            fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+            fit_state["combined_loader"] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._load_loader_state(trainer)
