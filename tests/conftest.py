@@ -27,9 +27,13 @@ def cli(*names: str) -> list[str]:
 
 
 def run_cli(
-    cwd: Path, *args: str, check: bool = True, timeout: int = 600
+    cwd: Path,
+    *args: str,
+    check: bool = True,
+    timeout: int = 600,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(extra_env or {})}
     result = subprocess.run(
         [*cli("lifelong-moe", "lifelong_moe.cli"), *args],
         cwd=cwd,
@@ -41,26 +45,6 @@ def run_cli(
     if check and result.returncode != 0:
         raise AssertionError(f"CLI failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
-
-
-def interrupt_cli(cwd: Path, args: list[str], sig: int, at: str = "[2/5]") -> str:
-    """Run the CLI and send ``sig`` once it prints a line starting with ``at`` (by default the
-    end of experience 2, so experience 3 is training); returns its stderr after it exits."""
-    process = subprocess.Popen(
-        [*cli("lifelong-moe", "lifelong_moe.cli"), *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    for line in process.stdout:
-        if line.startswith(at):
-            process.send_signal(sig)
-            break
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0, "the run ended before it was interrupted"
-    return stderr
 
 
 def store_uri(path: Path) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import signal
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +21,7 @@ from lifelong_moe.methods.naive import Naive
 from lifelong_moe.methods.replay import Replay, ReplayBuffer, balanced_quotas
 from lifelong_moe.models import moe_layers
 from lifelong_moe.models.mlp import ResidualMLP
-from tests.conftest import artifact_json, interrupt_cli, run_cli, runs, store_uri
+from tests.conftest import artifact_json, run_cli, runs, store_uri
 
 
 def class_stream(n_experiences: int = 2, per_class: int = 24) -> Stream:
@@ -355,7 +354,10 @@ def kill_and_resume(workdir: Path, args: list[str]) -> tuple[list, list]:
     run_cli(workdir, f"tracking.uri={reference_uri}", *args)
     (reference,) = runs(reference_uri)
     uri = store_uri(workdir)
-    interrupt_cli(workdir, [f"tracking.uri={uri}", *args], signal.SIGKILL)
+    # kill -9 at a named point (not by timing), which every method's loop passes
+    env = {"LIFELONG_MOE_SIGNAL_AT": "before_experience:3=SIGKILL"}
+    killed = run_cli(workdir, f"tracking.uri={uri}", *args, check=False, extra_env=env)
+    assert killed.returncode == -9, killed.stderr[-2000:]
     assert "resuming run" in run_cli(workdir, f"tracking.uri={uri}", "resume=last").stdout
     (resumed,) = runs(uri)
     return (
