@@ -65,6 +65,7 @@ def store(killed) -> tuple[str, str, Path]:
     client = MlflowClient(uri)
     saved, commit = state.read_bytes(), client.get_run(run_id).data.tags["git_commit"]
     yield killed
+    state.parent.mkdir(parents=True, exist_ok=True)  # a resume that FINISHED deleted ~resume/
     state.write_bytes(saved)
     client.set_tag(run_id, "git_commit", commit)
     client.set_terminated(run_id, "KILLED")
