@@ -17,6 +17,11 @@ if not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+# CLI subprocesses run in temporary folders and some tests name test-only classes
+# (``method._target_=tests....``, Hydra callbacks): let them import ``tests`` from the checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+)
 FAST = ["trainer.max_epochs=2", "trainer.progress_bar=false", "tracking.log_checkpoints=false"]
 
 
