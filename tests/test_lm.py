@@ -168,6 +168,9 @@ def test_presets_compose_and_build(tmp_path):
                     "benchmark.max_bytes_per_domain=4096",
                     "model.n_blocks=2",
                     "model.moe_blocks=[1]",
+                    # lm_gpu's fused kernels would run under Triton's CPU interpreter here
+                    # (tests/conftest.py), minutes for one window: they have their own tests.
+                    "model.dispatch=grouped",
                 ],
             )
         assert cfg.model.name == "moe_lm" and cfg.benchmark.name == "text_domains"
