@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from lifelong_moe.errors import ConfigError  # noqa: E402
+from lifelong_moe.errors import ConfigError, NonFiniteLossError  # noqa: E402
 
 
 def conf_dir() -> Path:
@@ -57,7 +57,6 @@ def sweep_id() -> str | None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> float | None:
-    from lifelong_moe.methods.base import NonFiniteLossError
     from lifelong_moe.runner import run
 
     with open_dict(cfg):

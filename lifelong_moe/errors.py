@@ -1,4 +1,8 @@
-"""User-facing errors: one clear line, raised before any training starts."""
+"""User-facing errors: one clear line each, never a traceback.
+
+``ConfigError`` is raised before any training starts; ``NonFiniteLossError`` during training.
+The CLI is the only place that turns them into a printed line and an exit status.
+"""
 
 
 class ConfigError(ValueError):
@@ -6,3 +10,7 @@ class ConfigError(ValueError):
 
     The CLI prints it as a single line and exits with status 2; it never becomes a traceback.
     """
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN or inf: the run stops and is marked FAILED (exit status 1)."""

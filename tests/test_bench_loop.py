@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lifelong_moe import bench
+from lifelong_moe.errors import NonFiniteLossError
 from lifelong_moe.loop_bench import bare_side, compose, runner_side
-from lifelong_moe.methods.step_stats import NonFiniteLossError, StepStats
+from lifelong_moe.methods.step_stats import StepStats
 from lifelong_moe.runner import build
 
 TINY = [

@@ -11,7 +11,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from lifelong_moe.methods.base import ContinualMethod, NonFiniteLossError
+from lifelong_moe.errors import NonFiniteLossError
+from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.naive import Naive
 from lifelong_moe.tracking.names import RESUME_FOLDER
 from tests.conftest import FAST, REPO, run_cli, runs, store_uri

@@ -23,14 +23,14 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.lr_schedule import LRSchedule
-from lifelong_moe.methods.step_stats import NonFiniteLossError, StepStats
+from lifelong_moe.methods.step_stats import StepStats
 from lifelong_moe.tracking import names
 
 if TYPE_CHECKING:
     from lifelong_moe.methods.replay import ReplayBuffer
 
 
-__all__ = ["ContinualMethod", "NonFiniteLossError", "make_replay"]
+__all__ = ["ContinualMethod", "make_replay"]
 
 
 class ContinualMethod(L.LightningModule):

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import torch
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced NaN or inf: the run stops and is marked FAILED."""
+from lifelong_moe.errors import NonFiniteLossError
 
 
 class StepStats:
