@@ -1,6 +1,11 @@
 """Avalanche's classic vision benchmarks, configured from Hydra and materialised as Streams.
 
-Each builder calls Avalanche's own generator (SplitMNIST, PermutedMNIST, ...) so the class
+One table, ``CLASSICS``, says what differs between the datasets (Avalanche generator, download
+folder and host, the files that prove the data is there, classes, scenario, transform); one
+builder, :func:`build`, turns an entry and the user's knobs into a Stream. Each
+``conf/benchmark/<name>.yaml`` targets the function of the same name below.
+
+Each stream comes from Avalanche's own generator (SplitMNIST, PermutedMNIST, ...) so the class
 orders and permutations for a seed are the ones Avalanche users get. Two deliberate changes:
 
 * Training uses Avalanche's default *eval* transform (ToTensor + the dataset's Normalize):
@@ -15,80 +20,209 @@ default (``in_memory: false``) because their float32 tensors would need 5 GB and
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from lifelong_moe import checks
 from lifelong_moe.data.arrays import check_class_order, check_count, check_n_experiences
 from lifelong_moe.data.downloads import loading, require, resolve_root
 from lifelong_moe.data.materialize import materialize
 from lifelong_moe.data.stream import Stream
 from lifelong_moe.errors import ConfigError
 
-_MNIST_FILES = [
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-]
-_MNIST_HINT = "the torchvision {name} files ({name}/raw/*-ubyte, uncompressed)"
+
+@dataclass(frozen=True)
+class Classic:
+    """What one Avalanche classic needs besides the user's knobs."""
+
+    name: str  # stream name, the builder function and conf/benchmark/<name>.yaml
+    generator: str  # its generator in avalanche.benchmarks.classic
+    what: str  # the dataset, as messages name it
+    folder: str  # Avalanche's default root: ~/.avalanche/data/<folder>
+    files: tuple[str, ...]  # relative to the root; all present: no download needed
+    url: str  # the host torchvision/Avalanche download from (probed before they start)
+    hint: str  # what to put in the root by hand
+    n_classes: int
+    input_shape: tuple[int, ...]  # what materialize reads back (documentation)
+    scenario: str = "class_incremental"
+    n_experiences: int = 5  # default of the builder's n_experiences
+    in_memory: bool = True  # default of the builder's in_memory
+    # "module:attribute" under avalanche.benchmarks.classic of the eval transform that train
+    # uses too; None keeps the generator's defaults (ToTensor + Normalize, no augmentation).
+    eval_transform: str | None = None
+    return_task_id: bool = True  # the generator takes task_labels as return_task_id
 
 
-def _mnist_root(dataset_root: str | None, download: bool) -> Path:
-    root = resolve_root(dataset_root, "mnist")
-    require(
-        root,
-        [f"MNIST/raw/{f}" for f in _MNIST_FILES],
-        what="MNIST",
-        url="https://ossci-datasets.s3.amazonaws.com/mnist/",
-        download=download,
-        hint=_MNIST_HINT.format(name="MNIST"),
+def _torchvision_idx(folder: str, url: str) -> dict[str, Any]:
+    """MNIST and Fashion-MNIST: torchvision's raw idx files, 10 classes of (1, 28, 28)."""
+    files = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+    files += ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    return dict(
+        what=folder,
+        folder=folder.lower(),
+        files=tuple(f"{folder}/raw/{f}" for f in files),
+        url=url,
+        hint=f"the torchvision {folder} files ({folder}/raw/*-ubyte, uncompressed)",
+        n_classes=10,
+        input_shape=(1, 28, 28),
     )
-    return root
 
 
-def _build(make: Callable[[], Any], root: Path, what: str) -> Any:
-    """Run an Avalanche generator without letting it reseed torch's global RNG."""
-    with torch.random.fork_rng(devices=[]), loading(root, what):
-        return make()
+def _cifar(n: int, files: tuple[str, str]) -> dict[str, Any]:
+    return dict(
+        what=f"CIFAR-{n}",
+        folder=f"cifar{n}",
+        files=files,
+        url="https://www.cs.toronto.edu/~kriz/",
+        hint=f"the extracted torchvision CIFAR-{n} python archive",
+        n_classes=n,
+        input_shape=(3, 32, 32),
+        eval_transform=f"ccifar{n}:_default_cifar{n}_eval_transform",
+    )
 
 
-def split_mnist(
-    n_experiences: int = 5,
-    seed: int = 0,
-    fixed_class_order: Sequence[int] | None = None,
-    task_labels: bool = False,
-    dataset_root: str | None = None,
-    download: bool = True,
-    in_memory: bool = True,
-) -> Stream:
-    """Class-incremental MNIST (Avalanche's SplitMNIST), inputs (1, 28, 28)."""
-    from avalanche.benchmarks.classic import SplitMNIST
-
-    check_n_experiences(n_experiences, 10)
-    order = check_class_order(fixed_class_order, 10)
-    root = _mnist_root(dataset_root, download)
-    benchmark = _build(
-        lambda: SplitMNIST(
-            n_experiences,
-            return_task_id=bool(task_labels),
-            seed=seed,
-            fixed_class_order=order,
-            dataset_root=root,
+MNIST = _torchvision_idx("MNIST", "https://ossci-datasets.s3.amazonaws.com/mnist/")
+FMNIST = _torchvision_idx(
+    "FashionMNIST", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+)
+TINY = "tiny-imagenet-200"
+CLASSICS = {
+    spec.name: spec
+    for spec in [
+        Classic("split_mnist", "SplitMNIST", **MNIST),
+        Classic("permuted_mnist", "PermutedMNIST", **MNIST, scenario="domain_incremental"),
+        Classic("rotated_mnist", "RotatedMNIST", **MNIST, scenario="domain_incremental"),
+        Classic("split_fmnist", "SplitFMNIST", **FMNIST),
+        Classic(
+            "split_cifar10",
+            "SplitCIFAR10",
+            **_cifar(10, ("cifar-10-batches-py/test_batch", "cifar-10-batches-py/data_batch_5")),
         ),
-        root,
-        "MNIST",
-    )
+        Classic(
+            "split_cifar100",
+            "SplitCIFAR100",
+            **_cifar(100, ("cifar-100-python/train", "cifar-100-python/test")),
+            n_experiences=10,
+        ),
+        Classic(
+            "split_tinyimagenet",
+            "SplitTinyImageNet",
+            what="TinyImageNet",
+            folder="tinyimagenet",
+            files=(f"{TINY}/wnids.txt", f"{TINY}/train", f"{TINY}/val/val_annotations.txt"),
+            url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+            hint="the extracted tiny-imagenet-200 folder",
+            n_classes=200,
+            input_shape=(3, 64, 64),
+            n_experiences=10,
+            in_memory=False,
+            eval_transform="ctiny_imagenet:_default_eval_transform",
+        ),
+        # CORe50's image folder and file lists depend on its knobs: core50() adds them.
+        Classic(
+            "core50",
+            "CORe50",
+            what="CORe50",
+            folder="core50",
+            files=("paths.pkl", "labels.pkl", "LUP.pkl", "labels2names.pkl"),
+            url="https://vlomonaco.github.io/core50/data/paths.pkl",
+            hint="the CORe50 image folder, file lists and .pkl metadata",
+            n_classes=50,  # objects; 10 categories with object_level=false
+            input_shape=(3, 32, 32),  # mini; (3, 128, 128) with mini=false
+            scenario="domain_incremental",  # ni; the other CORe50 scenarios add classes
+            in_memory=False,
+            eval_transform="core50:_default_eval_transform",
+            return_task_id=False,  # its file lists fix the task label at 0
+        ),
+    ]
+}
+
+
+def build(
+    spec: Classic,
+    avalanche_args: dict[str, Any],
+    *,
+    dataset_root: str | None,
+    download: bool,
+    in_memory: bool,
+    task_labels: bool = False,
+    extra_files: Sequence[str] = (),
+    scenario: str | None = None,
+    n_classes: int | None = None,
+    shared_test: str | None = None,
+) -> Stream:
+    """Check the data is there (or downloadable), run the generator, materialise the Stream.
+
+    ``avalanche_args`` go to Avalanche's generator, with ``return_task_id`` and the transforms
+    added as the spec says; ``extra_files`` are required before the spec's files; ``scenario``
+    and ``n_classes`` override the spec's.
+    """
+    root = resolve_root(dataset_root, spec.folder)
+    files = [*extra_files, *spec.files]
+    require(root, files, what=spec.what, url=spec.url, download=download, hint=spec.hint)
+    classic = importlib.import_module("avalanche.benchmarks.classic")
+    generator = getattr(classic, spec.generator)
+    args = dict(avalanche_args, dataset_root=root)
+    if spec.return_task_id:
+        args["return_task_id"] = bool(task_labels)
+    if spec.eval_transform is not None:
+        module, attribute = spec.eval_transform.split(":")
+        transform = getattr(importlib.import_module(f"{classic.__name__}.{module}"), attribute)
+        args["train_transform"] = args["eval_transform"] = transform
+    # Avalanche's generators reseed torch's global RNG: keep that out of the caller.
+    with torch.random.fork_rng(devices=[]), loading(root, spec.what):
+        benchmark = generator(**args)
     return materialize(
         benchmark,
-        name="split_mnist",
-        scenario="class_incremental",
-        n_classes=10,
+        name=spec.name,
+        scenario=scenario or spec.scenario,
+        n_classes=n_classes or spec.n_classes,
         task_labels=bool(task_labels),
         in_memory=in_memory,
+        shared_test=shared_test,
     )
+
+
+def _class_split(spec: Classic) -> Callable[..., Stream]:
+    """The builder of a class-incremental classic: classes split evenly, seeded order."""
+
+    def split(
+        n_experiences: int = spec.n_experiences,
+        seed: int = 0,
+        fixed_class_order: Sequence[int] | None = None,
+        task_labels: bool = False,
+        dataset_root: str | None = None,
+        download: bool = True,
+        in_memory: bool = spec.in_memory,
+    ) -> Stream:
+        check_n_experiences(n_experiences, spec.n_classes)
+        order = check_class_order(fixed_class_order, spec.n_classes)
+        return build(
+            spec,
+            dict(n_experiences=n_experiences, seed=seed, fixed_class_order=order),
+            dataset_root=dataset_root,
+            download=download,
+            in_memory=in_memory,
+            task_labels=task_labels,
+        )
+
+    split.__name__ = split.__qualname__ = spec.name
+    split.__doc__ = (
+        f"Class-incremental {spec.what} (Avalanche's {spec.generator}), inputs "
+        f"{spec.input_shape}{'; lazy by default' if not spec.in_memory else ''}."
+    )
+    return split
+
+
+split_mnist = _class_split(CLASSICS["split_mnist"])
+split_fmnist = _class_split(CLASSICS["split_fmnist"])
+split_cifar10 = _class_split(CLASSICS["split_cifar10"])  # ~740 MB in memory
+split_cifar100 = _class_split(CLASSICS["split_cifar100"])  # ~740 MB in memory
+split_tinyimagenet = _class_split(CLASSICS["split_tinyimagenet"])  # ~5 GB in memory
 
 
 def permuted_mnist(
@@ -101,24 +235,14 @@ def permuted_mnist(
 ) -> Stream:
     """Domain-incremental MNIST: a seeded pixel permutation per experience, the first included
     (Avalanche's PermutedMNIST has no identity experience). ~220 MB per experience in memory."""
-    from avalanche.benchmarks.classic import PermutedMNIST
-
     check_count(n_experiences)
-    root = _mnist_root(dataset_root, download)
-    benchmark = _build(
-        lambda: PermutedMNIST(
-            n_experiences, return_task_id=bool(task_labels), seed=seed, dataset_root=root
-        ),
-        root,
-        "MNIST",
-    )
-    return materialize(
-        benchmark,
-        name="permuted_mnist",
-        scenario="domain_incremental",
-        n_classes=10,
-        task_labels=bool(task_labels),
+    return build(
+        CLASSICS["permuted_mnist"],
+        dict(n_experiences=n_experiences, seed=seed),
+        dataset_root=dataset_root,
+        download=download,
         in_memory=in_memory,
+        task_labels=task_labels,
     )
 
 
@@ -133,8 +257,6 @@ def rotated_mnist(
 ) -> Stream:
     """Domain-incremental MNIST: one fixed rotation per experience, seeded in [-180, 180] degrees
     unless ``rotations`` lists them."""
-    from avalanche.benchmarks.classic import RotatedMNIST
-
     check_count(n_experiences)
     if rotations is not None:
         rotations = [int(r) for r in rotations]
@@ -143,201 +265,13 @@ def rotated_mnist(
                 f"benchmark.rotations={rotations}: expected {n_experiences} angles "
                 "(one per experience) in [-180, 180]"
             )
-    root = _mnist_root(dataset_root, download)
-    benchmark = _build(
-        lambda: RotatedMNIST(
-            n_experiences,
-            return_task_id=bool(task_labels),
-            seed=seed,
-            rotations_list=rotations,
-            dataset_root=root,
-        ),
-        root,
-        "MNIST",
-    )
-    return materialize(
-        benchmark,
-        name="rotated_mnist",
-        scenario="domain_incremental",
-        n_classes=10,
-        task_labels=bool(task_labels),
-        in_memory=in_memory,
-    )
-
-
-def split_fmnist(
-    n_experiences: int = 5,
-    seed: int = 0,
-    fixed_class_order: Sequence[int] | None = None,
-    task_labels: bool = False,
-    dataset_root: str | None = None,
-    download: bool = True,
-    in_memory: bool = True,
-) -> Stream:
-    """Class-incremental Fashion-MNIST (Avalanche's SplitFMNIST), inputs (1, 28, 28)."""
-    from avalanche.benchmarks.classic import SplitFMNIST
-
-    check_n_experiences(n_experiences, 10)
-    order = check_class_order(fixed_class_order, 10)
-    root = resolve_root(dataset_root, "fashionmnist")
-    require(
-        root,
-        [f"FashionMNIST/raw/{f}" for f in _MNIST_FILES],
-        what="FashionMNIST",
-        url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    return build(
+        CLASSICS["rotated_mnist"],
+        dict(n_experiences=n_experiences, seed=seed, rotations_list=rotations),
+        dataset_root=dataset_root,
         download=download,
-        hint=_MNIST_HINT.format(name="FashionMNIST"),
-    )
-    benchmark = _build(
-        lambda: SplitFMNIST(
-            n_experiences,
-            return_task_id=bool(task_labels),
-            seed=seed,
-            fixed_class_order=order,
-            dataset_root=root,
-        ),
-        root,
-        "FashionMNIST",
-    )
-    return materialize(
-        benchmark,
-        name="split_fmnist",
-        scenario="class_incremental",
-        n_classes=10,
-        task_labels=bool(task_labels),
         in_memory=in_memory,
-    )
-
-
-def _split_cifar(
-    which: int,
-    n_experiences: int,
-    seed: int,
-    fixed_class_order: Sequence[int] | None,
-    task_labels: bool,
-    dataset_root: str | None,
-    download: bool,
-    in_memory: bool,
-) -> Stream:
-    from avalanche.benchmarks.classic import SplitCIFAR10, SplitCIFAR100
-    from avalanche.benchmarks.classic.ccifar10 import _default_cifar10_eval_transform
-    from avalanche.benchmarks.classic.ccifar100 import _default_cifar100_eval_transform
-
-    check_n_experiences(n_experiences, which)
-    order = check_class_order(fixed_class_order, which)
-    root = resolve_root(dataset_root, f"cifar{which}")
-    if which == 10:
-        generator, transform = SplitCIFAR10, _default_cifar10_eval_transform
-        files = ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/data_batch_5"]
-    else:
-        generator, transform = SplitCIFAR100, _default_cifar100_eval_transform
-        files = ["cifar-100-python/train", "cifar-100-python/test"]
-    require(
-        root,
-        files,
-        what=f"CIFAR-{which}",
-        url="https://www.cs.toronto.edu/~kriz/",
-        download=download,
-        hint=f"the extracted torchvision CIFAR-{which} python archive",
-    )
-    benchmark = _build(
-        lambda: generator(
-            n_experiences,
-            return_task_id=bool(task_labels),
-            seed=seed,
-            fixed_class_order=order,
-            train_transform=transform,
-            eval_transform=transform,
-            dataset_root=root,
-        ),
-        root,
-        f"CIFAR-{which}",
-    )
-    return materialize(
-        benchmark,
-        name=f"split_cifar{which}",
-        scenario="class_incremental",
-        n_classes=which,
-        task_labels=bool(task_labels),
-        in_memory=in_memory,
-    )
-
-
-def split_cifar10(
-    n_experiences: int = 5,
-    seed: int = 0,
-    fixed_class_order: Sequence[int] | None = None,
-    task_labels: bool = False,
-    dataset_root: str | None = None,
-    download: bool = True,
-    in_memory: bool = True,
-) -> Stream:
-    """Class-incremental CIFAR-10 (Avalanche's SplitCIFAR10), inputs (3, 32, 32), ~740 MB."""
-    return _split_cifar(
-        10, n_experiences, seed, fixed_class_order, task_labels, dataset_root, download, in_memory
-    )
-
-
-def split_cifar100(
-    n_experiences: int = 10,
-    seed: int = 0,
-    fixed_class_order: Sequence[int] | None = None,
-    task_labels: bool = False,
-    dataset_root: str | None = None,
-    download: bool = True,
-    in_memory: bool = True,
-) -> Stream:
-    """Class-incremental CIFAR-100 (Avalanche's SplitCIFAR100), inputs (3, 32, 32), ~740 MB."""
-    return _split_cifar(
-        100, n_experiences, seed, fixed_class_order, task_labels, dataset_root, download, in_memory
-    )
-
-
-def split_tinyimagenet(
-    n_experiences: int = 10,
-    seed: int = 0,
-    fixed_class_order: Sequence[int] | None = None,
-    task_labels: bool = False,
-    dataset_root: str | None = None,
-    download: bool = True,
-    in_memory: bool = False,
-) -> Stream:
-    """Class-incremental TinyImageNet (200 classes, inputs (3, 64, 64)); lazy by default."""
-    from avalanche.benchmarks.classic import SplitTinyImageNet
-    from avalanche.benchmarks.classic.ctiny_imagenet import _default_eval_transform
-
-    check_n_experiences(n_experiences, 200)
-    order = check_class_order(fixed_class_order, 200)
-    root = resolve_root(dataset_root, "tinyimagenet")
-    folder = "tiny-imagenet-200"
-    require(
-        root,
-        [f"{folder}/wnids.txt", f"{folder}/train", f"{folder}/val/val_annotations.txt"],
-        what="TinyImageNet",
-        url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
-        download=download,
-        hint="the extracted tiny-imagenet-200 folder",
-    )
-    benchmark = _build(
-        lambda: SplitTinyImageNet(
-            n_experiences,
-            return_task_id=bool(task_labels),
-            seed=seed,
-            fixed_class_order=order,
-            train_transform=_default_eval_transform,
-            eval_transform=_default_eval_transform,
-            dataset_root=root,
-        ),
-        root,
-        "TinyImageNet",
-    )
-    return materialize(
-        benchmark,
-        name="split_tinyimagenet",
-        scenario="class_incremental",
-        n_classes=200,
-        task_labels=bool(task_labels),
-        in_memory=in_memory,
+        task_labels=task_labels,
     )
 
 
@@ -360,45 +294,17 @@ def core50(
     ``ni`` (same 50 objects, new sessions) is domain-incremental, the rest class-incremental.
     CORe50's file lists fix the task label at 0, so there is no ``task_labels`` knob.
     """
-    from avalanche.benchmarks.classic import CORe50
-    from avalanche.benchmarks.classic.core50 import _default_eval_transform
-
-    if scenario not in CORE50_SCENARIOS:
-        raise ConfigError(
-            f"benchmark.scenario={scenario!r}: expected one of {', '.join(CORE50_SCENARIOS)}"
-        )
-    if isinstance(run, bool) or not isinstance(run, int) or not 0 <= run <= 9:
-        raise ConfigError(f"benchmark.run={run!r}: CORe50 has predefined runs 0..9")
-    root = resolve_root(dataset_root, "core50")
-    images = "core50_32x32" if mini else "core50_128x128"
+    checks.choice("benchmark.scenario", scenario, CORE50_SCENARIOS)
+    checks.integer("benchmark.run", run, low=0, high=9)
     lists = "batches_filelists" if scenario in ("ni", "nc", "nic") else f"NIC_v2_{scenario[6:]}"
-    require(
-        root,
-        [images, lists, "paths.pkl", "labels.pkl", "LUP.pkl", "labels2names.pkl"],
-        what="CORe50",
-        url="https://vlomonaco.github.io/core50/data/paths.pkl",
+    return build(
+        CLASSICS["core50"],
+        dict(scenario=scenario, run=run, object_lvl=bool(object_level), mini=bool(mini)),
+        dataset_root=dataset_root,
         download=download,
-        hint="the CORe50 image folder, file lists and .pkl metadata",
-    )
-    benchmark = _build(
-        lambda: CORe50(
-            scenario=scenario,
-            run=run,
-            object_lvl=bool(object_level),
-            mini=bool(mini),
-            train_transform=_default_eval_transform,
-            eval_transform=_default_eval_transform,
-            dataset_root=root,
-        ),
-        root,
-        "CORe50",
-    )
-    return materialize(
-        benchmark,
-        name="core50",
+        in_memory=in_memory,
+        extra_files=["core50_32x32" if mini else "core50_128x128", lists],
         scenario="domain_incremental" if scenario == "ni" else "class_incremental",
         n_classes=50 if object_level else 10,
-        task_labels=False,
-        in_memory=in_memory,
         shared_test="by_class" if scenario == "nc" else "all",
     )
