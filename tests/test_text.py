@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 
@@ -14,9 +17,11 @@ from lifelong_moe.data.text import (
     encode,
     read_domain,
     text_domains,
+    validation_block,
     windows,
 )
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.tracking import report
 
 SMALL = {"context_length": 16, "max_bytes_per_domain": 4096}
 
@@ -151,3 +156,46 @@ def test_empty_domain_raises_config_error(tmp_path):
     (tmp_path / "empty" / "nothing.txt").write_text("")
     with pytest.raises(ConfigError, match="domain 'empty' is empty"):
         text_domains(text_dir=str(tmp_path), context_length=8)
+
+
+def trained_bytes(exp, seed: int, index: int, val_fraction: float) -> bytes:
+    """The bytes an experience's windows cover, rebuilt from its train and validation sets."""
+    x_tr, y_tr, _ = exp.train.tensors
+    x_val, y_val, _ = exp.test.tensors
+    n = len(x_tr) + len(x_val)
+    start, _ = validation_block(n, val_fraction, seed, index)
+    x = torch.cat([x_tr[:start], x_val, x_tr[start:]])
+    y = torch.cat([y_tr[:start], y_val, y_tr[start:]])
+    assert torch.equal(x.flatten()[1:], y.flatten()[:-1])  # one contiguous byte stream
+    return bytes([int(x[0, 0])] + y.flatten().tolist())
+
+
+def test_logged_dataset_inputs_carry_the_sha256_of_the_trained_bytes(tmp_path):
+    """What start_run logs (report.dataset_inputs) names each domain by the hash of its text."""
+    L, seed, val_fraction = 8, 5, 0.2
+    generator = torch.Generator().manual_seed(0)
+    exact = bytes(torch.randint(0, 256, (L * 60 + 1,), generator=generator).tolist())
+    tail = bytes(torch.randint(0, 256, (L * 40 + 5,), generator=generator).tolist())
+    (tmp_path / "a.bin").write_bytes(exact)  # every byte is in a window
+    (tmp_path / "b.bin").write_bytes(tail)  # the last 4 bytes fill no window
+    stream = text_domains(
+        text_dir=str(tmp_path), context_length=L, val_fraction=val_fraction, seed=seed
+    )
+    inputs = report.dataset_inputs({"name": "text_domains", "context_length": L}, stream)
+    assert [i["name"] for i in inputs] == ["text_domains/a", "text_domains/b"]
+    for index, (entry, data) in enumerate(zip(inputs, [exact, tail], strict=True)):
+        exp = stream.experiences[index]
+        seen = trained_bytes(exp, seed, index, val_fraction)
+        assert seen == data[: len(seen)] and len(data) - len(seen) == (len(data) - 1) % L
+        profile = json.loads(entry["profile"])
+        assert profile == stream.domain_records()[index]
+        assert profile["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["digest"] == profile["sha256"][:36]
+        assert profile["n_bytes"] == len(data) and profile["where"].endswith(f"{'ab'[index]}.bin")
+        assert profile["n_train_windows"] + profile["n_val_windows"] == (len(data) - 1) // L
+        assert entry["context"] == f"experience_{index}"
+    assert (
+        json.loads(inputs[0]["profile"])["sha256"]
+        == hashlib.sha256(trained_bytes(stream.experiences[0], seed, 0, val_fraction)).hexdigest()
+    )
+    json.dumps(stream.domain_records())  # plain, JSON-ready

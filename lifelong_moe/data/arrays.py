@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from lifelong_moe import checks
 from lifelong_moe.data.materialize import materialize
 from lifelong_moe.data.stream import Stream
 from lifelong_moe.errors import ConfigError
@@ -27,16 +28,13 @@ def divisors(n: int) -> list[int]:
 
 def check_count(n_experiences: int, key: str = "n_experiences") -> int:
     """Streams with one experience per domain take any positive count."""
-    if isinstance(n_experiences, bool) or not isinstance(n_experiences, int) or n_experiences < 1:
-        raise ConfigError(f"benchmark.{key}={n_experiences!r}: expected an integer >= 1")
-    return n_experiences
+    return checks.positive_int(f"benchmark.{key}", n_experiences)
 
 
 def check_n_experiences(n_experiences: int, n_classes: int, key: str = "n_experiences") -> int:
     """Class-incremental streams split the classes evenly, as Avalanche's ``nc_benchmark`` does."""
+    checks.integer(f"benchmark.{key}", n_experiences)
     valid = divisors(n_classes)
-    if isinstance(n_experiences, bool) or not isinstance(n_experiences, int):
-        raise ConfigError(f"benchmark.{key}={n_experiences!r} is not an integer: valid {valid}")
     if n_experiences not in valid:
         if n_experiences > n_classes:
             why = f"there are only {n_classes} classes"
@@ -69,9 +67,9 @@ def check_class_order(
 
 
 def check_fraction(test_fraction: float) -> float:
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ConfigError(f"benchmark.test_fraction={test_fraction} must be between 0 and 1")
-    return float(test_fraction)
+    """A share of the examples strictly between 0 and 1: both halves must hold something."""
+    key = "benchmark.test_fraction"
+    return float(checks.number(key, test_fraction, low=0, high=1, low_open=True, high_open=True))
 
 
 def stratified_split(

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lifelong_moe import checks
 from lifelong_moe.data.arrays import (
     Arrays,
     check_class_order,
@@ -44,7 +45,7 @@ SCENARIOS = ("class_incremental", "domain_incremental")
 
 
 @dataclass
-class Source:
+class LabelledSource:
     """One labelled dataset as read from disk; labels keep their original values for now."""
 
     where: str
@@ -67,8 +68,8 @@ def _count_experiences(
         )
     if classes_per_experience is None:
         return check_n_experiences(n_experiences, n_classes)
-    per = classes_per_experience
-    if isinstance(per, bool) or not isinstance(per, int) or per < 1 or n_classes % per:
+    per = checks.positive_int("benchmark.classes_per_experience", classes_per_experience)
+    if n_classes % per:
         choices = ", ".join(map(str, divisors(n_classes)))
         raise ConfigError(
             f"benchmark.classes_per_experience={per!r} does not divide the {n_classes} classes: "
@@ -82,7 +83,7 @@ def _floats(x: np.ndarray) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
-def _to_tensors(source: Source, codes: dict, seed: int, test_fraction: float) -> Arrays:
+def _to_tensors(source: LabelledSource, codes: dict, seed: int, test_fraction: float) -> Arrays:
     """Encode labels 0..C-1, split when there is no test set, and check the test set covers
     every class (Avalanche's generators fail on a class without test examples)."""
     encode = np.vectorize(codes.__getitem__, otypes=[np.int64])
@@ -101,7 +102,7 @@ def _to_tensors(source: Source, codes: dict, seed: int, test_fraction: float) ->
     return x, y, x_te, y_te
 
 
-def _check_sources(sources: list[Source]) -> None:
+def _check_sources(sources: list[LabelledSource]) -> None:
     shape = sources[0].x.shape[1:]
     for s in sources:
         if s.x.shape[1:] != shape:
@@ -117,7 +118,7 @@ def _check_sources(sources: list[Source]) -> None:
 
 def _domain_stream(
     name: str,
-    sources: list[Source],
+    sources: list[LabelledSource],
     codes: dict,
     *,
     unused: dict,
@@ -152,7 +153,7 @@ def _domain_stream(
 
 def _class_stream(
     name: str,
-    source: Source,
+    source: LabelledSource,
     codes: dict,
     *,
     n_experiences: int | None,
@@ -196,7 +197,7 @@ def _class_stream(
 
 def _stream(
     name: str,
-    sources: list[Source],
+    sources: list[LabelledSource],
     *,
     scenario: str,
     n_experiences: int | None,
@@ -244,10 +245,7 @@ def _sources(
     scenario: str, one: str | None, many: Sequence[str] | None, key: str, example: str
 ) -> list[tuple[str, str]]:
     """``[(config key, path)]`` for the scenario: ``key`` for one source, ``key + 's'`` for many."""
-    if scenario not in SCENARIOS:
-        raise ConfigError(
-            f"benchmark.scenario={scenario!r}: expected one of {', '.join(SCENARIOS)}"
-        )
+    checks.choice("benchmark.scenario", scenario, SCENARIOS)
     if scenario == "class_incremental":
         if one is None or many is not None:
             raise ConfigError(
@@ -266,7 +264,7 @@ def _sources(
 # ---------------------------------------------------------------- npz
 
 
-def _read_npz(key: str, path: str) -> Source:
+def _read_npz(key: str, path: str) -> LabelledSource:
     where = f"benchmark.{key}={path}"
     file = Path(path).expanduser()
     if not file.is_file():
@@ -290,7 +288,9 @@ def _read_npz(key: str, path: str) -> Source:
             )
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise ConfigError(f"{where} has only one of x_test/y_test (found: {found}): give both")
-    source = Source(where, arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test"))
+    source = LabelledSource(
+        where, arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test")
+    )
     for x_name, y_name in (("x", "y"), ("x_test", "y_test")):
         if x_name in arrays:
             _check_pair(where, x_name, arrays[x_name], y_name, arrays[y_name])
@@ -357,12 +357,13 @@ def npz(
 
 
 def _image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    size = [image_size] if isinstance(image_size, int) else list(image_size)
+    many = isinstance(image_size, Sequence) and not isinstance(image_size, str)
+    size = list(image_size) if many else [image_size]
     if len(size) == 1:
         size = size * 2
-    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
+    if len(size) != 2 or not all(checks.is_int(s) and s >= 1 for s in size):
         raise ConfigError(
-            f"benchmark.image_size={image_size!r}: expected an int or [height, width]"
+            f"benchmark.image_size={image_size!r}: expected a positive integer or [height, width]"
         )
     return size[0], size[1]
 
@@ -442,7 +443,7 @@ def image_folder(
     for (key, folder), test in zip(entries, tests, strict=True):
         where = f"benchmark.{key}={folder}"
         x, y = _read_images(where, Path(folder).expanduser(), size, mode)
-        source = Source(where, x, y)
+        source = LabelledSource(where, x, y)
         if test is not None:
             test_where = f"benchmark.{test[0]}={test[1]}"
             source.x_test, source.y_test = _read_images(

@@ -7,7 +7,9 @@ of ``context_length`` bytes: ``x`` is a window, ``y`` the same window shifted by
 
 Built-in domains are read from files that every ``pip install`` of our dependencies ships, so
 the stream builds offline. Their content depends on the installed Python, torch and matplotlib;
-each domain's ``sha256`` in ``TextStream.domains`` identifies exactly what a run trained on.
+each domain's ``sha256`` in ``TextStream.domains`` identifies exactly what a run trained on;
+the run logs every domain's record (:meth:`TextStream.domain_records`) as an MLflow dataset
+input whose digest is that hash (``tracking.report.dataset_inputs``).
 
 =============  ==============================================================  =========
 name           what (documents, in this order)                                 size
@@ -47,11 +49,13 @@ import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from lifelong_moe import checks
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
 
@@ -149,7 +153,7 @@ def _font_metrics() -> Documents:
 
 
 @dataclass(frozen=True)
-class Source:
+class DomainSource:
     """Where a domain's text lives, and how to list its documents (lazily: a cap stops early)."""
 
     where: str
@@ -157,11 +161,11 @@ class Source:
 
 
 SOURCES = {
-    "english": Source("pydoc_data.topics (stdlib)", _english),
-    "python": Source("stdlib modules " + ", ".join(PYTHON_MODULES), _python),
-    "cpp": Source("torch/include/c10/**/*.h", _cpp),
-    "yaml": Source("torchgen/packaged/{native_functions,derivatives}.yaml", _yaml),
-    "font_metrics": Source("matplotlib/mpl-data/fonts/**/*.afm", _font_metrics),
+    "english": DomainSource("pydoc_data.topics (stdlib)", _english),
+    "python": DomainSource("stdlib modules " + ", ".join(PYTHON_MODULES), _python),
+    "cpp": DomainSource("torch/include/c10/**/*.h", _cpp),
+    "yaml": DomainSource("torchgen/packaged/{native_functions,derivatives}.yaml", _yaml),
+    "font_metrics": DomainSource("matplotlib/mpl-data/fonts/**/*.afm", _font_metrics),
 }
 DEFAULT_DOMAINS = ("english", "python", "cpp", "yaml")
 
@@ -170,12 +174,12 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def user_sources(text_dir: str | Path) -> dict[str, Source]:
+def user_sources(text_dir: str | Path) -> dict[str, DomainSource]:
     """One domain per non-hidden entry of ``text_dir``: a sub-folder (its files) or a file."""
     root = Path(text_dir).expanduser()
     if not root.is_dir():
         raise ConfigError(f"benchmark.text_dir={str(text_dir)!r} is not a directory")
-    sources: dict[str, Source] = {}
+    sources: dict[str, DomainSource] = {}
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
             continue
@@ -186,9 +190,11 @@ def user_sources(text_dir: str | Path) -> dict[str, Source]:
             )
         if entry.is_dir():
             files = sorted(p for p in entry.rglob("*") if p.is_file() and not _is_hidden(p, entry))
-            sources[name] = Source(str(entry), lambda files=files, root=entry: _files(files, root))
+            sources[name] = DomainSource(
+                str(entry), lambda files=files, root=entry: _files(files, root)
+            )
         else:
-            sources[name] = Source(str(entry), lambda e=entry: _files([e], e.parent))
+            sources[name] = DomainSource(str(entry), lambda e=entry: _files([e], e.parent))
     if not sources:
         raise ConfigError(f"benchmark.text_dir={str(text_dir)!r} holds no files or folders")
     return sources
@@ -210,9 +216,22 @@ class DomainInfo:
     n_train: int = 0  # windows
     n_val: int = 0
 
+    def record(self) -> dict[str, Any]:
+        """Plain, JSON-ready: what the run logs as this domain's dataset input profile."""
+        return {
+            "name": self.name,
+            "where": self.where,
+            "sha256": self.sha256,
+            "n_bytes": self.n_bytes,
+            "n_documents": self.n_documents,
+            "n_duplicates": self.n_duplicates,
+            "n_train_windows": self.n_train,
+            "n_val_windows": self.n_val,
+        }
+
 
 def read_domain(
-    name: str, source: Source, seen: set[str], max_bytes: int | None
+    name: str, source: DomainSource, seen: set[str], max_bytes: int | None
 ) -> tuple[bytes, DomainInfo]:
     """The domain's deduplicated text, capped; ``seen`` (document hashes) is updated in place."""
     parts: list[bytes] = []
@@ -267,28 +286,17 @@ def validation_block(n: int, val_fraction: float, seed: int, index: int) -> tupl
 def _check(
     context_length: int, max_bytes: int | None, val_fraction: float, domains: object
 ) -> None:
-    if (
-        isinstance(context_length, bool)
-        or not isinstance(context_length, int)
-        or context_length < 1
-    ):
-        raise ConfigError(
-            f"benchmark.context_length={context_length!r}: expected a positive integer"
-        )
-    if max_bytes is not None and (
-        isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
-    ):
-        raise ConfigError(
-            f"benchmark.max_bytes_per_domain={max_bytes!r}: expected null or a positive integer"
-        )
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"benchmark.val_fraction={val_fraction!r}: expected a number in (0, 1)")
+    checks.positive_int("benchmark.context_length", context_length)
+    checks.optional(checks.positive_int, "benchmark.max_bytes_per_domain", max_bytes)
+    checks.number(
+        "benchmark.val_fraction", val_fraction, low=0, high=1, low_open=True, high_open=True
+    )
     if domains is not None and (isinstance(domains, str) or not isinstance(domains, Sequence)):
         raise ConfigError(f"benchmark.domains={domains!r}: expected null or a list of names")
 
 
 def _select(
-    sources: dict[str, Source], domains: Sequence[str] | None, default: list[str]
+    sources: dict[str, DomainSource], domains: Sequence[str] | None, default: list[str]
 ) -> list[str]:
     names = default if domains is None else list(domains)
     if not names:
@@ -309,6 +317,10 @@ class TextStream(Stream):
     """A Stream whose experiences are text domains; ``domains`` says what each one holds."""
 
     domains: list[DomainInfo] = field(default_factory=list)
+
+    def domain_records(self) -> list[dict[str, Any]]:
+        """One plain record per experience (name, where, sha256, sizes), in stream order."""
+        return [d.record() for d in self.domains]
 
 
 def text_domains(

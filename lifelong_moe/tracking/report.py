@@ -122,7 +122,8 @@ def dataset_inputs(benchmark: Mapping[str, Any], stream: Any) -> list[dict[str, 
     """The data a run trained on, as MLflow dataset inputs (name, digest, source, profile).
 
     Text domains carry the sha256 of their exact bytes (data/text.py): the digest is its first
-    36 hex digits (what MLflow's dataset table holds), the profile the full hash and sizes. Other
+    36 hex digits (what MLflow's dataset table holds), the profile the domain's whole record
+    (``DomainInfo.record``: full hash, where the text came from, sizes, deduplication). Other
     benchmarks are generated from their config (downloaded or bundled data, a fixed seed): their
     digest hashes the resolved benchmark config and the experiences' class lists, which is what
     decides the data.
@@ -130,24 +131,17 @@ def dataset_inputs(benchmark: Mapping[str, Any], stream: Any) -> list[dict[str, 
     name = str(benchmark.get("name", stream.name))
     domains = getattr(stream, "domains", None)
     if domains:
+        records = [d.record() for d in domains]
         return [
             {
-                "name": f"{name}/{d.name}",
-                "digest": d.sha256[:DIGEST_CHARS],
+                "name": f"{name}/{r['name']}",
+                "digest": r["sha256"][:DIGEST_CHARS],
                 "source_type": "text_domain",
-                "source": json.dumps({"where": d.where}),
-                "profile": json.dumps(
-                    {
-                        "sha256": d.sha256,
-                        "n_bytes": d.n_bytes,
-                        "n_documents": d.n_documents,
-                        "n_train_windows": d.n_train,
-                        "n_val_windows": d.n_val,
-                    }
-                ),
+                "source": json.dumps({"where": r["where"]}),
+                "profile": json.dumps(r),
                 "context": f"experience_{i}",
             }
-            for i, d in enumerate(domains)
+            for i, r in enumerate(records)
         ]
     config = {k: v for k, v in benchmark.items() if k != "name"}
     classes = [list(map(int, e.classes)) for e in stream.experiences]
