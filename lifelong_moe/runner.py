@@ -43,7 +43,7 @@ from lifelong_moe.evaluation.plots import plot_matrix, plot_routing
 from lifelong_moe.evaluation.routing import expert_origin, routing_metrics
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
-from lifelong_moe.models import count_parameters, moe_layers, save_model
+from lifelong_moe.models import build_model, count_parameters, moe_layers, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
 from lifelong_moe.resume import (
     STATE,
@@ -141,9 +141,7 @@ def build(cfg: DictConfig) -> Experiment:
     check_trainer(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stream = instantiate(cfg.benchmark, "benchmark")
-    model = instantiate(
-        cfg.model, "model", input_shape=list(stream.input_shape), n_classes=stream.n_classes
-    )
+    model = build_model(cfg.model, list(stream.input_shape), stream.n_classes)
     if cfg.trainer.get("compile", False):
         model.compile()  # in place: parameter names, checkpoints and expand() stay as they are
     method = instantiate(cfg.method, "method", model=model)

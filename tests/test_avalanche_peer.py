@@ -16,6 +16,7 @@ from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation.evaluate import evaluate
 from lifelong_moe.methods.avalanche_peer import AvalanchePeer
 from lifelong_moe.models.mlp import ResidualMLP
+from lifelong_moe.moe import MoESettings
 from tests.conftest import artifact_json, run_cli, runs, store_uri
 from tests.test_baselines import kill_and_resume
 
@@ -27,7 +28,7 @@ def digits() -> Stream:
 
 def peer(strategy: str = "Naive", **kwargs) -> AvalanchePeer:
     torch.manual_seed(0)
-    model = ResidualMLP([1, 8, 8], 10, d_model=32, d_hidden=32, moe_blocks=[0], moe=True)
+    model = ResidualMLP([1, 8, 8], 10, d_model=32, d_hidden=32, moe=MoESettings(blocks=[0]))
     args = {"train_epochs": 1, "train_mb_size": 64, "seed": 0} | kwargs
     return AvalanchePeer(model, strategy=strategy, **args)
 

@@ -21,6 +21,7 @@ from lifelong_moe.methods.naive import Naive
 from lifelong_moe.methods.replay import Replay, ReplayBuffer, balanced_quotas
 from lifelong_moe.models import moe_layers
 from lifelong_moe.models.mlp import ResidualMLP
+from lifelong_moe.moe import MoESettings
 from tests.conftest import artifact_json, run_cli, runs, store_uri
 
 
@@ -39,7 +40,8 @@ def class_stream(n_experiences: int = 2, per_class: int = 24) -> Stream:
 
 def model(moe: bool = False, n_classes: int = 4) -> ResidualMLP:
     torch.manual_seed(0)
-    return ResidualMLP([1, 4, 4], n_classes, d_model=16, d_hidden=8, moe_blocks=[0], moe=moe)
+    settings = MoESettings(enabled=moe, blocks=[0])
+    return ResidualMLP([1, 4, 4], n_classes, d_model=16, d_hidden=8, moe=settings)
 
 
 def fit(method: ContinualMethod, exp: Experience, epochs: int = 2) -> None:

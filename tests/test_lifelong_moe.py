@@ -12,6 +12,7 @@ from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.lifelong_moe import LifelongMoE, distillation
 from lifelong_moe.models import moe_layers
 from lifelong_moe.models.mlp import ResidualMLP
+from lifelong_moe.moe import MoESettings
 
 
 def tiny_stream(n_experiences: int = 3, task_labels: bool = False) -> Stream:
@@ -28,7 +29,8 @@ def tiny_stream(n_experiences: int = 3, task_labels: bool = False) -> Stream:
 
 def make(task_labels: bool = False, **kwargs) -> tuple[LifelongMoE, Stream]:
     torch.manual_seed(0)
-    model = ResidualMLP([1, 4, 4], 4, d_model=16, d_hidden=8, moe_blocks=[0, 1], n_experts=4)
+    moe = MoESettings(blocks=[0, 1], n_experts=4)
+    model = ResidualMLP([1, 4, 4], 4, d_model=16, d_hidden=8, moe=moe)
     method = LifelongMoE(model, **kwargs)
     stream = tiny_stream(task_labels=task_labels)
     method.setup_stream(stream)
@@ -119,7 +121,7 @@ def test_validation():
     with pytest.raises(ConfigError, match="experts_per_experience=-1"):
         make(experts_per_experience=-1)
     with pytest.raises(ConfigError, match="MoE"):
-        LifelongMoE(ResidualMLP([1, 4, 4], 4, moe=False))
+        LifelongMoE(ResidualMLP([1, 4, 4], 4, moe=MoESettings(enabled=False)))
 
 
 def test_task_aware_routing_sends_each_task_to_its_own_experts():

@@ -15,16 +15,20 @@ from lifelong_moe.data.text import VOCAB_SIZE, text_domains
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation import metrics
 from lifelong_moe.evaluation.evaluate_lm import evaluate_lm
-from lifelong_moe.models import count_parameters, moe_layers
+from lifelong_moe.models import build_model, count_parameters, moe_layers
 from lifelong_moe.models.lm import CausalLM
+from lifelong_moe.moe import MoESettings
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
-TINY = {"d_model": 32, "d_hidden": 32, "n_heads": 4, "n_blocks": 2, "moe_blocks": [1]}
+TINY = {"d_model": 32, "d_hidden": 32, "n_heads": 4, "n_blocks": 2}
 
 
-def tiny(moe: bool = True, context_length: int = 16, **kwargs) -> CausalLM:
+def tiny(
+    moe: bool = True, context_length: int = 16, n_blocks: int = 2, blocks=(1,), **moe_kwargs
+) -> CausalLM:
     torch.manual_seed(0)
-    return CausalLM((context_length,), VOCAB_SIZE, **{**TINY, **kwargs}, moe=moe)
+    settings = MoESettings(enabled=moe, blocks=blocks, **moe_kwargs)
+    return CausalLM((context_length,), VOCAB_SIZE, **{**TINY, "n_blocks": n_blocks}, moe=settings)
 
 
 def small_stream(tmp_path=None, **kwargs):
@@ -33,12 +37,14 @@ def small_stream(tmp_path=None, **kwargs):
 
 
 def test_forward_shapes_and_one_aux_per_moe_layer():
-    model = CausalLM((16,), VOCAB_SIZE, n_blocks=4, moe_blocks=[1, 3], d_model=32, d_hidden=32)
+    model = CausalLM(
+        (16,), VOCAB_SIZE, n_blocks=4, d_model=32, d_hidden=32, moe=MoESettings(blocks=[1, 3])
+    )
     logits, aux = model(torch.randint(0, VOCAB_SIZE, (3, 16)))
     assert logits.shape == (3, 16, VOCAB_SIZE) and len(aux) == 2
     logits, aux = model(torch.randint(0, VOCAB_SIZE, (3, 5)))  # shorter prompts work too
     assert logits.shape == (3, 5, VOCAB_SIZE)
-    dense = CausalLM((16,), VOCAB_SIZE, n_blocks=4, moe_blocks=[1, 3], moe=False)
+    dense = CausalLM((16,), VOCAB_SIZE, n_blocks=4, moe=MoESettings(False, blocks=[1, 3]))
     assert dense(torch.zeros(2, 16, dtype=torch.long))[1] == []
 
 
@@ -55,7 +61,7 @@ def test_position_t_never_sees_later_bytes(train):
 
 
 def test_dense_twin_has_equal_active_parameters():
-    kwargs = {"n_blocks": 4, "moe_blocks": [1, 3], "n_experts": 4, "top_k": 2}
+    kwargs = {"n_blocks": 4, "blocks": [1, 3], "n_experts": 4, "top_k": 2}
     moe, dense = tiny(True, **kwargs), tiny(False, **kwargs)
     assert len(moe_layers(moe)) == 2 and not moe_layers(dense)
     # Equal up to the top_k gate rows a token is routed by, in each of the 2 MoE layers.
@@ -177,14 +183,7 @@ def test_presets_compose_and_build(tmp_path):
         bench = OmegaConf.to_container(cfg.benchmark, resolve=True)
         bench.pop("name")
         stream = hydra.utils.instantiate(bench, _convert_="all")
-        node = OmegaConf.to_container(cfg.model, resolve=True)
-        node.pop("name")
-        model = hydra.utils.instantiate(
-            node,
-            input_shape=list(stream.input_shape),
-            n_classes=stream.n_classes,
-            _convert_="all",
-        )
+        model = build_model(cfg.model, list(stream.input_shape), stream.n_classes)
         x = stream.experiences[0].test.tensors[0][:2]
         assert model(x)[0].shape == (len(x), stream.input_shape[0], VOCAB_SIZE)  # lm_gpu: 1 window
 

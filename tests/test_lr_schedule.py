@@ -16,6 +16,7 @@ from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.methods.naive import Naive
 from lifelong_moe.models.mlp import ResidualMLP
+from lifelong_moe.moe import MoESettings
 from tests.conftest import FAST, run_cli, runs, store_uri
 
 
@@ -76,7 +77,7 @@ class Recorder(L.Callback):
 
 def test_lightning_steps_the_schedule_over_the_experience():
     torch.manual_seed(0)
-    model = ResidualMLP([4], 2, d_model=8, d_hidden=8, moe=False)
+    model = ResidualMLP([4], 2, d_model=8, d_hidden=8, moe=MoESettings(enabled=False))
     method = Naive(model, lr=0.01)
     method.set_lr_schedule(LRSchedule("cosine_rewarm", warmup_steps=2, lr_floor=0.1))
     data = TensorDataset(torch.randn(24, 4), torch.randint(0, 2, (24,)), torch.zeros(24).long())

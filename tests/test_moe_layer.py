@@ -41,8 +41,6 @@ def test_empty_batch() -> None:
         ({"activation": "tanh"}, "activation='tanh'"),
         ({"dispatch": "scatter"}, "dispatch='scatter'"),
         ({"balance_scope": "new"}, "balance_scope='new'"),
-        ({"expand_init": "zeros"}, "expand_init='zeros'"),
-        ({"gate_init": "zeros"}, "gate_init='zeros'"),
         ({"d_model": 12}, "d_model=12"),
         ({"capacity_factor": 0.0}, "capacity_factor=0.0"),
         ({"router_noise": -1.0}, "router_noise=-1.0"),
@@ -141,10 +139,10 @@ def test_expert_usage_counts_training_only_and_copy_most_used() -> None:
 
 def test_copy_most_used_from_frozen_bank() -> None:
     torch.manual_seed(3)
-    layer = MoELayer(16, 32, 4, 1, n_frozen=4, expand_init="copy_most_used", gate_init="mean")
+    layer = MoELayer(16, 32, 4, 1, n_frozen=4)
     with torch.no_grad():
         layer.expert_usage.copy_(torch.tensor([1.0, 7.0, 3.0, 0.0]))
-    layer.expand(1, noise_std=0.0)
+    layer.expand(1, init="copy_most_used", gate_init="mean", noise_std=0.0)
     assert torch.equal(layer.experts.w1[0], layer.experts.w1_frozen[1])
     assert torch.equal(layer.experts.w2[0], layer.experts.w2_frozen[1])
     assert torch.equal(layer.router.weight[0], layer.router.weight_frozen.mean(0))

@@ -14,6 +14,7 @@ from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import replay_windows
 from lifelong_moe.methods.naive import Naive
 from lifelong_moe.models.mlp import ResidualMLP
+from lifelong_moe.moe import MoESettings
 from tests.conftest import FAST, run_cli, runs, store_uri
 
 
@@ -33,7 +34,10 @@ def origins(data) -> list[int]:
 
 
 def method(fraction: float) -> Naive:
-    return Naive(ResidualMLP([4], 3, d_model=8, d_hidden=8, moe=False), replay_fraction=fraction)
+    return Naive(
+        ResidualMLP([4], 3, d_model=8, d_hidden=8, moe=MoESettings(enabled=False)),
+        replay_fraction=fraction,
+    )
 
 
 @pytest.mark.parametrize("lm", [False, True])
@@ -87,7 +91,7 @@ def test_fraction_outside_the_unit_interval_is_a_config_error(bad):
 
 def test_combines_with_the_class_balanced_buffer():
     m = Naive(
-        ResidualMLP([4], 3, d_model=8, d_hidden=8, moe=False),
+        ResidualMLP([4], 3, d_model=8, d_hidden=8, moe=MoESettings(enabled=False)),
         replay_fraction=0.2,
         replay_buffer_size=6,
     )

@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 from lifelong_moe import throughput
 from lifelong_moe.models import count_parameters
 from lifelong_moe.models.lm import CausalLM
+from lifelong_moe.moe import MoESettings
 from tests.conftest import FAST, run_cli, runs, store_uri
 
 CPU = torch.device("cpu")
@@ -21,7 +22,8 @@ def lm_data(n: int = 10, length: int = 32) -> TensorDataset:
 
 
 def tiny_lm(length: int = 32) -> CausalLM:
-    return CausalLM([length], 256, d_model=32, d_hidden=64, n_heads=4, n_blocks=2, moe_blocks=[1])
+    moe = MoESettings(blocks=[1])
+    return CausalLM([length], 256, d_model=32, d_hidden=64, n_heads=4, n_blocks=2, moe=moe)
 
 
 def test_tokens_per_second_counts_every_target_position():

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra.utils
 import torch
 from torch import nn
 
@@ -22,7 +21,8 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
 
 
 def save_model(model: nn.Module, model_cfg: dict[str, Any], path: str | Path, **build: Any) -> None:
-    """``build`` holds the constructor arguments that are not in the config (input_shape, ...)."""
+    """``model_cfg`` is the flat ``model`` config (``_target_``, ``n_experts``, ...) as
+    ``build_model`` reads it; ``build`` holds its other arguments (input_shape, n_classes)."""
     torch.save({"model_cfg": model_cfg, "build": build, **model_payload(model)}, path)
 
 
@@ -32,9 +32,10 @@ def load_model(path: str | Path) -> nn.Module:
     ``weights_only=True``: the file holds tensors, numbers, strings and containers only, so a
     crafted file cannot run code (it fails with ``pickle.UnpicklingError`` instead).
     """
+    from lifelong_moe.models import build_model  # the package imports this module first
+
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = {k: v for k, v in saved["model_cfg"].items() if k != "name"}
-    model = hydra.utils.instantiate(cfg, **saved["build"], _convert_="all")
+    model = build_model(saved["model_cfg"], **saved["build"])
     restore_model(model, saved)
     return model
 

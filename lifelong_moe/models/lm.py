@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.models.ffn import AuxList
 from lifelong_moe.models.transformer import TransformerStack
+from lifelong_moe.moe import AuxList, MoESettings
 
 
 class CausalLM(nn.Module):
     """Tokens [B, L] -> embedding + learned positions -> causal blocks -> LayerNorm -> logits.
 
     ``input_shape`` is ``(context_length,)`` and ``n_classes`` the vocabulary size, as the stream
-    reports them. With ``moe=False`` the same config builds the dense twin (see ``make_ffn``).
+    reports them. With ``moe.enabled=False`` the same config builds the dense twin (see
+    ``MoESettings.ffn``).
     """
 
     def __init__(
@@ -33,13 +34,7 @@ class CausalLM(nn.Module):
         d_hidden: int = 256,
         n_heads: int = 4,
         n_blocks: int = 4,
-        moe_blocks: Sequence[int] = (),
-        moe: bool = True,
-        n_experts: int = 4,
-        top_k: int = 2,
-        router_noise: float = 0.0,
-        capacity_factor: float | None = None,
-        dispatch: str = "auto",
+        moe: MoESettings | None = None,
     ) -> None:
         super().__init__()
         if len(input_shape) != 1:
@@ -51,19 +46,8 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(n_classes, d_model)
         self.position = nn.Parameter(torch.randn(1, self.context_length, d_model) * 0.02)
         nn.init.normal_(self.embed.weight, std=0.02)
-        self.blocks = TransformerStack(
-            d_model,
-            d_hidden,
-            n_heads,
-            n_blocks,
-            moe_blocks,
-            moe,
-            n_experts,
-            top_k,
-            router_noise,
-            capacity_factor,
-            dispatch,
-        )
+        ffns = (moe or MoESettings()).ffns(d_model, d_hidden, n_blocks)
+        self.blocks = TransformerStack(d_model, n_heads, ffns)
         self.norm_out = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
 

@@ -1,22 +1,25 @@
 """The pre-norm transformer stack shared by the patch transformer and the byte-level LM.
 
-GLaM-style: blocks listed in ``moe_blocks`` get a MoE FFN (or, with ``moe=False``, the dense
-twin's FFN of equal active parameters, see ``make_ffn``).
+The blocks take their FFNs from the backbone, which builds them from its ``MoESettings``
+(GLaM-style: a MoE layer in the blocks of ``moe.blocks``, dense elsewhere).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.models.ffn import AuxList, check_moe_blocks, make_ffn
+from lifelong_moe.moe import AuxList
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + FFN(LN(x))."""
+    """Pre-norm transformer block: x + attn(LN(x)), then x + FFN(LN(x)).
+
+    ``ffn`` is a MoELayer or a DenseMLP: both take ``expert_mask`` and return ``(y, aux)``.
+    """
 
     def __init__(self, d_model: int, n_heads: int, ffn: nn.Module) -> None:
         super().__init__()
@@ -43,48 +46,19 @@ class Block(nn.Module):
 
 
 class TransformerStack(nn.ModuleList):
-    """n_blocks Blocks; forward returns the hidden states and one MoEAux per MoE block.
+    """One Block per FFN; forward returns the hidden states and one MoEAux per MoE block.
 
-    A ModuleList, so parameter names stay ``blocks.<i>....`` in the models that hold it.
+    ``ffns`` comes from the backbone (``MoESettings.ffns``) and is consumed lazily, each FFN
+    just before its block's attention, so weights are initialised block by block. A
+    ModuleList, so parameter names stay ``blocks.<i>....`` in the models that hold it.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_hidden: int,
-        n_heads: int,
-        n_blocks: int,
-        moe_blocks: Sequence[int],
-        moe: bool,
-        n_experts: int,
-        top_k: int,
-        router_noise: float,
-        capacity_factor: float | None,
-        dispatch: str = "auto",
-    ) -> None:
+    def __init__(self, d_model: int, n_heads: int, ffns: Iterable[nn.Module]) -> None:
         if d_model % n_heads:
             raise ConfigError(
                 f"model.d_model={d_model} must be divisible by model.n_heads={n_heads}"
             )
-        check_moe_blocks(list(moe_blocks), n_blocks)
-        super().__init__(
-            Block(
-                d_model,
-                n_heads,
-                make_ffn(
-                    d_model,
-                    d_hidden,
-                    i in moe_blocks,
-                    moe,
-                    n_experts,
-                    top_k,
-                    router_noise,
-                    capacity_factor,
-                    dispatch,
-                ),
-            )
-            for i in range(n_blocks)
-        )
+        super().__init__(Block(d_model, n_heads, ffn) for ffn in ffns)
 
     def forward(
         self,

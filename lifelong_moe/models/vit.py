@@ -8,12 +8,15 @@ import torch
 from torch import nn
 
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.models.ffn import AuxList
 from lifelong_moe.models.transformer import TransformerStack
+from lifelong_moe.moe import AuxList, MoESettings
 
 
 class PatchTransformer(nn.Module):
-    """Images [B, C, H, W] -> non-overlapping patches -> transformer -> mean pool -> class head."""
+    """Images [B, C, H, W] -> non-overlapping patches -> transformer -> mean pool -> class head.
+
+    With ``moe.enabled=False`` the same config builds the dense twin (see ``MoESettings.ffn``).
+    """
 
     def __init__(
         self,
@@ -24,13 +27,7 @@ class PatchTransformer(nn.Module):
         d_hidden: int = 128,
         n_heads: int = 4,
         n_blocks: int = 4,
-        moe_blocks: Sequence[int] = (),
-        moe: bool = True,
-        n_experts: int = 4,
-        top_k: int = 2,
-        router_noise: float = 0.0,
-        capacity_factor: float | None = None,
-        dispatch: str = "auto",
+        moe: MoESettings | None = None,
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
@@ -45,19 +42,8 @@ class PatchTransformer(nn.Module):
         n_patches = (height // patch_size) * (width // patch_size)
         self.patch = nn.Conv2d(channels, d_model, kernel_size=patch_size, stride=patch_size)
         self.position = nn.Parameter(torch.randn(1, n_patches, d_model) * 0.02)
-        self.blocks = TransformerStack(
-            d_model,
-            d_hidden,
-            n_heads,
-            n_blocks,
-            moe_blocks,
-            moe,
-            n_experts,
-            top_k,
-            router_noise,
-            capacity_factor,
-            dispatch,
-        )
+        ffns = (moe or MoESettings()).ffns(d_model, d_hidden, n_blocks)
+        self.blocks = TransformerStack(d_model, n_heads, ffns)
         self.norm_out = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
 

@@ -1,5 +1,16 @@
-"""Sparse mixture-of-experts core in plain torch: router, expert banks, grouped dispatch."""
+"""Sparse mixture-of-experts core in plain torch (no Lightning, no Hydra).
 
-from lifelong_moe.moe.layer import MoEAux, MoELayer
+From a backbone to the grouped GEMM:
 
-__all__ = ["MoEAux", "MoELayer"]
+- layer.py     ``MoESettings`` (the model config's MoE keys; builds each block's FFN),
+               ``MoELayer`` (router + experts + dispatch; expand / freeze_existing for
+               Lifelong-MoE) and ``DenseMLP`` (the dense twin's FFN)
+- router.py    top-k gate with frozen and trainable rows, noise, expert mask, aux losses
+- experts.py   stacked expert weights [E, d, h] in a frozen and a trainable bank
+- dispatch.py  sort tokens by expert -> ``grouped_mm`` -> unsort -> weighted combine
+- fused.py     the same dispatch as Triton kernels (CUDA; ``dispatch: fused``)
+"""
+
+from lifelong_moe.moe.layer import AuxList, DenseMLP, MoEAux, MoELayer, MoESettings
+
+__all__ = ["AuxList", "DenseMLP", "MoEAux", "MoELayer", "MoESettings"]

@@ -4,17 +4,23 @@ Expert ids are ordered frozen bank first, trainable bank last. expand() appends 
 experts (and gate rows) at the highest ids; freeze_existing() moves everything into the frozen
 banks. Old ids never change, so an expert mask or routing statistics taken before an expansion
 stay meaningful after it.
+
+Beside the layer: ``MoESettings``, the MoE keys of a model config in one typed object, which
+builds every backbone's FFNs (``MoESettings.ffns``): a MoELayer, or ``DenseMLP`` for the dense
+twin and for the blocks that are not MoE.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lifelong_moe import checks
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe import fused
 from lifelong_moe.moe.dispatch import capacity_for, grouped_experts, loop_experts
@@ -46,14 +52,8 @@ class MoEAux:
     router_logits: torch.Tensor | None = None  # fp32 [T, E], before mask (router distillation)
 
 
-def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(repr, valid))}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name}={value!r}: expected a positive integer")
+# What a backbone's forward returns beside the logits: one MoEAux per MoE layer, in order.
+AuxList = list[MoEAux]
 
 
 class MoELayer(nn.Module):
@@ -72,8 +72,6 @@ class MoELayer(nn.Module):
         balance_scope: str = "all",
         capacity_factor: float | None = None,
         dispatch: str = "auto",
-        expand_init: str = "random",
-        gate_init: str = "random",
         n_frozen: int = 0,
     ) -> None:
         super().__init__()
@@ -83,14 +81,12 @@ class MoELayer(nn.Module):
             ("n_experts", n_experts),
             ("top_k", top_k),
         ):
-            _positive_int(name, value)
+            checks.positive_int(name, value)
         if top_k > n_experts:
             raise ConfigError(f"top_k={top_k}: expected at most n_experts={n_experts}")
-        _choice("activation", activation, tuple(ACTIVATIONS))
-        _choice("dispatch", dispatch, DISPATCH_CHOICES)
-        _choice("balance_scope", balance_scope, BALANCE_SCOPES)
-        _choice("expand_init", expand_init, EXPERT_INITS)
-        _choice("gate_init", gate_init, GATE_INITS)
+        checks.choice("activation", activation, ACTIVATIONS)
+        checks.choice("dispatch", dispatch, DISPATCH_CHOICES)
+        checks.choice("balance_scope", balance_scope, BALANCE_SCOPES)
         if dispatch == "fused":
             fused.check_shapes(d_model, d_hidden, activation)
         if dispatch in ("grouped", "auto"):
@@ -100,22 +96,15 @@ class MoELayer(nn.Module):
                         f"{name}={value}: expected a multiple of {ALIGN} for grouped dispatch "
                         "(grouped_mm alignment); use dispatch='loop' otherwise"
                     )
-        if not router_noise >= 0:
-            raise ConfigError(f"router_noise={router_noise!r}: expected a number >= 0")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ConfigError(f"capacity_factor={capacity_factor!r}: expected None or > 0")
-        if isinstance(n_frozen, bool) or not isinstance(n_frozen, int) or n_frozen < 0:
-            raise ConfigError(f"n_frozen={n_frozen!r}: expected an integer >= 0")
-        if n_frozen > n_experts:
-            raise ConfigError(f"n_frozen={n_frozen}: expected at most n_experts={n_experts}")
+        checks.non_negative("router_noise", router_noise)
+        checks.optional(checks.positive, "capacity_factor", capacity_factor)
+        checks.integer("n_frozen", n_frozen, low=0, high=n_experts)
         self.d_model = d_model
         self.d_hidden = d_hidden
         self.top_k = top_k
         self.activation = activation
         self.capacity_factor = capacity_factor
         self.dispatch = dispatch
-        self.expand_init = expand_init
-        self.gate_init = gate_init
         self.router = Router(
             d_model,
             n_experts,
@@ -209,19 +198,19 @@ class MoELayer(nn.Module):
     def expand(
         self,
         n_new: int,
-        init: str | None = None,
-        gate_init: str | None = None,
+        init: str = "random",
+        gate_init: str = "mean",
         noise_std: float = 0.01,
     ) -> None:
         """Append n_new trainable experts and gate rows (ids n_experts .. n_experts+n_new-1).
 
-        Any optimizer holding the old trainable Parameters must be rebuilt afterwards.
+        ``init`` (EXPERT_INITS) and ``gate_init`` (GATE_INITS) default to what method=lifelong_moe
+        uses; the method passes its config's choice at every expansion. Any optimizer holding
+        the old trainable Parameters must be rebuilt afterwards.
         """
-        _positive_int("n_new", n_new)
-        init = self.expand_init if init is None else init
-        gate_init = self.gate_init if gate_init is None else gate_init
-        _choice("init", init, EXPERT_INITS)
-        _choice("gate_init", gate_init, GATE_INITS)
+        checks.positive_int("n_new", n_new)
+        checks.choice("init", init, EXPERT_INITS)
+        checks.choice("gate_init", gate_init, GATE_INITS)
         self.experts.expand(n_new, init, noise_std, usage=self.expert_usage)
         self.router.expand(n_new, gate_init, noise_std)
         self.expert_usage = torch.cat([self.expert_usage, self.expert_usage.new_zeros(n_new)])
@@ -245,18 +234,117 @@ class MoELayer(nn.Module):
             "balance_scope": self.router.balance_scope,
             "capacity_factor": self.capacity_factor,
             "dispatch": self.dispatch,
-            "expand_init": self.expand_init,
-            "gate_init": self.gate_init,
             "n_frozen": self.n_frozen,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MoELayer:
-        """A fresh layer of the shape described by get_config(); load a state_dict into it."""
-        return cls(**config)
+        """A fresh layer of the shape described by get_config(); load a state_dict into it.
+
+        Older checkpoints also hold ``expand_init`` and ``gate_init``, former constructor
+        arguments that method=lifelong_moe always overrode at expand(): they are dropped.
+        """
+        legacy = ("expand_init", "gate_init")
+        return cls(**{k: v for k, v in config.items() if k not in legacy})
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_hidden={self.d_hidden}, n_experts={self.n_experts} "
             f"(frozen={self.n_frozen}), top_k={self.top_k}, dispatch={self.dispatch!r}"
+        )
+
+
+class DenseMLP(nn.Module):
+    """Two bias-free linear maps with GELU: the dense twin of k active experts of width h.
+
+    It takes (and ignores) ``expert_mask`` and returns ``(y, None)`` so that blocks call every
+    FFN alike, dense or MoE, and never branch on its kind.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_hidden, bias=False)
+        self.fc2 = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, expert_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
+        return self.fc2(F.gelu(self.fc1(x))), None
+
+
+@dataclass
+class MoESettings:
+    """The MoE keys of a model config, validated, in one object every backbone receives.
+
+    The config keys stay flat (``model.n_experts=8``); ``CONFIG_KEYS`` maps them to the fields
+    (``model.moe`` is ``enabled``, ``model.moe_blocks`` is ``blocks``). ``enabled=False`` builds
+    the dense twin from the same config, see ``ffn``.
+    """
+
+    enabled: bool = True
+    blocks: Sequence[int] = ()
+    n_experts: int = 4
+    top_k: int = 2
+    router_noise: float = 0.0
+    capacity_factor: float | None = None
+    dispatch: str = "auto"
+
+    CONFIG_KEYS: ClassVar[dict[str, str]] = {
+        "moe": "enabled",
+        "moe_blocks": "blocks",
+        "n_experts": "n_experts",
+        "top_k": "top_k",
+        "router_noise": "router_noise",
+        "capacity_factor": "capacity_factor",
+        "dispatch": "dispatch",
+    }
+
+    def __post_init__(self) -> None:
+        checks.boolean("model.moe", self.enabled)
+        if not isinstance(self.blocks, list | tuple) or not all(map(checks.is_int, self.blocks)):
+            raise ConfigError(f"model.moe_blocks={self.blocks!r}: expected a list of block indices")
+        checks.positive_int("model.n_experts", self.n_experts)
+        checks.positive_int("model.top_k", self.top_k)
+        if self.top_k > self.n_experts:
+            raise ConfigError(
+                f"model.top_k={self.top_k}: expected at most model.n_experts={self.n_experts}"
+            )
+        checks.non_negative("model.router_noise", self.router_noise)
+        checks.optional(checks.positive, "model.capacity_factor", self.capacity_factor)
+        checks.choice("model.dispatch", self.dispatch, DISPATCH_CHOICES)
+
+    def ffns(self, d_model: int, d_hidden: int, n_blocks: int) -> Iterator[nn.Module]:
+        """The FFNs of blocks 0..n_blocks-1, built lazily as the caller consumes them.
+
+        Lazy so that a backbone building block by block (FFN, then attention) draws its
+        initial weights from the RNG in that order.
+        """
+        bad = [b for b in self.blocks if not 0 <= b < n_blocks]
+        if bad:
+            raise ConfigError(
+                f"model.moe_blocks={list(self.blocks)} names blocks outside 0..{n_blocks - 1} "
+                f"(model.n_blocks={n_blocks})"
+            )
+        return (self.ffn(d_model, d_hidden, i) for i in range(n_blocks))
+
+    def ffn(self, d_model: int, d_hidden: int, block_index: int) -> nn.Module:
+        """The FFN of one block.
+
+        Blocks listed in ``blocks`` get a MoE layer of ``n_experts`` experts of width
+        ``d_hidden`` when ``enabled``, and otherwise a dense FFN of width ``top_k * d_hidden``:
+        the dense twin then has the same active parameters per token (up to the router's
+        ``d_model x n_experts`` gate). Other blocks are dense of width ``d_hidden`` in both.
+        """
+        if block_index not in self.blocks:
+            return DenseMLP(d_model, d_hidden)
+        if not self.enabled:
+            return DenseMLP(d_model, self.top_k * d_hidden)
+        return MoELayer(
+            d_model,
+            d_hidden,
+            self.n_experts,
+            self.top_k,
+            router_noise=self.router_noise,
+            capacity_factor=self.capacity_factor,
+            dispatch=self.dispatch,
         )
