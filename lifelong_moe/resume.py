@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.tracking import names, queries, store
@@ -173,6 +173,31 @@ def load_state(uri: str, run_id: str) -> dict[str, Any] | None:
             raise ConfigError(
                 f"resume={run_id}: {STATE} is corrupt ({first}); it cannot be resumed"
             ) from None
+
+
+def resume_target(cfg: DictConfig, commit: str) -> tuple[str | None, DictConfig]:
+    """The run this command continues, checked, and the config to continue it with.
+
+    ``resume=<id>|last`` names it; a requeued SLURM job runs the same command again and
+    continues its own run. The run's stored config wins (the store URI and the resume options
+    come from the command); a new run keeps ``cfg`` as is.
+    """
+    uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
+    if cfg.get("resume"):
+        run_id = find_run(uri, experiment, str(cfg.resume))
+    elif slurm_job():
+        run_id = find_requeued(uri, experiment, slurm_job())
+    else:
+        return None, cfg
+    if run_id is None:
+        return None, cfg
+    check_run(uri, experiment, run_id, commit, bool(cfg.get("resume_force")))
+    stored = run_config(uri, run_id)
+    with open_dict(stored):
+        stored.tracking.uri, stored.resume = uri, run_id
+        stored.resume_force = bool(cfg.get("resume_force"))
+        stored.resume_trust = bool(cfg.get("resume_trust"))
+    return run_id, stored
 
 
 def checkpoint_dir(uri: str, run_id: str) -> str | None:

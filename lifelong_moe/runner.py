@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -42,14 +42,11 @@ from lifelong_moe.models.checkpoint import model_payload, restore_model
 from lifelong_moe.resume import (
     STATE,
     History,
-    check_run,
     checkpoint_dir,
-    find_requeued,
-    find_run,
     load_state,
     requeue,
     restore_rng,
-    run_config,
+    resume_target,
     slurm_job,
     state,
 )
@@ -158,23 +155,10 @@ def checkpoint_folder(cfg: DictConfig, run_id: str) -> Path:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment end to end; returns the summary that is also logged as summary.json."""
-    resume_id = None
     uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
     check_store(uri)
     signals.point("startup")
-    if cfg.get("resume"):
-        resume_id = find_run(uri, experiment, str(cfg.resume))
-    elif slurm_job():
-        # A requeued SLURM job runs the same command again: continue its own run.
-        resume_id = find_requeued(uri, experiment, slurm_job())
-    if resume_id:
-        check_run(uri, experiment, resume_id, git_commit(), bool(cfg.get("resume_force")))
-        stored = run_config(uri, resume_id)
-        with open_dict(stored):
-            stored.tracking.uri, stored.resume = uri, resume_id
-            stored.resume_force = bool(cfg.get("resume_force"))
-            stored.resume_trust = bool(cfg.get("resume_trust"))
-        cfg = stored
+    resume_id, cfg = resume_target(cfg, git_commit())
     exp = build(cfg)
     tracker = tracker_for_rank(uri, experiment)
     saved, ckpt = None, None
@@ -195,14 +179,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tracker.reopen(resume_id)
     else:
         with signals.deferred():
-            start_run(cfg, exp, tracker)
+            start_run(exp, tracker)
         folder = checkpoint_folder(cfg, tracker.run_id)
     signals.STATE.run_id = tracker.run_id
     if cfg.tracking.get("system_metrics", True):
         interval = float(cfg.tracking.get("system_metrics_interval_s", 2.0))
         tracker.start_system_metrics(interval, resume=bool(resume_id))
     try:
-        summary = _loop(cfg, exp, tracker, saved, ckpt, folder)
+        summary = _loop(exp, tracker, saved, ckpt, folder)
     except (signals.Interrupted, SIGTERMException) as error:
         # SIGTERMException: Lightning's own SIGTERM stop at an epoch end, had ours not come first.
         stop = (
@@ -250,8 +234,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def run_identity(cfg: DictConfig, exp: Experiment) -> dict[str, str]:
+def run_identity(exp: Experiment) -> dict[str, str]:
     """Method, benchmark, model and seed: the tags that name a run (and head its description)."""
+    cfg = exp.cfg
     return {
         names.TAG_METHOD: cfg.method.get("name", "method"),
         names.TAG_BENCHMARK: cfg.benchmark.get("name", exp.stream.name),
@@ -260,11 +245,11 @@ def run_identity(cfg: DictConfig, exp: Experiment) -> dict[str, str]:
     }
 
 
-def start_run(cfg: DictConfig, exp: Experiment, tracker: RunTracker) -> None:
-    stream = exp.stream
+def start_run(exp: Experiment, tracker: RunTracker) -> None:
+    cfg, stream = exp.cfg, exp.stream
     language = stream.scenario == "language_modeling"
     tags = {
-        **run_identity(cfg, exp),
+        **run_identity(exp),
         names.TAG_KIND: names.KIND_EXPERIMENT,
         names.TAG_MATRIX: names.MATRIX_PERPLEXITY if language else names.MATRIX_ACCURACY,
         names.TAG_SCENARIO: stream.scenario,
@@ -320,7 +305,6 @@ def device_of(cfg: DictConfig) -> torch.device:
 
 
 def _loop(
-    cfg: DictConfig,
     exp: Experiment,
     tracker: RunTracker,
     saved: dict[str, Any] | None,
@@ -328,7 +312,7 @@ def _loop(
     folder: Path | None = None,
 ) -> dict[str, Any]:
     """before -> fit -> evaluate -> after -> record, for every experience not done yet."""
-    stream, method = exp.stream, exp.method
+    cfg, stream, method = exp.cfg, exp.stream, exp.method
     device = device_of(cfg)
     evaluator = evaluator_for(stream)
     evaluate = functools.partial(evaluator, batch_size=cfg.trainer.eval_batch_size, device=device)
@@ -346,7 +330,7 @@ def _loop(
         data = method.train_dataset(experience)
 
         start = time.perf_counter()
-        trainer, saver = fit(cfg, exp, experience, data, folder, ckpt)
+        trainer, saver = fit(exp, experience, data, folder, ckpt)
         ckpt = None  # only the experience the run was in continues from a checkpoint
         h.train_seconds.append(time.perf_counter() - start)
 
@@ -380,7 +364,7 @@ def _loop(
         # train/loss and its terms (train/ce, train/kd, ...): means over the last epoch.
         prefix = names.train_term("")
         row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
-        record(cfg, exp, tracker, h, i, row)
+        record(exp, tracker, h, i, row)
         print(
             experience_line(
                 i, len(stream), type(method).__name__, row, h.train_seconds[-1], eval_seconds
@@ -389,11 +373,10 @@ def _loop(
         )
     # Held until run() marks the run FINISHED: a signal now lets the run complete (exit 0).
     signals.STATE.deferred += 1
-    return finish(cfg, exp, h, tracker)
+    return finish(exp, h, tracker)
 
 
 def fit(
-    cfg: DictConfig,
     exp: Experiment,
     experience: Experience,
     data: Dataset,
@@ -401,7 +384,7 @@ def fit(
     ckpt: Path | None,
 ) -> tuple[L.Trainer, StepCheckpoint]:
     """Train on one experience with a fresh Trainer, writing training checkpoints as it goes."""
-    i = experience.index
+    cfg, i = exp.cfg, experience.index
     loader = make_loader(
         data, cfg.trainer.batch_size, cfg.trainer.num_workers, seed=cfg.seed * 1_000 + i
     )
@@ -423,7 +406,6 @@ def fit(
 
 
 def record(
-    cfg: DictConfig,
     exp: Experiment,
     tracker: RunTracker,
     h: History,
@@ -438,12 +420,12 @@ def record(
         save_state(exp, h, tracker, i + 1)
         signals.point("log_metrics", i)
         tracker.log_metrics(row, step=i)
-    if cfg.tracking.log_checkpoints:
+    if exp.cfg.tracking.log_checkpoints:
         with signals.deferred(), tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"model_exp_{i}.pt"
             save_model(
                 exp.model,
-                OmegaConf.to_container(cfg.model, resolve=True),
+                OmegaConf.to_container(exp.cfg.model, resolve=True),
                 path,
                 input_shape=list(exp.stream.input_shape),
                 n_classes=exp.stream.n_classes,
@@ -451,14 +433,14 @@ def record(
             tracker.log_file(path, names.CHECKPOINTS)
 
 
-def finish(cfg: DictConfig, exp: Experiment, h: History, tracker: RunTracker) -> dict[str, Any]:
+def finish(exp: Experiment, h: History, tracker: RunTracker) -> dict[str, Any]:
     """End-of-stream metrics and artifacts; returns the summary (also logged as summary.json)."""
-    stream = exp.stream
+    cfg, stream = exp.cfg, exp.stream
     final = rows.final_metrics(h.R, h.b, h.R_task, h.b_task, h.L)
     final[names.COST_TRAIN_TOTAL_S] = float(sum(h.train_seconds))
     # forgetting and bwt of the last step are already logged with the row: log each step once.
     tracker.log_metrics({k: v for k, v in final.items() if k not in h.logged[-1]}, len(stream) - 1)
-    run = run_identity(cfg, exp)
+    run = run_identity(exp)
     log_results(
         tracker,
         run,
