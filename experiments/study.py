@@ -25,6 +25,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from lifelong_moe.tracking import names, queries
+from lifelong_moe.tracking import store as tracking_store
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 COMMON = ["trainer.progress_bar=false", "tracking.log_checkpoints=false", "seed=0,1,2"]
@@ -197,16 +200,18 @@ def main() -> None:
     lines += [study["note"], ""] if "note" in study else []
     lines += plots
     method, benchmark = study["routing"]
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    lines += per_experience_table(client, experiment.experiment_id)
-    found = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.method = '{method}' and tags.benchmark = '{benchmark}' and tags.seed = '0'",
+    client = tracking_store.client(uri)
+    experiment_id = queries.experiment_id(client, name)
+    lines += per_experience_table(client, experiment_id)
+    found = queries.search_runs(
+        client,
+        [experiment_id],
+        f"tags.{names.TAG_METHOD} = '{method}' and tags.{names.TAG_BENCHMARK} = '{benchmark}' "
+        f"and tags.{names.TAG_SEED} = '0'",
     )
     if found:
-        for artifact in ("routing.png", "routing.json"):
-            client.download_artifacts(found[0].info.run_id, artifact, str(results))
+        for artifact in (names.ROUTING_PLOT, names.ROUTING_JSON):
+            queries.download(client, found[0].info.run_id, artifact, results)
         lines += [
             f"## Routing of {method} on {benchmark} (seed 0)",
             "",
@@ -224,24 +229,26 @@ def per_experience_table(client: MlflowClient, experiment_id: str) -> list[str]:
     """Final perplexity (or accuracy) on each experience, per method and benchmark: the
     earlier-domain numbers behind ppl/forgetting, which the comparison table averages away."""
     groups: dict[tuple[str, str], list[dict[str, float]]] = {}
-    for run in client.search_runs([experiment_id], "tags.kind = 'experiment'"):
-        if run.info.status != "FINISHED":
-            continue
-        key = (run.data.tags.get("method", "?"), run.data.tags.get("benchmark", "?"))
-        groups.setdefault(key, []).append(run.data.metrics)
+    finished = f"{queries.EXPERIMENT_RUNS} and attributes.status = 'FINISHED'"
+    for run in queries.search_runs(client, [experiment_id], finished):
+        tags = run.data.tags
+        key = (tags.get(names.TAG_METHOD, "?"), tags.get(names.TAG_BENCHMARK, "?"))
+        groups.setdefault(key, []).append(names.modernize(run.data.metrics))
     if not groups:
         return []
-    prefix = "ppl" if any("ppl/final" in m for runs in groups.values() for m in runs) else "acc"
+    language = any(names.PPL_FINAL in m for runs in groups.values() for m in runs)
+    prefix = names.PPL if language else names.ACC
     n = max(
         int(k.rsplit("_", 1)[1]) + 1
         for runs in groups.values()
         for m in runs
         for k in m
-        if k.startswith(f"{prefix}/exp_")
+        if k.startswith(names.exp_metric(prefix, ""))
     )
-    header = ["method", "benchmark", "n", *(f"{prefix}/exp_{j}" for j in range(n))]
+    columns = [names.exp_metric(prefix, j) for j in range(n)]
+    header = ["method", "benchmark", "n", *columns]
     out = [
-        f"## Final {'perplexity' if prefix == 'ppl' else 'accuracy'} on each experience "
+        f"## Final {'perplexity' if language else 'accuracy'} on each experience "
         "(mean ± std over seeds)",
         "",
         "| " + " | ".join(header) + " |",
@@ -249,8 +256,8 @@ def per_experience_table(client: MlflowClient, experiment_id: str) -> list[str]:
     ]
     for (method, benchmark), runs in sorted(groups.items()):
         cells = [method, benchmark, str(len(runs))]
-        for j in range(n):
-            values = [m[f"{prefix}/exp_{j}"] for m in runs if f"{prefix}/exp_{j}" in m]
+        for column in columns:
+            values = [m[column] for m in runs if column in m]
             mean = sum(values) / len(values)
             std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
             cells.append(f"{mean:.3f} ± {std:.3f}")

@@ -5,8 +5,8 @@ benchmark and seed; tags ``kind``, ``matrix``; end-of-stream metrics at the last
 runs by tags or params, and reports mean, std and n per group. Accuracy and perplexity runs never
 share a table: their columns mean different things.
 
-It talks to the store through ``MlflowClient(uri)`` rather than ``mlflow.search_runs``, which
-reads the process-wide tracking URI; the rows are few, so plain Python replaces pandas.
+Every read goes through :mod:`lifelong_moe.tracking.queries` with a client bound to the given
+URI (never the process-wide tracking URI); the rows are few, so plain Python replaces pandas.
 """
 
 from __future__ import annotations
@@ -25,21 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from mlflow.tracking import MlflowClient
 
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation.metrics import mean_std
-from lifelong_moe.tracking import names
+from lifelong_moe.tracking import names, queries, store
 
 # Columns per matrix kind: the end-of-stream quality metrics, then the costs.
 QUALITY = {
-    "accuracy": [
+    names.MATRIX_ACCURACY: [
         names.ACC_FINAL,
         names.ACC_AVG_INCREMENTAL,
         names.ACC_FORGETTING,
         names.ACC_BWT,
         names.ACC_FWT,
     ],
-    "perplexity": [names.PPL_FINAL, names.PPL_FORGETTING, names.LOSS_BWT],
+    names.MATRIX_PERPLEXITY: [names.PPL_FINAL, names.PPL_FORGETTING, names.LOSS_BWT],
 }
 # Routing metrics (MoE runs only; "-" elsewhere), beside the forgetting they may explain.
 ROUTING = [names.ROUTING_SPECIALIZATION, names.ROUTING_DRIFT, names.ROUTING_MAX_IMBALANCE]
@@ -50,15 +51,10 @@ COSTS = [
     names.COST_TRAIN_TOTAL_S,
 ]
 # Per-experience metrics behind the plots: the seen-so-far curve and the forgetting bars.
-CURVE = {"accuracy": names.ACC_SEEN, "perplexity": names.PPL_SEEN}
-BARS = {"accuracy": names.ACC_FORGETTING, "perplexity": names.PPL_FORGETTING}
-# Where each kind's end-of-stream matrix lives in a run, and its key in that JSON.
-MATRIX_ARTIFACT = {
-    "accuracy": ("accuracy_matrix.json", "R"),
-    "perplexity": ("perplexity_matrix.json", "perplexity"),
-}
+CURVE = {names.MATRIX_ACCURACY: names.ACC_SEEN, names.MATRIX_PERPLEXITY: names.PPL_SEEN}
+BARS = {names.MATRIX_ACCURACY: names.ACC_FORGETTING, names.MATRIX_PERPLEXITY: names.PPL_FORGETTING}
 # The aggregate table as MLflow shows tables (``MlflowClient.log_table``).
-TABLE_ARTIFACT = "comparison_table.json"
+TABLE_ARTIFACT = names.COMPARISON_TABLE
 
 _SHORTHAND = re.compile(r"([A-Za-z_][\w.\-/]*)=([^'\"]*)")
 _PREFIXES = {"tags": "tags", "tag": "tags", "params": "params", "param": "params"}
@@ -79,10 +75,10 @@ class RunRecord:
     @property
     def matrix(self) -> str:
         """Matrix kind from the tag; runs from before the tag existed are told by their metrics."""
-        kind = self.tags.get("matrix")
+        kind = self.tags.get(names.TAG_MATRIX)
         if kind:
             return kind
-        return "perplexity" if names.PPL_FINAL in self.metrics else "accuracy"
+        return names.MATRIX_PERPLEXITY if names.PPL_FINAL in self.metrics else names.MATRIX_ACCURACY
 
 
 @dataclass
@@ -131,8 +127,8 @@ def filter_clause(text: str) -> str:
 def build_filter(filters: Sequence[str], include_unfinished: bool) -> str:
     """User clauses AND kind=experiment (unless the user filters on kind) AND status FINISHED."""
     clauses = [filter_clause(f) for f in filters if f.strip()]
-    if not any(re.search(r"tags?\.`?kind\b", c) for c in clauses):
-        clauses.append("tags.`kind` = 'experiment'")
+    if not any(re.search(rf"tags?\.`?{names.TAG_KIND}\b", c) for c in clauses):
+        clauses.append(f"tags.`{names.TAG_KIND}` = '{names.KIND_EXPERIMENT}'")
     if not include_unfinished:
         clauses.append("attributes.status = 'FINISHED'")
     return " AND ".join(clauses)
@@ -141,66 +137,26 @@ def build_filter(filters: Sequence[str], include_unfinished: bool) -> str:
 # --- reading the store --------------------------------------------------------------------------
 
 
-def _check_store(uri: str) -> None:
-    """Refuse stores that do not exist: opening one would silently create an empty store."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise StoreError(f"no MLflow store at {uri} ({path} does not exist)")
-    elif uri.startswith("file:") or "://" not in uri:
-        path = Path(uri.removeprefix("file://").removeprefix("file:"))
-        if not path.is_dir():
-            raise StoreError(f"no MLflow store at {uri} ({path} is not a folder)")
-    elif uri.split(":", 1)[0].split("+")[0] in ("postgresql", "postgres"):
-        from lifelong_moe.tracking.mlflow_run import check_postgres
-
-        check_postgres(uri)  # driver installed, server answers: one line otherwise
-    else:
-        # Fail fast instead of retrying with backoff for minutes (MLflow's default).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
-def search(client, experiments: Sequence[str], filter_string: str) -> list[RunRecord]:
-    """All runs of the named experiments that match, following MLflow's pages."""
+def search(client: MlflowClient, experiments: Sequence[str], filter_string: str) -> list[RunRecord]:
+    """All runs of the named experiments that match."""
     ids = []
     for name in experiments:
-        found = client.get_experiment_by_name(name)
+        found = queries.experiment_id(client, name)
         if found is None:
             raise StoreError(f"no experiment named {name!r} in the store")
-        ids.append(found.experiment_id)
-    records, token = [], None
-    while True:
-        page = client.search_runs(ids, filter_string, max_results=1000, page_token=token)
-        for run in page:
-            # Runs logged before the metric rename (issue 13) read under today's names.
-            metrics = names.modernize(run.data.metrics)
-            records.append(RunRecord(run.info.run_id, run.data.tags, run.data.params, metrics))
-        token = page.token
-        if not token:
-            return records
-
-
-def history(client, run_id: str, key: str) -> list[float]:
-    """A per-experience metric as a list indexed by step (NaN where a step is missing).
-
-    A run logged before the metric rename (issue 13) is read under the key's old name.
-    """
-    points = client.get_metric_history(run_id, key)
-    if not points and (old := names.legacy_name(key)):
-        points = client.get_metric_history(run_id, old)
-    points = sorted(points, key=lambda m: (m.step, m.timestamp))
-    if not points:
-        return []
-    values = [math.nan] * (points[-1].step + 1)
-    for m in points:  # a step logged twice (a resumed run) keeps its latest value
-        values[m.step] = m.value
-    return values
+        ids.append(found)
+    # Runs logged before the metric rename (issue 13) read under today's names.
+    return [
+        RunRecord(
+            run.info.run_id, run.data.tags, run.data.params, names.modernize(run.data.metrics)
+        )
+        for run in queries.search_runs(client, ids, filter_string)
+    ]
 
 
 # --- grouping and tables ------------------------------------------------------------------------
@@ -331,12 +287,16 @@ def write_plots(client, groups: Sequence[Group], folder: Path) -> list[Path]:
             continue
         curves = {}
         for g in mine:
-            seeds = [h for r in g.runs if (h := history(client, r.run_id, curve_key))]
+            seeds = [
+                h for r in g.runs if (h := queries.metric_history(client, r.run_id, curve_key))
+            ]
             if seeds:
                 curves["/".join(g.key)] = seeds
         if curves:
             path = folder / f"{kind}_curves.png"
-            ylabel = "A_t (accuracy on seen experiences)" if kind == "accuracy" else curve_key
+            ylabel = (
+                "A_t (accuracy on seen experiences)" if kind == names.MATRIX_ACCURACY else curve_key
+            )
             plot_curves(curves, path, ylabel=ylabel, title=f"{curve_key}: mean ± std over seeds")
             written.append(path)
         bars = {"/".join(g.key): [r.metrics.get(bar_key, math.nan) for r in g.runs] for g in mine}
@@ -346,16 +306,12 @@ def write_plots(client, groups: Sequence[Group], folder: Path) -> list[Path]:
     return written
 
 
-def _mean_matrix(client, runs: Sequence[RunRecord], kind: str, tmp: Path) -> np.ndarray | None:
+def _mean_matrix(client: MlflowClient, runs: Sequence[RunRecord], kind: str) -> np.ndarray | None:
     """Mean over a group's runs of their end-of-stream matrix (runs of another shape are left out)."""
-    name, key = MATRIX_ARTIFACT[kind]
-    matrices = []
-    for r in runs:
-        try:
-            local = client.download_artifacts(r.run_id, name, str(tmp))
-        except Exception:  # a run without the artifact (older layout, crashed before the end)
-            continue
-        matrices.append(np.asarray(json.loads(Path(local).read_text())[key], dtype=float))
+    # A run without the artifact (older layout, crashed before the end) is left out too.
+    matrices = [
+        np.asarray(m, dtype=float) for r in runs if (m := queries.matrix(client, r.run_id, kind))
+    ]
     if not matrices:
         return None
     shape = matrices[0].shape
@@ -369,20 +325,18 @@ def plot_matrices(client, groups: Sequence[Group], folder: Path) -> list[Path]:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run
     written = []
     for kind in sorted({g.matrix for g in groups}):
-        if kind not in MATRIX_ARTIFACT:
+        if kind not in queries.MATRICES:
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            panels = [
-                (g, m)
-                for g in groups
-                if g.matrix == kind
-                and (m := _mean_matrix(client, g.runs, kind, Path(tmp))) is not None
-            ]
+        panels = [
+            (g, m)
+            for g in groups
+            if g.matrix == kind and (m := _mean_matrix(client, g.runs, kind)) is not None
+        ]
         if not panels:
             continue
         values = np.concatenate([m.ravel() for _, m in panels])
         values = values[np.isfinite(values)]
-        if kind == "accuracy":
+        if kind == names.MATRIX_ACCURACY:
             vmin, vmax = 0.0, 1.0
         else:
             vmin, vmax = float(values.min()), float(values.max())
@@ -408,7 +362,11 @@ def plot_matrices(client, groups: Sequence[Group], folder: Path) -> list[Path]:
             ax.set_xticks(range(m.shape[1]))
             ax.set_yticks(range(m.shape[0]))
         axes[0].set_ylabel("after training on i")
-        label = "accuracy R[i][j], mean over seeds" if kind == "accuracy" else f"{kind}, mean"
+        label = (
+            "accuracy R[i][j], mean over seeds"
+            if kind == names.MATRIX_ACCURACY
+            else f"{kind}, mean"
+        )
         fig.colorbar(image, ax=list(axes), label=label, shrink=0.9)
         path = folder / f"{kind}_matrices.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -440,7 +398,7 @@ def verdict(groups: Sequence[Group], group_by: Sequence[str]) -> list[str]:
         final = QUALITY[kind][0]
         for metric, word, lower in (
             (BARS[kind], "least forgetting", True),
-            (final, f"best {final}", kind != "accuracy"),
+            (final, f"best {final}", kind != names.MATRIX_ACCURACY),
         ):
             scored = [(g, g.stats(metric)) for g in mine if g.stats(metric)[2] > 0]
             if not scored:
@@ -489,10 +447,10 @@ def record(
     from mlflow.entities import RunTag
 
     for fmt in ("md", "csv", "json"):
-        client.log_text(run_id, render(groups, group_by, fmt, meta), f"comparison.{fmt}")
+        client.log_text(run_id, render(groups, group_by, fmt, meta), names.comparison(fmt))
     client.log_table(run_id, table_data(groups, group_by), TABLE_ARTIFACT)
     for path in plots:
-        client.log_artifact(run_id, str(path), "plots")
+        client.log_artifact(run_id, str(path), names.PLOTS)
     lines = [preface] if preface else []
     found = verdict(groups, group_by)
     if found:
@@ -506,7 +464,7 @@ def record(
         "accuracy matrices side by side).",
     ]
     note = "\n".join(lines)
-    client.log_batch(run_id, tags=[RunTag("mlflow.note.content", note[:5000])])
+    client.log_batch(run_id, tags=[RunTag(names.TAG_DESCRIPTION, note[:5000])])
 
 
 def log_comparison(
@@ -519,18 +477,16 @@ def log_comparison(
     """
     from mlflow.entities import Param
 
-    from lifelong_moe.tracking.mlflow_run import mark_experiment
-
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    mark_experiment(client, experiment_id)
+    experiment_id = queries.experiment_id(client, experiment)
+    store.mark_experiment(client, experiment_id)
     group_by = meta["group_by"]
-    tags = {"kind": "comparison", "group_by": ",".join(group_by)}
-    run = client.create_run(experiment_id, run_name="compare " + tags["group_by"], tags=tags)
+    tags = {names.TAG_KIND: names.KIND_COMPARISON, names.TAG_GROUP_BY: ",".join(group_by)}
+    run = client.create_run(experiment_id, run_name="compare " + ",".join(group_by), tags=tags)
     run_id = run.info.run_id
     params = {
         "experiments": ",".join(meta["experiments"]),
         "filter": meta["filter"][:6000],
-        "group_by": tags["group_by"],
+        "group_by": ",".join(group_by),
         "n_runs": str(meta["n_runs"]),
     }
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
@@ -541,15 +497,15 @@ def log_comparison(
 
 def sweep_parent_hint(client, uri: str, experiments: Sequence[str], filters: Sequence[str]) -> str:
     """With ``--filter sweep_id=X``: the line that opens that sweep's parent run, else ''."""
-    from lifelong_moe.tracking.mlflow_run import find_sweep_parent, ui_hint
-
-    ids = [m.group(2) for f in filters if (m := re.fullmatch(r"(tags?\.)?sweep_id=(\S+)", f))]
+    pattern = rf"(tags?\.)?{names.TAG_SWEEP_ID}=(\S+)"
+    ids = [m.group(2) for f in filters if (m := re.fullmatch(pattern, f))]
     for sweep in ids:
         for name in experiments:
-            experiment = client.get_experiment_by_name(name)
-            parent = experiment and find_sweep_parent(client, experiment.experiment_id, sweep)
+            experiment_id = queries.experiment_id(client, name)
+            parent = experiment_id and queries.sweep_parent(client, experiment_id, sweep)
             if parent:
-                return f"The sweep's parent run holds this comparison: {ui_hint(uri, experiment.experiment_id, parent)}"
+                hint = store.ui_hint(uri, experiment_id, parent)
+                return f"The sweep's parent run holds this comparison: {hint}"
     return ""
 
 
@@ -594,8 +550,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlflow import MlflowClient
-
     experiments = args.experiment or ["lifelong-moe"]
     group_by = [k.strip() for k in args.group_by.split(",") if k.strip()]
     if not group_by:
@@ -604,8 +558,8 @@ def run(args: argparse.Namespace) -> int:
         )
     filter_string = build_filter(args.filter, args.include_unfinished)
 
-    _check_store(args.tracking_uri)
-    client = MlflowClient(args.tracking_uri)
+    store.check_store(args.tracking_uri, must_exist=True)
+    client = store.client(args.tracking_uri)
     try:
         runs = search(client, experiments, filter_string)
     except StoreError:
@@ -644,11 +598,9 @@ def run(args: argparse.Namespace) -> int:
             if args.plot:
                 print(f"wrote {len(plots)} plots to {args.plot}", file=sys.stderr)
         if args.log:
-            from lifelong_moe.tracking.mlflow_run import ui_hint
-
             experiment_id, run_id = log_comparison(client, experiments[0], groups, plots, meta)
             print(f"logged comparison run {run_id} in experiment {experiments[0]}", file=sys.stderr)
-            hint = ui_hint(args.tracking_uri, experiment_id, run_id)
+            hint = store.ui_hint(args.tracking_uri, experiment_id, run_id)
             print(f"See the comparison: {hint}", file=sys.stderr)
     hint = sweep_parent_hint(client, args.tracking_uri, experiments, args.filter)
     if hint:

@@ -64,7 +64,8 @@ class Clock:
 
 def runner_side(cfg: DictConfig) -> Clock:
     """Seconds of the runner's training over the stream: sum of ``time/train_s``."""
-    from lifelong_moe.runner import build, make_trainer
+    from lifelong_moe.runner import build
+    from lifelong_moe.trainer import make_trainer
 
     exp = build(cfg)
     clock = Clock(exp.model)
@@ -75,7 +76,7 @@ def runner_side(cfg: DictConfig) -> Clock:
         with clock:
             trainer = make_trainer(cfg)
             exp.method.fit_experience(experience, loader, trainer)
-        exp.method.after_experience(experience, data)
+        exp.method.after_experience(experience)
     return clock
 
 
@@ -109,7 +110,7 @@ def bare_side(cfg: DictConfig) -> Clock:
                     nn.utils.clip_grad_norm_(params, clip)
                 opt.step()
         clock.__exit__()
-        method.after_experience(experience, data)
+        method.after_experience(experience)
     return clock
 
 

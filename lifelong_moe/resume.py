@@ -1,8 +1,8 @@
 """Resume an interrupted run in the same MLflow run, from inside the experience it was in.
 
-After every experience the runner stores ``~resume/state.pt`` beside the run's artifacts: the
-grown model, the method's own state (EWC's Fisher, the replay buffer), the history of R and
-of what was logged, and the RNG states. Inside an experience, training checkpoints on local
+After every experience the runner stores ``~resume/state.pt`` beside the run's artifacts
+(:func:`state`): the grown model, the method's own state (EWC's Fisher, the replay buffer,
+expert origins), the :class:`History` of R and of what was logged, and the RNG states. Inside an experience, training checkpoints on local
 disk (``checkpointing.py``) carry the rest: optimizer, loop progress, data position, RNG.
 Restoring both makes the resumed run bit-identical to an uninterrupted one on CPU. The state is
 deleted once the run FINISHED (``tracking.keep_resume_state=true`` keeps it).
@@ -21,18 +21,55 @@ import random
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
-from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.tracking import names
+from lifelong_moe.tracking import names, queries, store
 
 STATE = names.RESUME_STATE
+
+
+@dataclass
+class History:
+    """Everything the loop accumulates; saved after each experience so a run can resume."""
+
+    R: list[list[float]] = field(default_factory=list)
+    R_task: list[list[float]] = field(default_factory=list)
+    b: list[float] = field(default_factory=list)
+    b_task: list[float] = field(default_factory=list)
+    routing: list = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+    logged: list[dict[str, float]] = field(default_factory=list)
+    # language modelling: L[i][j] = validation loss (nats per byte) on domain j after i
+    L: list[list[float]] = field(default_factory=list)
+    b_loss: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_state(cls, saved: dict[str, Any]) -> History:
+        """Read back what ``asdict`` saved; keys of older layouts (expert_counts) are ignored,
+        and rows saved before the metric rename (issue 13) continue under today's names."""
+        known = {f.name for f in fields(cls)}
+        history = cls(**{k: v for k, v in saved.items() if k in known})
+        history.logged = [names.modernize(row) for row in history.logged]
+        return history
+
+
+def state(
+    history: History, model: dict[str, Any], method: dict[str, Any], next_index: int
+) -> dict[str, Any]:
+    """The resume state after experience ``next_index - 1``: plain values and tensors only."""
+    return {
+        "next": next_index,
+        "history": asdict(history),
+        "model": model,
+        "method": method,
+        "rng": capture_rng(),
+    }
 
 
 def capture_rng() -> dict[str, Any]:
@@ -61,61 +98,44 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def find_run(uri: str, experiment: str, spec: str) -> str:
     """``spec`` is a run id, or ``last``: the newest run of the experiment that did not finish."""
-    client = MlflowClient(uri)
+    mlflow_client = store.client(uri)
     if spec != "last":
-        try:
-            return client.get_run(spec).info.run_id
-        except Exception:
-            raise ConfigError(f"resume={spec}: no such run in {uri}") from None
-    found = client.get_experiment_by_name(experiment)
-    candidates = (
-        client.search_runs(
-            [found.experiment_id],
-            filter_string="tags.kind = 'experiment' and attributes.status != 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if found
-        else []
-    )
-    if not candidates:
+        run = queries.get_run(mlflow_client, spec)
+        if run is None:
+            raise ConfigError(f"resume={spec}: no such run in {uri}")
+        return run.info.run_id
+    found = queries.newest_unfinished(mlflow_client, experiment)
+    if found is None:
         raise ConfigError(
             f"resume=last: experiment '{experiment}' in {uri} has no unfinished run to resume"
         )
-    return candidates[0].info.run_id
+    return found
 
 
 def run_config(uri: str, run_id: str) -> DictConfig:
     """The resolved config the run started with (its config.yaml artifact)."""
-    client = MlflowClient(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run_id, "config.yaml", tmp)
-        except Exception:
-            raise ConfigError(
-                f"resume={run_id}: the run has no config.yaml to resume from"
-            ) from None
-        return OmegaConf.load(path)
+    text = queries.run_config_text(store.client(uri), run_id)
+    if text is None:
+        raise ConfigError(f"resume={run_id}: the run has no {names.CONFIG} to resume from")
+    return OmegaConf.create(text)
 
 
 def check_run(uri: str, experiment: str, run_id: str, commit: str, force: bool) -> None:
     """Refuse, in one line and before anything is written, a run that must not be resumed."""
-    client = MlflowClient(uri)
-    run = client.get_run(run_id)
+    mlflow_client = store.client(uri)
+    run = mlflow_client.get_run(run_id)
     if run.info.status == "FINISHED":
         raise ConfigError(f"resume={run_id}: the run is FINISHED; there is nothing to resume")
-    if run.data.tags.get("kind", "experiment") != "experiment":
-        raise ConfigError(
-            f"resume={run_id}: the run is a {run.data.tags['kind']}, not an experiment"
-        )
-    found = client.get_experiment_by_name(experiment)
-    if found is None or found.experiment_id != run.info.experiment_id:
-        other = client.get_experiment(run.info.experiment_id).name
+    kind = run.data.tags.get(names.TAG_KIND, names.KIND_EXPERIMENT)
+    if kind != names.KIND_EXPERIMENT:
+        raise ConfigError(f"resume={run_id}: the run is a {kind}, not an experiment")
+    if queries.experiment_id(mlflow_client, experiment) != run.info.experiment_id:
+        other = queries.experiment_name(mlflow_client, run.info.experiment_id)
         raise ConfigError(
             f"resume={run_id}: the run belongs to experiment '{other}', not '{experiment}'; "
             f"add tracking.experiment={other}"
         )
-    recorded = run.data.tags.get("git_commit", "unknown")
+    recorded = run.data.tags.get(names.TAG_GIT_COMMIT, "unknown")
     if recorded != commit:
         message = f"run {run_id} was recorded by git commit {recorded}, this is {commit}"
         if not force:
@@ -129,24 +149,19 @@ def load_state(uri: str, run_id: str) -> dict[str, Any] | None:
     Read with ``weights_only=True``: a state file that would run code when unpickled (or is
     corrupt) stops the resume with one line instead.
     """
-    client = MlflowClient(uri)
-    completed = client.get_metric_history(run_id, names.ACC_SEEN)
+    mlflow_client = store.client(uri)
+    completed = queries.logged_steps(mlflow_client, run_id, names.ACC_SEEN)
     with tempfile.TemporaryDirectory() as tmp:
-        for where in (STATE, names.LEGACY_RESUME_STATE):  # runs started before issue 13
-            try:
-                path = client.download_artifacts(run_id, where, tmp)
-                break
-            except Exception:
-                continue
-        else:
+        path = queries.resume_state_file(mlflow_client, run_id, tmp)
+        if path is None:
             if completed:
                 raise ConfigError(
                     f"resume={run_id}: the run logged {len(completed)} experience(s) but its "
                     f"resume state {STATE} is missing; it cannot be resumed"
-                ) from None
+                )
             return None
         try:
-            return torch.load(Path(path), map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             # weights_only names the first object it would not build: "Unsupported global".
             if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
@@ -160,8 +175,34 @@ def load_state(uri: str, run_id: str) -> dict[str, Any] | None:
             ) from None
 
 
-def run_tag(uri: str, run_id: str, name: str) -> str | None:
-    return MlflowClient(uri).get_run(run_id).data.tags.get(name)
+def resume_target(cfg: DictConfig, commit: str) -> tuple[str | None, DictConfig]:
+    """The run this command continues, checked, and the config to continue it with.
+
+    ``resume=<id>|last`` names it; a requeued SLURM job runs the same command again and
+    continues its own run. The run's stored config wins (the store URI and the resume options
+    come from the command); a new run keeps ``cfg`` as is.
+    """
+    uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
+    if cfg.get("resume"):
+        run_id = find_run(uri, experiment, str(cfg.resume))
+    elif slurm_job():
+        run_id = find_requeued(uri, experiment, slurm_job())
+    else:
+        return None, cfg
+    if run_id is None:
+        return None, cfg
+    check_run(uri, experiment, run_id, commit, bool(cfg.get("resume_force")))
+    stored = run_config(uri, run_id)
+    with open_dict(stored):
+        stored.tracking.uri, stored.resume = uri, run_id
+        stored.resume_force = bool(cfg.get("resume_force"))
+        stored.resume_trust = bool(cfg.get("resume_trust"))
+    return run_id, stored
+
+
+def checkpoint_dir(uri: str, run_id: str) -> str | None:
+    """Where the run wrote its training checkpoints (its tag), None for runs before the tag."""
+    return queries.run_tag(store.client(uri), run_id, names.TAG_CHECKPOINT_DIR)
 
 
 # -- SLURM: a preempted or timed-out job is requeued and continues its own run ----------------
@@ -175,18 +216,7 @@ def slurm_job() -> str | None:
 
 def find_requeued(uri: str, experiment: str, job: str) -> str | None:
     """The unfinished run that this SLURM job started before it was requeued, if any."""
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=f"tags.kind = 'experiment' and tags.slurm_job = '{job}' "
-        "and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
+    return queries.requeued_run(store.client(uri), experiment, job)
 
 
 def requeue(run_id: str) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lifelong_moe.models import count_parameters
+from lifelong_moe.tracking import names
 
 # Dense (no sparsity) peak FLOP/s from the vendors' data sheets, by device name substring.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
@@ -71,9 +72,9 @@ def throughput_metrics(
     per_sample = tokens_per_sample(data)
     tokens = len(data) * epochs * per_sample
     rate = tokens / seconds if seconds > 0 else 0.0
-    out = {"cost/tokens_per_s": rate}
+    out = {names.COST_TOKENS_PER_S: rate}
     peak = peak_flops(device_label(device), precision)
     if peak is not None:
         sequence = per_sample if per_sample > 1 else 1
-        out["cost/mfu"] = rate * flops_per_token(model, sequence) / (peak * n_devices)
+        out[names.COST_MFU] = rate * flops_per_token(model, sequence) / (peak * n_devices)
     return out

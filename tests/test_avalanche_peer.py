@@ -38,7 +38,7 @@ def train(method: AvalanchePeer, stream: Stream, experiences: range) -> None:
         exp = stream.experiences[i]
         method.before_experience(exp)
         method.fit_experience(exp, None, None)
-        method.after_experience(exp, exp.train)
+        method.after_experience(exp)
 
 
 def test_config_errors_name_the_bad_value():

@@ -14,11 +14,13 @@ from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.methods.distillation import distillation
 from lifelong_moe.methods.ewc import EWC
-from lifelong_moe.methods.lifelong_moe import LifelongMoE, distillation
+from lifelong_moe.methods.lifelong_moe import LifelongMoE
 from lifelong_moe.methods.lwf import LwF
 from lifelong_moe.methods.naive import Naive
-from lifelong_moe.methods.replay import Replay, ReplayBuffer, balanced_quotas
+from lifelong_moe.methods.replay import Replay
+from lifelong_moe.methods.replay_buffer import ReplayBuffer, balanced_quotas
 from lifelong_moe.models import moe_layers
 from lifelong_moe.models.mlp import ResidualMLP
 from lifelong_moe.moe import MoESettings
@@ -62,9 +64,8 @@ def run_stream(method: ContinualMethod, stream: Stream) -> None:
     method.setup_stream(stream)
     for exp in stream.experiences:
         method.before_experience(exp)
-        data = method.train_dataset(exp)
         fit(method, exp)
-        method.after_experience(exp, data)
+        method.after_experience(exp)
 
 
 # -- EWC -----------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance():
     exp = stream.experiences[0]
     method.before_experience(exp)
     fit(method, exp)
-    method.after_experience(exp, exp.train)
+    method.after_experience(exp)
     assert method.fisher and all((f >= 0).all() for f in method.fisher.values())
     assert sum(f.sum() for f in method.fisher.values()) > 0
     assert method.penalty().item() == 0.0
@@ -101,7 +102,7 @@ def test_ewc_online_fisher_decays_and_holds_the_weights():
     first = stream.experiences[0]
     method.before_experience(first)
     fit(method, first)
-    method.after_experience(first, first.train)
+    method.after_experience(first)
     f1 = {n: f.clone() for n, f in method.fisher.items()}
     anchor = {n: a.clone() for n, a in method.anchor.items()}
 
@@ -110,7 +111,7 @@ def test_ewc_online_fisher_decays_and_holds_the_weights():
     fit(method, second)
     pulled = sum(((p - anchor[n]) ** 2).sum() for n, p in method.model.named_parameters())
     f2 = method.estimate_fisher(second.train)
-    method.after_experience(second, second.train)
+    method.after_experience(second)
     for n, f in method.fisher.items():
         torch.testing.assert_close(f, gamma * f1[n] + f2[n])
 
@@ -131,7 +132,7 @@ def test_ewc_skips_parameters_whose_shape_changed():
     exp = stream.experiences[0]
     method.before_experience(exp)
     fit(method, exp, epochs=1)
-    method.after_experience(exp, exp.train)
+    method.after_experience(exp)
     (layer,) = moe_layers(method.model).values()
     layer.freeze_existing()
     layer.expand(2)
@@ -145,7 +146,7 @@ def test_ewc_skips_parameters_whose_shape_changed():
     assert method.penalty().item() > 0
     method.before_experience(stream.experiences[1])
     fit(method, stream.experiences[1], epochs=1)
-    method.after_experience(stream.experiences[1], stream.experiences[1].train)
+    method.after_experience(stream.experiences[1])
     assert {n: f.shape for n, f in method.fisher.items()} == {
         n: p.shape for n, p in method.model.named_parameters() if p.requires_grad
     }
@@ -179,7 +180,7 @@ def test_lwf_snapshots_the_previous_model_and_distills_old_classes_only():
     method.before_experience(first)
     assert method.teacher is None
     fit(method, first)
-    method.after_experience(first, first.train)
+    method.after_experience(first)
     x = second.train.tensors[0][:16]
     before = method.model(x)[0].detach()
 
@@ -285,13 +286,13 @@ def test_replay_composes_through_the_base_class():
     method.before_experience(first)
     assert method.train_dataset(first) is first.train
     fit(method, first)
-    method.after_experience(first, first.train)
+    method.after_experience(first)
     assert method.replay.class_counts() == {0: 5, 1: 5}
     method.before_experience(second)
     data = method.train_dataset(second)
     assert isinstance(data, ConcatDataset) and len(data) == len(second.train) + 10
     fit(method, second)
-    method.after_experience(second, data)  # the buffer takes the experience, not the replay
+    method.after_experience(second)  # the buffer takes the experience, not the replay
     assert len(method.replay) == 10 and set(method.replay.class_counts()) == {0, 1, 2, 3}
     assert method.method_state()["replay"]["y"].tolist() == method.replay.y.tolist()
     assert Naive(model()).replay is None and Naive(model()).method_state() == {}

@@ -9,7 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.methods.lifelong_moe import LifelongMoE, distillation
+from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.methods.distillation import distillation
+from lifelong_moe.methods.lifelong_moe import LifelongMoE
 from lifelong_moe.models import moe_layers
 from lifelong_moe.models.mlp import ResidualMLP
 from lifelong_moe.moe import MoESettings
@@ -54,6 +56,17 @@ def frozen_state(method: LifelongMoE) -> dict[str, torch.Tensor]:
         for name, buf in method.model.named_buffers()
         if "frozen" in name and buf.numel()
     }
+
+
+def test_expert_origins_come_from_the_method_that_grew_them():
+    method, stream = make(experts_per_experience=2)
+    for exp in stream.experiences:
+        method.before_experience(exp)
+    assert method.expert_origins() == [0, 0, 0, 0, 1, 1, 2, 2]
+    # A method that does not grow: every expert is experience 0's.
+    moe = MoESettings(blocks=[0], n_experts=4)
+    assert ContinualMethod(ResidualMLP([1, 4, 4], 4, moe=moe)).expert_origins() == [0, 0, 0, 0]
+    assert ContinualMethod(ResidualMLP([1, 4, 4], 4)).expert_origins() == []
 
 
 def test_growth_freezing_and_teacher_sharing_over_three_experiences():

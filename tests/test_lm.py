@@ -134,7 +134,7 @@ def test_a_few_steps_lower_validation_perplexity_and_the_loss_matrix_summarizes(
     after = evaluate_lm(model, stream)
     assert after.perplexity[0] < 0.5 * before.perplexity[0]
     L = [after.loss, after.loss]
-    summary = metrics.summarize_loss(L, before.loss)
+    summary = metrics.summarize_loss(L)
     assert summary["ppl/final"] == pytest.approx(sum(after.perplexity) / 2)
 
 

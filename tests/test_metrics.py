@@ -117,7 +117,7 @@ def test_summarize_loss():
             ]
         )
     )
-    s = summarize_loss(L, np.log([100.0, 100.0, 100.0]))
+    s = summarize_loss(L)
     assert s["ppl/final"] == pytest.approx((14 + 20 + 9) / 3)
     # j=0: 14 - min(10, 8) = 6; j=1: 20 - 12 = 8
     assert s["ppl/forgetting"] == pytest.approx(7.0)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.tracking import mlflow_run
-from lifelong_moe.tracking.mlflow_run import check_store
+from lifelong_moe.tracking import store
+from lifelong_moe.tracking.store import check_store
 from tests.conftest import cli, run_cli
 from tests.test_sweep_parent import SMALL, SWEEP, check_parent, check_table
 
@@ -70,7 +70,7 @@ def test_parallel_sweep_into_postgres_then_compare(workdir, postgres):
 def test_missing_driver_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        mlflow_run.importlib.util,
+        store.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "psycopg" else real(name, *a),
     )

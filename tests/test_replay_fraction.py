@@ -101,7 +101,7 @@ def test_combines_with_the_class_balanced_buffer():
         m.before_experience(exp)
         data = m.train_dataset(exp)
         sizes.append(len(data))
-        m.after_experience(exp, data)
+        m.after_experience(exp)
     # new + replayed share + the buffer (6 samples once experience 0 is done)
     assert sizes == [40, 40 + 10 + 6, 40 + 10 + 6]
     assert origins(data)[:40] == [2] * 40 and set(origins(data)[40:]) <= {0, 1}

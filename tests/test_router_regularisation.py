@@ -7,8 +7,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.methods.distillation import router_distillation
 from lifelong_moe.methods.inferred_routing import ExperienceStatistics, routing_bias
-from lifelong_moe.methods.lifelong_moe import router_distillation
 from lifelong_moe.moe.layer import MoEAux
 from tests.conftest import FAST, run_cli, runs, store_uri
 from tests.test_lifelong_moe import fit, make

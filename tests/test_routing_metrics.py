@@ -8,17 +8,11 @@ import pytest
 
 from lifelong_moe.evaluation.routing import (
     drift,
-    expert_origin,
     max_imbalance,
     routing_metrics,
     specialization,
     total_variation,
 )
-
-
-def test_expert_origin_from_expert_counts():
-    assert expert_origin([4, 6, 8]) == [0, 0, 0, 0, 1, 1, 2, 2]
-    assert expert_origin([4, 4, 4]) == [0, 0, 0, 0]  # no growth: every expert is experience 0's
 
 
 def test_specialization_perfect_chance_and_partial():

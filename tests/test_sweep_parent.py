@@ -19,7 +19,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from lifelong_moe import compare
-from lifelong_moe.tracking.mlflow_run import EXPERIMENT_KIND, MODEL_DEVELOPMENT, ui_hint, ui_url
+from lifelong_moe.tracking.names import MODEL_DEVELOPMENT
+from lifelong_moe.tracking.names import TAG_EXPERIMENT_KIND as EXPERIMENT_KIND
+from lifelong_moe.tracking.store import ui_hint, ui_url
 from lifelong_moe.tracking.sweep import expected_jobs, sweep_id_from_dir
 from tests.conftest import FAST, run_cli, runs, store_uri
 

@@ -1,13 +1,17 @@
-"""Evaluate a model on every test experience: class-IL and task-IL accuracy, and routing shares.
+"""Evaluate a model on every test experience: one interface, one result type for every stream.
 
-One pass per test experience in large batches; accuracy through torchmetrics. The routing
-statistics come from the MoE layers' own token counts, so they cost nothing extra.
+``evaluator_for(stream)`` picks :func:`evaluate` (classification: class-IL and task-IL accuracy
+through torchmetrics) or :func:`lifelong_moe.evaluation.evaluate_lm.evaluate_lm` (language
+modelling: exact per-byte loss, perplexity, next-byte accuracy). Both take the same arguments
+and return an :class:`Evaluation`, so the runner never asks which one it called. Routing shares
+come from the MoE layers' own token counts (:class:`RoutingCounts`), so they cost nothing extra.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -16,15 +20,58 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lifelong_moe.data.stream import Experience, Stream
 
+ExpertMask = Callable[[Experience], torch.Tensor | None]
+
 
 @dataclass
 class Evaluation:
-    """One row of the accuracy matrices and the routing shares after one experience."""
+    """One row of every matrix after one experience (entries per test experience j)."""
 
-    accuracy: list[float]
-    accuracy_task: list[float] | None = None
+    accuracy: list[float]  # class-IL accuracy, or next-byte accuracy for a language model
+    accuracy_task: list[float] | None = None  # task-IL accuracy (streams with task labels)
     # routing[layer][j] = share of test experience j's (token, slot) assignments per expert
     routing: list[list[list[float]]] = field(default_factory=list)
+    loss: list[float] | None = None  # language models: nats per byte
+    perplexity: list[float] | None = None  # exp(loss)
+
+
+class Evaluator(Protocol):
+    def __call__(
+        self,
+        model: nn.Module,
+        stream: Stream,
+        batch_size: int = ...,
+        device: str | torch.device = ...,
+        expert_mask: ExpertMask | None = None,
+    ) -> Evaluation: ...
+
+
+class RoutingCounts:
+    """Per MoE layer, the (token, slot) assignments each expert received, summed over batches."""
+
+    def __init__(self) -> None:
+        self.counts: list[torch.Tensor] = []
+        self.rows: list[list[list[float]]] = []  # rows[j][layer] = shares on test experience j
+
+    def add(self, aux: list) -> None:
+        if not self.counts:
+            self.counts = [a.tokens_per_expert.double() for a in aux]
+        else:
+            self.counts = [c + a.tokens_per_expert for c, a in zip(self.counts, aux, strict=True)]
+
+    def end_experience(self) -> None:
+        self.rows.append([(c / c.sum().clamp_min(1)).tolist() for c in self.counts])
+        self.counts = []
+
+    def by_layer(self) -> list[list[list[float]]]:
+        """routing[layer][j] (empty for a model without MoE layers)."""
+        if not self.rows or not self.rows[0]:
+            return []
+        return [list(layer) for layer in zip(*self.rows, strict=True)]
+
+
+def forward(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> tuple:
+    return model(x) if mask is None else model(x, expert_mask=mask)
 
 
 @torch.no_grad()
@@ -33,7 +80,7 @@ def evaluate(
     stream: Stream,
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
-    expert_mask: Callable[[Experience], torch.Tensor | None] | None = None,
+    expert_mask: ExpertMask | None = None,
 ) -> Evaluation:
     """Accuracy of ``model`` on each of the stream's test experiences (all of them, also future).
 
@@ -42,33 +89,34 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    accuracy, accuracy_task, routing = [], [], []
+    accuracy, accuracy_task, routing = [], [], RoutingCounts()
     for exp in stream.experiences:
         overall = MulticlassAccuracy(stream.n_classes, average="micro").to(device)
         within_task = MulticlassAccuracy(stream.n_classes, average="micro").to(device)
         task_mask = torch.full((stream.n_classes,), float("-inf"), device=device)
         task_mask[exp.classes] = 0.0
-        counts: list[torch.Tensor] = []
+        mask = expert_mask(exp) if expert_mask is not None else None
         for batch in DataLoader(exp.test, batch_size=batch_size):
             x, y = batch[0].to(device), batch[1].to(device)
-            mask = expert_mask(exp) if expert_mask is not None else None
-            logits, aux = model(x) if mask is None else model(x, expert_mask=mask)
+            logits, aux = forward(model, x, mask)
             overall.update(logits, y)
             within_task.update(logits + task_mask, y)
-            if not counts:
-                counts = [a.tokens_per_expert.double() for a in aux]
-            else:
-                counts = [c + a.tokens_per_expert for c, a in zip(counts, aux, strict=True)]
+            routing.add(aux)
         accuracy.append(overall.compute().item())
         accuracy_task.append(within_task.compute().item())
-        routing.append([(c / c.sum().clamp_min(1)).tolist() for c in counts])
+        routing.end_experience()
     model.train(was_training)
-    # routing[j][layer] -> routing[layer][j]
-    by_layer = (
-        [list(layer) for layer in zip(*routing, strict=True)] if routing and routing[0] else []
-    )
     return Evaluation(
         accuracy=accuracy,
         accuracy_task=accuracy_task if stream.task_labels else None,
-        routing=by_layer,
+        routing=routing.by_layer(),
     )
+
+
+def evaluator_for(stream: Stream) -> Evaluator:
+    """The evaluator of the stream's scenario."""
+    if stream.scenario == "language_modeling":
+        from lifelong_moe.evaluation.evaluate_lm import evaluate_lm
+
+        return evaluate_lm
+    return evaluate

@@ -144,9 +144,7 @@ def average_perplexity(L: ArrayLike, t: int) -> float:
     return float(np.mean(np.exp(L[t, : t + 1])))
 
 
-def summarize_loss(
-    L: ArrayLike, b_loss: Sequence[float] | np.ndarray | None = None
-) -> dict[str, float]:
+def summarize_loss(L: ArrayLike) -> dict[str, float]:
     """End-of-stream metrics for language models from a loss matrix.
 
     ``L[i][j]`` is the validation loss (nats per token) on domain j after experience i; perplexity
@@ -159,14 +157,9 @@ def summarize_loss(
       of :func:`forgetting`, mirrored because lower is better); 0.0 when T=1.
     - ``loss/bwt`` = mean_{j<T-1} (L[T-1][j] - L[j][j]): positive means forgetting (the sign is
       the opposite of accuracy BWT because lower loss is better); 0.0 when T=1.
-
-    ``b_loss`` (the untrained model's losses) is accepted for symmetry with :func:`summarize` and
-    checked for shape; no metric above needs it.
     """
     L = _matrix(L)
     t = L.shape[0] - 1
-    if b_loss is not None and np.asarray(b_loss, dtype=float).shape != (L.shape[1],):
-        raise ValueError(f"b_loss needs one value per domain ({L.shape[1]})")
     P = np.exp(L)
     if t == 0:
         ppl_forgetting, loss_bwt = 0.0, 0.0

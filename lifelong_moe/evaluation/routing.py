@@ -30,14 +30,6 @@ from lifelong_moe.tracking import names
 Shares = Sequence[Sequence[float]]  # [test experience j][expert e]
 
 
-def expert_origin(expert_counts: Sequence[int]) -> list[int]:
-    """Experience that created each expert, from the expert count after every experience."""
-    origin: list[int] = []
-    for i, count in enumerate(expert_counts):
-        origin += [i] * (count - len(origin))
-    return origin
-
-
 def specialization(shares: Shares, origin: Sequence[int], t: int) -> float:
     """Mean over j <= t of sum_{e: origin[e] == j} shares[j][e]."""
     own = np.asarray(origin)

@@ -13,7 +13,7 @@ the first steps.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
@@ -23,12 +23,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.lr_schedule import LRSchedule
+from lifelong_moe.methods.replay_buffer import ReplayBuffer
 from lifelong_moe.methods.step_stats import StepStats
+from lifelong_moe.models import moe_layers
 from lifelong_moe.tracking import names
-
-if TYPE_CHECKING:
-    from lifelong_moe.methods.replay import ReplayBuffer
-
 
 __all__ = ["ContinualMethod", "make_replay"]
 
@@ -113,6 +111,15 @@ class ContinualMethod(L.LightningModule):
         """Expert mask for training and evaluating on ``exp``; None: route over every expert."""
         return None
 
+    def expert_origins(self) -> list[int]:
+        """The experience that created each expert of the MoE layers (routing metrics, plot).
+
+        A method that does not grow the model has all its experts from the start (experience 0);
+        a model without MoE layers has none. Growing methods override it.
+        """
+        layers = list(moe_layers(self.model).values())
+        return [0] * layers[0].n_experts if layers else []
+
     def fit_experience(
         self,
         exp: Experience,
@@ -127,7 +134,7 @@ class ContinualMethod(L.LightningModule):
         """
         trainer.fit(self, loader, ckpt_path=ckpt_path, weights_only=True)
 
-    def after_experience(self, exp: Experience, train_data: Dataset) -> None:
+    def after_experience(self, exp: Experience) -> None:
         """Called after evaluation of experience ``exp``; e.g. EWC's Fisher, replay buffer updates.
 
         Subclasses that override it call ``super()`` so that replay keeps working.
@@ -212,8 +219,6 @@ def make_replay(size: int) -> ReplayBuffer | None:
         raise ConfigError(f"method.replay_buffer_size={size!r} must be an integer >= 0")
     if size == 0:
         return None
-    from lifelong_moe.methods.replay import ReplayBuffer  # replay.py imports this module
-
     return ReplayBuffer(size, seed=torch.initial_seed())
 
 

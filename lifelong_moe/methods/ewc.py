@@ -62,8 +62,8 @@ class EWC(ContinualMethod):
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
 
-    def after_experience(self, exp: Experience, train_data: Dataset) -> None:
-        super().after_experience(exp, train_data)
+    def after_experience(self, exp: Experience) -> None:
+        super().after_experience(exp)
         fisher = self.estimate_fisher(exp.train)
         params = dict(self.model.named_parameters())
         updated = {}

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from lifelong_moe.data.stream import Experience
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.methods.distillation import distillation, router_distillation
 from lifelong_moe.methods.inferred_routing import ExperienceStatistics, routing_bias
 from lifelong_moe.models import moe_layers
 from lifelong_moe.moe.router import BALANCE_SCOPES
@@ -180,6 +181,9 @@ class LifelongMoE(ContinualMethod):
     def expert_mask(self, exp: Experience) -> torch.Tensor | None:
         return self.task_mask(exp.task_id)
 
+    def expert_origins(self) -> list[int]:
+        return list(self.expert_origin)
+
     def fit_experience(
         self,
         exp: Experience,
@@ -276,32 +280,6 @@ class LifelongMoE(ContinualMethod):
             n_old = sum(o < self.experience.index for o in self.expert_origin)
             terms["router_kd"] = self.lambda_router * router_distillation(aux, teacher[1], n_old)
         return terms
-
-
-def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) on temperature-softened distributions (Hinton et al. 2015)."""
-    # Sequence outputs [B, L, V] count every position as one distribution.
-    student = student.reshape(-1, student.shape[-1]).float()
-    teacher = teacher.reshape(-1, teacher.shape[-1]).float()
-    log_p_student = nn.functional.log_softmax(student / temperature, dim=-1)
-    log_p_teacher = nn.functional.log_softmax(teacher / temperature, dim=-1)
-    kl = nn.functional.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
-    return temperature**2 * kl
-
-
-def router_distillation(student_aux: list, teacher_aux: list, n_old: int) -> torch.Tensor:
-    """Mean over MoE layers of KL(teacher || student) between the routing distributions over
-    the n_old old experts (ids 0..n_old-1) on the same tokens; the student's new experts are
-    left out, so the term asks the old experts to keep their relative preference, no more."""
-    terms = []
-    for s, t in zip(student_aux, teacher_aux, strict=True):
-        log_p_teacher = nn.functional.log_softmax(t.router_logits[:, :n_old].float(), dim=-1)
-        log_p_student = nn.functional.log_softmax(s.router_logits[:, :n_old].float(), dim=-1)
-        kl = nn.functional.kl_div(
-            log_p_student, log_p_teacher, log_target=True, reduction="batchmean"
-        )
-        terms.append(kl)
-    return torch.stack(terms).mean()
 
 
 class _InferredRoutingHook:

@@ -21,7 +21,7 @@ from torch import nn
 from lifelong_moe.data.stream import Experience
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
-from lifelong_moe.methods.lifelong_moe import distillation
+from lifelong_moe.methods.distillation import distillation
 
 
 class LwF(ContinualMethod):

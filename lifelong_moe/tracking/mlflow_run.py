@@ -1,33 +1,26 @@
-"""The MLflow layout of one experiment run, in one place (compare reads what this writes).
+"""Writing one experiment run: ``RunTracker`` (rank 0) and ``SilentTracker`` (other ranks).
 
-Run = one (method, benchmark, seed). Params: the flattened resolved config. Tags: method,
-benchmark, model, seed, kind=experiment, matrix, git commit, library versions, sweep_id.
-Metrics use step = experience index, so curves from successive Trainers never overlap.
+Run = one (method, benchmark, seed). Params: the flattened resolved config. Tags, metric and
+artifact names: :mod:`lifelong_moe.tracking.names`. Metrics use step = experience index, so
+curves from successive Trainers never overlap. Reads go through
+:mod:`lifelong_moe.tracking.queries`, the client and the store check through
+:mod:`lifelong_moe.tracking.store`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
 import subprocess
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import mlflow
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
-from mlflow.tracking import MlflowClient
 
-from lifelong_moe.errors import ConfigError
-from lifelong_moe.tracking import names
+from lifelong_moe.tracking import names, queries, store
 
 LIBRARIES = ("torch", "lightning", "avalanche-lib", "hydra-core", "mlflow", "torchmetrics")
 
@@ -67,178 +60,10 @@ def library_versions() -> dict[str, str]:
     versions = {}
     for name in LIBRARIES:
         try:
-            versions[f"version.{name}"] = importlib.metadata.version(name)
+            versions[names.tag_version(name)] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            versions[f"version.{name}"] = "missing"
+            versions[names.tag_version(name)] = "missing"
     return versions
-
-
-# MLflow 3 opens an experiment in its GenAI view (traces) unless this tag says otherwise.
-EXPERIMENT_KIND = "mlflow.experimentKind"
-MODEL_DEVELOPMENT = "custom_model_development"
-# Where `mlflow ui` serves by default: the URL printed for stores that have no server of their own.
-LOCAL_UI = "http://127.0.0.1:5000"
-# The UI's own switch between its GenAI and model-training views (a fresh browser starts on
-# GenAI, whatever the experiment's tag): the query in the URL selects model training.
-UI_MODE = "?workflowType=machine_learning"
-
-
-def mark_experiment(client: MlflowClient, experiment_id: str) -> None:
-    """Make the MLflow UI open the experiment on its runs (model training), not on traces."""
-    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
-
-
-def create_experiment(client: MlflowClient, name: str) -> str:
-    """Create the experiment (marked for model training); a parallel creator may win the race."""
-    try:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel run
-        return client.get_experiment_by_name(name).experiment_id
-
-
-def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The browser URL of a run (or of the experiment's run list when run_id is None).
-
-    An http(s) tracking URI is a server with its own UI; any other store is served by
-    ``mlflow ui`` on its default address.
-    """
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    url = f"{base}/#/experiments/{experiment_id}/runs"
-    return f"{url}/{run_id}{UI_MODE}" if run_id else f"{url}{UI_MODE}"
-
-
-def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """One line that opens the run: the URL, preceded by the ``mlflow ui`` command if needed."""
-    url = ui_url(uri, experiment_id, run_id)
-    if uri.startswith(("http://", "https://")):
-        return url
-    return f"mlflow ui --backend-store-uri {uri}   then open {url}"
-
-
-def find_sweep_parent(client: MlflowClient, experiment_id: str, sweep_id: str) -> str | None:
-    """The run id of a sweep's parent run (tags kind=sweep, sweep_id), None if it has none."""
-    found = client.search_runs(
-        [experiment_id],
-        f"tags.kind = 'sweep' and tags.sweep_id = '{sweep_id}'",
-        max_results=1,
-    )
-    return found[0].info.run_id if found else None
-
-
-def check_store(uri: str) -> None:
-    """Fail before training, in one line, when the tracking store cannot be used."""
-    scheme = urlparse(uri).scheme
-    if scheme in ("", "file") and not MLFLOW_ALLOW_FILE_STORE.get():
-        # MLflow 3 refuses its file store with a long multi-line exception at first use.
-        raise ConfigError(
-            f"tracking.uri={uri} is an MLflow file store, which MLflow 3 refuses; use "
-            "tracking.uri=sqlite:///mlflow.db (or http://host:port), or set "
-            "MLFLOW_ALLOW_FILE_STORE=true to keep the file store"
-        )
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        folder = path.parent if str(path.parent) else Path(".")
-        if not folder.is_dir():
-            raise ConfigError(f"tracking.uri={uri}: folder {folder} does not exist")
-        # Try it: os.access answers yes to root even on read-only mounts.
-        try:
-            with tempfile.NamedTemporaryFile(dir=folder):
-                pass
-            if path.exists():
-                with open(path, "r+b"):
-                    pass
-        except OSError:
-            raise ConfigError(f"tracking.uri={uri}: {path} is not writable") from None
-        return
-    if scheme.split("+")[0] in ("postgresql", "postgres"):
-        check_postgres(uri)
-        return
-    if uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        try:
-            MlflowClient(uri).search_experiments(max_results=1)
-        except Exception as error:  # any transport or server error means: cannot track
-            first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ConfigError(
-                f"tracking.uri={uri} is not reachable ({first[:200]}); start it with "
-                "`mlflow server` or choose another tracking.uri"
-            ) from None
-
-
-# SQLAlchemy driver name -> the module it imports (SQLAlchemy 2.1 defaults postgresql:// to psycopg).
-POSTGRES_MODULES = {"psycopg": "psycopg", "psycopg2": "psycopg2", "pg8000": "pg8000"}
-POSTGRES_EXTRA = (
-    "pip install 'lifelong-moe[postgres]' (in a checkout: pip install -e '.[postgres]')"
-)
-
-
-def check_postgres(uri: str) -> None:
-    """A PostgreSQL store: its driver is installed, the server answers, and we may write.
-
-    Messages never show the password. Writable means: INSERT on MLflow's ``experiments`` table
-    where the schema exists, else CREATE on the current schema (MLflow creates its tables).
-    """
-    import sqlalchemy
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
-
-    try:
-        url = make_url(uri)
-    except Exception:  # SQLAlchemy's ArgumentError and friends: the URL does not parse
-        raise ConfigError(
-            f"tracking.uri={uri}: expected postgresql://user@host:port/database"
-        ) from None
-    shown = url.render_as_string(hide_password=True)
-    driver = url.get_driver_name()
-    module = POSTGRES_MODULES.get(driver, driver)
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(
-            f"tracking.uri={shown}: the PostgreSQL driver {module!r} is not installed; "
-            f"install it with {POSTGRES_EXTRA}"
-        )
-    args = {"connect_timeout": 10} if module in ("psycopg", "psycopg2") else {}
-    engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=args)
-    probe = sqlalchemy.text(
-        "SELECT CASE WHEN to_regclass('experiments') IS NULL "
-        "THEN has_schema_privilege(current_schema(), 'CREATE') "
-        "ELSE has_table_privilege('experiments', 'INSERT') END"
-    )
-    try:
-        with engine.connect() as connection:
-            writable = connection.execute(probe).scalar()
-    except Exception as error:  # driver or server errors all mean: cannot track there
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(
-            f"tracking.uri={shown} is not reachable ({first[:200]}); start the database or "
-            "choose another tracking.uri"
-        ) from None
-    finally:
-        engine.dispose()
-    if not writable:
-        raise ConfigError(
-            f"tracking.uri={shown}: user {url.username} may not write there (needs CREATE on "
-            "the schema, or INSERT on MLflow's tables)"
-        )
-
-
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Serialise first use of a sqlite store across processes (parallel sweep jobs).
-
-    MLflow creates and migrates the schema on first connection; two processes doing that at
-    once break the migration. Later writes are ordinary sqlite transactions and need no lock.
-    """
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class RunTracker:
@@ -248,14 +73,8 @@ class RunTracker:
 
     def __init__(self, uri: str, experiment: str, run_id: str | None = None) -> None:
         self.uri = uri
-        with store_lock(uri):
-            self.client = MlflowClient(uri)
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = (
-                found.experiment_id if found else create_experiment(self.client, experiment)
-            )
-            if found is None or found.tags.get(EXPERIMENT_KIND) != MODEL_DEVELOPMENT:
-                mark_experiment(self.client, self.experiment_id)
+        self.client = store.client(uri)
+        self.experiment_id = store.open_experiment(self.client, uri, experiment)
         self.run_id = run_id
 
     def start(self, run_name: str | None, tags: dict[str, str], params: dict[str, str]) -> str:
@@ -272,7 +91,7 @@ class RunTracker:
         The sweep's launching process creates it before any job starts
         (:mod:`lifelong_moe.tracking.sweep`), so jobs only look it up: no race between jobs.
         """
-        return find_sweep_parent(self.client, self.experiment_id, sweep_id)
+        return queries.sweep_parent(self.client, self.experiment_id, sweep_id)
 
     def reopen(self, run_id: str) -> None:
         """Continue an existing run (resume): it is RUNNING again until finish()."""
@@ -281,8 +100,7 @@ class RunTracker:
 
     def log_missing_rows(self, rows: list[Mapping[str, float]]) -> None:
         """Resume: log the rows (step = index) that did not reach MLflow before a crash."""
-        history = self.client.get_metric_history(self.run_id, names.ACC_SEEN)
-        logged = {m.step for m in history}
+        logged = queries.logged_steps(self.client, self.run_id, names.ACC_SEEN)
         for step, row in enumerate(rows):
             if step not in logged:
                 self.log_metrics(row, step)
@@ -306,9 +124,6 @@ class RunTracker:
 
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
-
-    def log_figure(self, figure: Any, name: str) -> None:
-        self.client.log_figure(self.run_id, figure, name)
 
     def log_table(self, table: Mapping[str, list], name: str) -> None:
         """A table artifact that the UI's evaluation view lists (``name`` ends in .json)."""
@@ -372,7 +187,7 @@ class RunTracker:
 
     def ui_command(self) -> str:
         """How to look at this run: the URL, after ``mlflow ui`` where the store has no server."""
-        return ui_hint(self.uri, self.experiment_id, self.run_id)
+        return store.ui_hint(self.uri, self.experiment_id, self.run_id)
 
 
 class SilentTracker(RunTracker):
@@ -409,9 +224,6 @@ class SilentTracker(RunTracker):
         pass
 
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
-        pass
-
-    def log_figure(self, figure: Any, name: str) -> None:
         pass
 
     def log_table(self, table: Mapping[str, list], name: str) -> None:

@@ -83,6 +83,8 @@ COST_PEAK_MB = f"{COST}/peak_mb"  # peak memory (CUDA allocator, or process max 
 COST_TRAIN_TOTAL_S = f"{COST}/train_total_s"  # sum of cost/train_s over the stream
 COST_CHECKPOINT_S = f"{COST}/checkpoint_s"  # writing training checkpoints, part of train_s
 COST_CHECKPOINT_MB = f"{COST}/checkpoint_mb"  # size of one training checkpoint
+COST_TOKENS_PER_S = f"{COST}/tokens_per_s"  # training throughput (samples x tokens per sample)
+COST_MFU = f"{COST}/mfu"  # model FLOPs utilisation, where the device's peak is known
 
 # --- training loss and its terms ----------------------------------------------------------------
 
@@ -142,6 +144,34 @@ def modernize(metrics: Mapping[str, float]) -> dict[str, float]:
 # --- tags ---------------------------------------------------------------------------------------
 
 TAG_DESCRIPTION = "mlflow.note.content"  # the run's markdown description in the MLflow UI
+TAG_PARENT = "mlflow.parentRunId"  # nests a sweep's runs under its parent run in the UI
+TAG_KIND = "kind"  # what a run is: KIND_EXPERIMENT, KIND_SWEEP or KIND_COMPARISON
+KIND_EXPERIMENT = "experiment"  # one (method, benchmark, seed): what compare aggregates
+KIND_SWEEP = "sweep"  # a sweep's parent run
+KIND_COMPARISON = "comparison"  # a run written by lifelong-moe-compare --log
+TAG_MATRIX = "matrix"  # the matrix a run's metrics come from: MATRIX_ACCURACY or MATRIX_PERPLEXITY
+MATRIX_ACCURACY = "accuracy"
+MATRIX_PERPLEXITY = "perplexity"
+TAG_METHOD = "method"
+TAG_BENCHMARK = "benchmark"
+TAG_MODEL = "model"
+TAG_SEED = "seed"
+TAG_SCENARIO = "scenario"
+TAG_GIT_COMMIT = "git_commit"
+TAG_SWEEP_ID = "sweep_id"
+TAG_SLURM_JOB = "slurm_job"  # a requeued SLURM job finds its own run by it
+TAG_CHECKPOINT_DIR = "checkpoint_dir"  # where the run's training checkpoints are on local disk
+TAG_GROUP_BY = "group_by"  # a comparison run's grouping
+
+
+def tag_version(library: str) -> str:
+    """``version.torch``: the installed version of a library the run used."""
+    return f"version.{library}"
+
+
+# MLflow 3 opens an experiment in its GenAI view (traces) unless this experiment tag says otherwise.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
 
 # --- artifacts ----------------------------------------------------------------------------------
 
@@ -151,6 +181,18 @@ PERPLEXITY_MATRIX = "perplexity_matrix.json"
 ROUTING_JSON = "routing.json"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+PLOTS = "plots"  # a comparison's figures
+ACCURACY_PLOT = "accuracy_matrix.png"
+PERPLEXITY_PLOT = "perplexity_matrix.png"
+ROUTING_PLOT = "routing.png"
+
+
+def comparison(fmt: str) -> str:
+    """``comparison.md`` (also csv, json): a comparison's table as text."""
+    return f"comparison.{fmt}"
+
+
+COMPARISON_TABLE = "comparison_table.json"  # the same as an MLflow table
 # Long-form tables (one row per cell) for the UI's evaluation view; must end in .json.
 ACCURACY_TABLE = "tables/accuracy.json"
 PERPLEXITY_TABLE = "tables/perplexity.json"

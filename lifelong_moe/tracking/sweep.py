@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from lifelong_moe import compare
 from lifelong_moe.tracking import names
-from lifelong_moe.tracking.mlflow_run import (
+from lifelong_moe.tracking.store import (
     check_store,
     create_experiment,
     mark_experiment,
