@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from lifelong_moe import checks
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 
@@ -135,10 +136,10 @@ class Replay(ContinualMethod):
         replay_buffer_size: int = 200,
         replay_fraction: float = 0.0,
     ) -> None:
-        if replay_buffer_size == 0:
-            raise ConfigError(
-                "method=replay needs method.replay_buffer_size > 0, got 0 (that is method=naive)"
-            )
+        try:
+            checks.positive_int("method.replay_buffer_size", replay_buffer_size)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (method=replay without a buffer is method=naive)") from None
         super().__init__(
             model,
             lr=lr,
