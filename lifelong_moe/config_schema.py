@@ -371,14 +371,14 @@ def _one_line(error: Exception) -> str:
 def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
     """The job's config as Hydra composes it; a key Hydra refuses becomes ``unknown_key``."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException, OverrideParseException
+    from hydra.errors import ConfigCompositionException
 
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:
             return compose(config_name, overrides)
-        except (ConfigCompositionException, OverrideParseException) as error:
+        except Exception as error:  # any refusal of the command line (Hydra's, OmegaConf's)
             key = getattr(error.__cause__, "full_key", None)
-            if not key:
+            if not isinstance(error, ConfigCompositionException) or not key:
                 raise ConfigError(_one_line(error)) from None
             # compose without the refused override to see which keys are there
             rest = [o for o in overrides if _override_key(o) != key]
@@ -406,7 +406,10 @@ def _refused(key: str, cfg: DictConfig, overrides: list[str]) -> ConfigError:
 
 
 def jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The overrides of every job: one for a run, the expanded sweep under ``-m``."""
+    """The overrides of every job: one for a run, the expanded sweep under ``-m``.
+
+    A sweep only another sweeper expands (``interval(0, 1)`` for Optuna) is left out here.
+    """
     if not multirun:
         return [overrides]
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -415,9 +418,10 @@ def jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-        return BasicSweeper.split_arguments(parsed, None)[0]
-    except HydraException as error:  # a sweep the basic sweeper cannot expand: Hydra reports it
+    except HydraException as error:
         raise ConfigError(_one_line(error)) from None
+    discrete = [o for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
+    return BasicSweeper.split_arguments(discrete, None)[0]
 
 
 def check_command_line(args: list[str], config_dir: Path, config_name: str = "config") -> None:
