@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lifelong_moe import signals
+from lifelong_moe import checks, signals
 from lifelong_moe.errors import ConfigError
 
 NAME = re.compile(r"exp(\d+)-step(\d+)\.ckpt$")
@@ -120,10 +120,8 @@ class StepCheckpoint(L.Callback):
     def __init__(
         self, folder: Path, experience: int, every_n_steps: int, keep: int, sampler: Any
     ) -> None:
-        if every_n_steps < 0:
-            raise ConfigError(f"trainer.checkpoint_every_n_steps={every_n_steps} must be >= 0")
-        if keep < 1:
-            raise ConfigError(f"trainer.checkpoint_keep={keep} must be >= 1")
+        checks.non_negative_int("trainer.checkpoint_every_n_steps", every_n_steps)
+        checks.positive_int("trainer.checkpoint_keep", keep)
         self.folder = folder
         self.experience = experience
         self.every_n_steps = every_n_steps

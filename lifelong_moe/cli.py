@@ -82,10 +82,14 @@ def app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from lifelong_moe.config_schema import check_command_line
     from lifelong_moe.tracking.hydra_callback import close_open_parents
 
     try:
         check_choices(sys.argv[1:])
+        # Every job's config, composed and checked before Hydra runs any: a misspelt key or a
+        # bad value is one line here, not Hydra's multi-line refusal or a failed sweep.
+        check_command_line(sys.argv[1:], CONF_DIR)
         app()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

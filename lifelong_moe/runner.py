@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra.utils
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -29,16 +27,17 @@ from torch.utils.data import Dataset
 
 from lifelong_moe import signals
 from lifelong_moe.checkpointing import StepCheckpoint, checkpoints, describe, make_loader, remove
+from lifelong_moe.config_schema import check_config, instantiate
 from lifelong_moe.console import experience_line, print_report
 from lifelong_moe.costs import cost_row
 from lifelong_moe.data.stream import Experience, Stream
-from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation import rows
 from lifelong_moe.evaluation.evaluate import evaluator_for
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
-from lifelong_moe.models import build_model, save_model
+from lifelong_moe.models import save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
+from lifelong_moe.moe import MoESettings
 from lifelong_moe.resume import (
     STATE,
     History,
@@ -82,44 +81,6 @@ logging.getLogger("mlflow.store.db.utils").addFilter(
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def instantiate(node: DictConfig, group: str, **kwargs: Any) -> Any:
-    """Instantiate a config group node, surfacing the user's ConfigError as itself."""
-    cfg = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
-    try:
-        return hydra.utils.instantiate(cfg, **kwargs, _convert_="all", _recursive_=False)
-    except InstantiationException as error:
-        cause = error.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        if isinstance(cause, TypeError):
-            raise ConfigError(f"{group}: {cause}") from None
-        raise
-
-
-def check_trainer(cfg: DictConfig) -> None:
-    for key in ("max_epochs", "batch_size", "eval_batch_size", "devices", "num_nodes"):
-        value = cfg[key]
-        if not (isinstance(value, int) and value > 0) and not (
-            key == "devices" and value == "auto"
-        ):
-            raise ConfigError(f"trainer.{key}={value} must be a positive integer")
-    if cfg.num_nodes > 1 and cfg.strategy != "ddp":
-        raise ConfigError(
-            f"trainer.strategy={cfg.strategy} with trainer.num_nodes={cfg.num_nodes}: several "
-            "nodes need trainer.strategy=ddp (one process per device, started by SLURM/torchrun)"
-        )
-    if cfg.num_workers < 0:
-        raise ConfigError(f"trainer.num_workers={cfg.num_workers} must be >= 0")
-
-
-def check_tracking(cfg: DictConfig) -> None:
-    interval = cfg.get("system_metrics_interval_s", 2.0)
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
-        raise ConfigError(
-            f"tracking.system_metrics_interval_s={interval} must be a positive number of seconds"
-        )
-
-
 @dataclass
 class Experiment:
     """Everything built from the config, validated, before any training."""
@@ -131,17 +92,20 @@ class Experiment:
 
 
 def build(cfg: DictConfig) -> Experiment:
-    check_trainer(cfg.trainer)
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stream = instantiate(cfg.benchmark, "benchmark")
-    model = build_model(cfg.model, list(stream.input_shape), stream.n_classes)
+    # The flat MoE keys of the model config travel as one MoESettings (moe/layer.py).
+    moe, backbone = MoESettings.split(OmegaConf.to_container(cfg.model, resolve=True))
+    model = instantiate(
+        backbone, "model", input_shape=list(stream.input_shape), n_classes=stream.n_classes, moe=moe
+    )
     if cfg.trainer.get("compile", False):
         model.compile()  # in place: parameter names, checkpoints and expand() stay as they are
     method = instantiate(cfg.method, "method", model=model)
     method.set_lr_schedule(LRSchedule.from_trainer(cfg.trainer))
     method.setup_stream(stream)
     check_store(cfg.tracking.uri)
-    check_tracking(cfg.tracking)
     # A method may wrap the backbone (SEED's expert ensemble): evaluate what it trains.
     return Experiment(cfg, stream, method.model, method)
 

@@ -298,7 +298,7 @@ def test_replay_composes_through_the_base_class():
     assert Naive(model()).replay is None and Naive(model()).method_state() == {}
     with pytest.raises(ConfigError, match="replay_buffer_size=-1"):
         Naive(model(), replay_buffer_size=-1)
-    with pytest.raises(ConfigError, match="replay_buffer_size > 0"):
+    with pytest.raises(ConfigError, match="replay_buffer_size=0: expected a positive integer"):
         Replay(model(), replay_buffer_size=0)
 
 

@@ -118,5 +118,5 @@ def test_cli_runs_with_cosine_rewarm_and_logs_it(tmp_path: Path):
 def test_cli_rejects_a_bad_schedule_before_training(tmp_path: Path):
     result = run_cli(tmp_path, "trainer.lr_schedule=linear", *FAST, check=False)
     assert result.returncode != 0
-    assert "trainer.lr_schedule='linear' is not one of" in result.stderr
+    assert "trainer.lr_schedule='linear': expected one of" in result.stderr
     assert not (tmp_path / "mlflow.db").exists() or not runs(store_uri(tmp_path))

@@ -84,7 +84,7 @@ def test_run_seed_drives_the_draw():
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, "half", True])
 def test_fraction_outside_the_unit_interval_is_a_config_error(bad):
     with pytest.raises(
-        ConfigError, match=r"method.replay_fraction=.* must be a number in \[0, 1\)"
+        ConfigError, match=r"method.replay_fraction=.*: expected a number in \[0, 1\)"
     ):
         method(bad)
 

@@ -154,7 +154,9 @@ def test_vit_backbone_splits_into_stem_and_experts():
 def test_bad_inputs_are_one_line_errors():
     with pytest.raises(ConfigError, match="method.n_experts=0"):
         Seed(mlp(), n_experts=0)
-    with pytest.raises(ConfigError, match=r"method.shared_blocks=2 must be in \[0, 1\]"):
+    with pytest.raises(
+        ConfigError, match=r"method.shared_blocks=2: expected an integer in \[0, 1\]"
+    ):
         Seed(mlp(), shared_blocks=2)
     with pytest.raises(ConfigError, match="method.alpha=1"):
         Seed(mlp(), alpha=1.0)

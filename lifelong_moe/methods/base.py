@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from lifelong_moe import checks
 from lifelong_moe.data.stream import Experience, Stream
-from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.methods.replay_buffer import ReplayBuffer
 from lifelong_moe.methods.step_stats import StepStats
@@ -46,10 +46,8 @@ class ContinualMethod(L.LightningModule):
         replay_fraction: float = 0.0,
     ) -> None:
         super().__init__()
-        if not lr > 0:
-            raise ConfigError(f"method.lr={lr} must be a positive number")
-        if weight_decay < 0:
-            raise ConfigError(f"method.weight_decay={weight_decay} must be >= 0")
+        checks.positive("method.lr", lr)
+        checks.non_negative("method.weight_decay", weight_decay)
         self.model = model
         self.lr = lr
         self.weight_decay = weight_decay
@@ -215,18 +213,14 @@ class ContinualMethod(L.LightningModule):
 # -- replay composition: any method replays with method.replay_buffer_size > 0 ----------------
 def make_replay(size: int) -> ReplayBuffer | None:
     """The buffer is seeded from torch's initial seed, which the runner sets to ``seed``."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ConfigError(f"method.replay_buffer_size={size!r} must be an integer >= 0")
-    if size == 0:
+    if checks.non_negative_int("method.replay_buffer_size", size) == 0:
         return None
     return ReplayBuffer(size, seed=torch.initial_seed())
 
 
 # -- replay of a fixed fraction of earlier experiences' data (continual pre-training recipe) ---
 def check_replay_fraction(fraction: float) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
-        raise ConfigError(f"method.replay_fraction={fraction!r} must be a number in [0, 1)")
-    return float(fraction)
+    return float(checks.fraction("method.replay_fraction", fraction, high_open=True))
 
 
 def replay_windows(exp: Experience, earlier: list[Dataset], fraction: float, seed: int) -> Subset:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lifelong_moe import checks
 from lifelong_moe.data.stream import Experience
-from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 
 
@@ -48,14 +48,9 @@ class EWC(ContinualMethod):
             replay_buffer_size=replay_buffer_size,
             replay_fraction=replay_fraction,
         )
-        if lambda_ewc < 0:
-            raise ConfigError(f"method.lambda_ewc={lambda_ewc} must be >= 0")
-        if not 0 < gamma <= 1:
-            raise ConfigError(f"method.gamma={gamma} must be in (0, 1]")
-        if not (isinstance(fisher_batch_size, int) and fisher_batch_size > 0):
-            raise ConfigError(
-                f"method.fisher_batch_size={fisher_batch_size} must be an integer > 0"
-            )
+        checks.non_negative("method.lambda_ewc", lambda_ewc)
+        checks.number("method.gamma", gamma, low=0, high=1, low_open=True)
+        checks.positive_int("method.fisher_batch_size", fisher_batch_size)
         self.lambda_ewc = lambda_ewc
         self.gamma = gamma
         self.fisher_batch_size = fisher_batch_size

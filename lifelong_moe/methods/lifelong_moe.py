@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lifelong_moe import checks
 from lifelong_moe.data.stream import Experience
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
@@ -68,10 +69,7 @@ class LifelongMoE(ContinualMethod):
             replay_buffer_size=replay_buffer_size,
             replay_fraction=replay_fraction,
         )
-        if experts_per_experience < 0:
-            raise ConfigError(
-                f"method.experts_per_experience={experts_per_experience} must be >= 0"
-            )
+        checks.non_negative_int("method.experts_per_experience", experts_per_experience)
         for key, value in (
             ("lambda_kd", lambda_kd),
             ("lambda_aux", lambda_aux),
@@ -79,19 +77,14 @@ class LifelongMoE(ContinualMethod):
             ("lambda_router", lambda_router),
             ("infer_bonus", infer_bonus),
         ):
-            if value < 0:
-                raise ConfigError(f"method.{key}={value} must be >= 0")
-        if not temperature > 0:
-            raise ConfigError(f"method.temperature={temperature} must be > 0")
+            checks.non_negative(f"method.{key}", value)
+        checks.positive("method.temperature", temperature)
         if not moe_layers(model):
             raise ConfigError(
                 f"method=lifelong_moe needs a backbone with MoE layers, got {type(model).__name__} "
                 "without any; use model=moe_mlp, model=moe_vit or model=moe_lm"
             )
-        if balance_scope not in BALANCE_SCOPES:
-            raise ConfigError(
-                f"method.balance_scope={balance_scope!r}: expected one of {', '.join(BALANCE_SCOPES)}"
-            )
+        checks.choice("method.balance_scope", balance_scope, BALANCE_SCOPES)
         if infer_routing and task_aware_routing:
             raise ConfigError(
                 "method.infer_routing=true and method.task_aware_routing=true: choose one "

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from lifelong_moe import checks
 from lifelong_moe.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine_rewarm", "infinite")
@@ -41,23 +42,14 @@ class LRSchedule:
     anneal_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.name not in SCHEDULES:
-            raise ConfigError(
-                f"trainer.lr_schedule={self.name!r} is not one of {', '.join(SCHEDULES)}"
-            )
+        checks.choice("trainer.lr_schedule", self.name, SCHEDULES)
         for key in ("warmup_steps", "cooldown_steps", "anneal_steps"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"trainer.{key}={value!r} must be an integer >= 0")
-        for key in ("lr_floor", "lr_constant"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-                raise ConfigError(
-                    f"trainer.{key}={value!r} must be a fraction of method.lr in [0, 1]"
-                )
+            checks.non_negative_int(f"trainer.{key}", getattr(self, key))
+        for key in ("lr_floor", "lr_constant"):  # fractions of method.lr
+            checks.fraction(f"trainer.{key}", getattr(self, key))
         if self.name == "infinite" and self.lr_floor > self.lr_constant:
             raise ConfigError(
-                f"trainer.lr_floor={self.lr_floor} must be <= trainer.lr_constant="
+                f"trainer.lr_floor={self.lr_floor}: expected a number <= trainer.lr_constant="
                 f"{self.lr_constant} (infinite anneals from the constant level down to the floor)"
             )
 

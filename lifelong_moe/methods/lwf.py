@@ -18,8 +18,8 @@ import copy
 import torch
 from torch import nn
 
+from lifelong_moe import checks
 from lifelong_moe.data.stream import Experience
-from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.distillation import distillation
 
@@ -42,10 +42,8 @@ class LwF(ContinualMethod):
             replay_buffer_size=replay_buffer_size,
             replay_fraction=replay_fraction,
         )
-        if lambda_kd < 0:
-            raise ConfigError(f"method.lambda_kd={lambda_kd} must be >= 0")
-        if not temperature > 0:
-            raise ConfigError(f"method.temperature={temperature} must be > 0")
+        checks.non_negative("method.lambda_kd", lambda_kd)
+        checks.positive("method.temperature", temperature)
         self.lambda_kd = lambda_kd
         self.temperature = temperature
         self.teacher: nn.Module | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lifelong_moe import checks
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 
@@ -19,10 +20,10 @@ class Replay(ContinualMethod):
         replay_buffer_size: int = 200,
         replay_fraction: float = 0.0,
     ) -> None:
-        if replay_buffer_size == 0:
-            raise ConfigError(
-                "method=replay needs method.replay_buffer_size > 0, got 0 (that is method=naive)"
-            )
+        try:
+            checks.positive_int("method.replay_buffer_size", replay_buffer_size)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (method=replay without a buffer is method=naive)") from None
         super().__init__(
             model,
             lr=lr,

@@ -49,6 +49,7 @@ from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 from torch.utils.data import DataLoader, Dataset
 
+from lifelong_moe import checks
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
@@ -119,13 +120,12 @@ def split_backbone(model: nn.Module, shared_blocks: int) -> tuple[nn.Module, nn.
         raise ConfigError(
             f"method=seed needs model=mlp, moe_mlp, vit or moe_vit, got {type(model).__name__}"
         )
-    if isinstance(shared_blocks, bool) or not isinstance(shared_blocks, int):
-        raise ConfigError(f"method.shared_blocks={shared_blocks!r} must be an integer")
-    if not 0 <= shared_blocks < n_blocks:
+    try:
+        checks.integer("method.shared_blocks", shared_blocks, low=0, high=n_blocks - 1)
+    except ConfigError as error:
         raise ConfigError(
-            f"method.shared_blocks={shared_blocks} must be in [0, {n_blocks - 1}]: the model "
-            f"has {n_blocks} blocks and each expert needs at least one"
-        )
+            f"{error}: the model has {n_blocks} blocks and each expert needs at least one"
+        ) from None
     return (
         stem(model, shared_blocks),
         trunk(model, shared_blocks),
@@ -252,14 +252,10 @@ class Seed(ContinualMethod):
         tau: float = 3.0,
         shrinkage: float = 0.1,
     ) -> None:
-        if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
-            raise ConfigError(f"method.n_experts={n_experts!r} must be an integer >= 1")
-        if not 0 <= alpha < 1:
-            raise ConfigError(f"method.alpha={alpha} must be in [0, 1)")
-        if not tau > 0:
-            raise ConfigError(f"method.tau={tau} must be > 0")
-        if not shrinkage > 0:
-            raise ConfigError(f"method.shrinkage={shrinkage} must be > 0")
+        checks.positive_int("method.n_experts", n_experts)
+        checks.fraction("method.alpha", alpha, high_open=True)
+        checks.positive("method.tau", tau)
+        checks.positive("method.shrinkage", shrinkage)
         n_classes = model.head.out_features
         ensemble = SeedEnsemble(model, n_classes, n_experts, shared_blocks, tau)
         super().__init__(ensemble, lr=lr, weight_decay=weight_decay)

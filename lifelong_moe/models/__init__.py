@@ -44,8 +44,7 @@ def build_model(node: Mapping[str, Any], input_shape: Sequence[int], n_classes: 
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         raise ConfigError(f"model._target_={target!r}: expected an importable class") from None
-    keys = MoESettings.CONFIG_KEYS
-    moe = MoESettings(**{keys[k]: cfg.pop(k) for k in list(cfg) if k in keys})
+    moe, cfg = MoESettings.split(cfg)
     try:
         return cls(input_shape=list(input_shape), n_classes=n_classes, moe=moe, **cfg)
     except TypeError as error:  # an unknown key or a value of the wrong type

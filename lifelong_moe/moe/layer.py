@@ -12,7 +12,8 @@ twin and for the blocks that are not MoE.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import typing
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -312,6 +313,19 @@ class MoESettings:
         checks.non_negative("model.router_noise", self.router_noise)
         checks.optional(checks.positive, "model.capacity_factor", self.capacity_factor)
         checks.choice("model.dispatch", self.dispatch, DISPATCH_CHOICES)
+
+    @classmethod
+    def split(cls, node: Mapping[str, Any]) -> tuple[MoESettings, dict[str, Any]]:
+        """A flat model config -> (its MoE settings, the backbone's own keys)."""
+        rest = dict(node)
+        found = {cls.CONFIG_KEYS[k]: rest.pop(k) for k in list(rest) if k in cls.CONFIG_KEYS}
+        return cls(**found), rest
+
+    @classmethod
+    def config_annotations(cls) -> dict[str, Any]:
+        """(flat config key -> type) of the keys this object consumes (the config schema)."""
+        hints = typing.get_type_hints(cls)
+        return {key: hints[name] for key, name in cls.CONFIG_KEYS.items()}
 
     def ffns(self, d_model: int, d_hidden: int, n_blocks: int) -> Iterator[nn.Module]:
         """The FFNs of blocks 0..n_blocks-1, built lazily as the caller consumes them.
