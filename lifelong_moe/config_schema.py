@@ -338,20 +338,26 @@ def check_config(cfg: DictConfig) -> None:
     check_tracking(data["tracking"])
 
 
-def instantiate(node: DictConfig | Mapping[str, Any], group: str, **kwargs: Any) -> Any:
-    """Instantiate a config group node, surfacing the user's ConfigError as itself."""
+def instantiate(node: DictConfig | Mapping[str, Any], group: str, **supplied: Any) -> Any:
+    """Build a config group node's ``_target_`` with ``supplied`` objects (the model, the
+    input shape), surfacing the user's ConfigError as itself.
+
+    Hydra builds a partial from the config only: objects the runner supplies are passed as
+    they are (Hydra would turn a dataclass such as MoESettings into a dict).
+    """
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
     cfg = {k: v for k, v in node.items() if k != "name"}
     try:
-        return hydra.utils.instantiate(cfg, **kwargs, _convert_="all", _recursive_=False)
+        factory = hydra.utils.instantiate(
+            {**cfg, "_partial_": True}, _convert_="all", _recursive_=False
+        )
     except InstantiationException as error:
-        cause = error.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        if isinstance(cause, TypeError):
-            raise ConfigError(f"{group}: {cause}") from None
-        raise
+        raise ConfigError(f"{group}: {_one_line(error.__cause__ or error)}") from None
+    try:
+        return factory(**supplied)
+    except TypeError as error:  # an argument the target does not take
+        raise ConfigError(f"{group}: {error}") from None
 
 
 # -- the command line, before Hydra -------------------------------------------------------------

@@ -151,6 +151,10 @@ class MoESettings:
 
 
 def test_keys_a_builder_consumes_beside_the_signature(monkeypatch):
+    # The real model group takes the flat MoE keys beside the backbone's own arguments.
+    assert config_schema.EXTRA_FIELDS["model"]["n_experts"] is int
+    assert config_schema.EXTRA_FIELDS["model"]["moe"] is bool
+    monkeypatch.setitem(config_schema.EXTRA_FIELDS, "model", {})
     node = {"_target_": f"{__name__}.tiny_backbone", "d_model": 8, "n_experts": 2}
     with pytest.raises(ConfigError, match="model.n_experts: unknown key"):
         check_target("model", node)
