@@ -15,6 +15,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from lifelong_moe.errors import ConfigError, NonFiniteLossError  # noqa: E402
+from lifelong_moe.tracking import names  # noqa: E402
 
 
 def conf_dir() -> Path:
@@ -78,7 +79,7 @@ def app(cfg: DictConfig) -> float | None:
     except NonFiniteLossError as error:
         print(f"error: {error}; the run is marked FAILED", file=sys.stderr)
         sys.exit(1)
-    return summary["metrics"].get("acc/final")
+    return summary["metrics"].get(names.ACC_FINAL)
 
 
 def main() -> None:
