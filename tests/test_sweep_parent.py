@@ -126,28 +126,62 @@ def test_parallel_sweep_parent_is_the_comparison(workdir):
 
 
 @pytest.mark.slow
-def test_a_crashing_job_fails_the_parent_with_a_count(workdir):
+def test_a_failing_job_fails_the_parent_and_the_sweep_goes_on(workdir):
     uri = store_uri(workdir)
-    # The basic launcher runs jobs in order: naive finishes, then the poisoned one crashes.
+    # The basic launcher runs jobs in order: the poisoned one fails first (NaN loss), and the
+    # sweep still runs naive after it; the process then exits non-zero.
     poisoned = "tests.test_nonfinite.PoisonSecondExperience"
     result = run_cli(
         workdir,
         "-m",
-        f"method._target_=lifelong_moe.methods.naive.Naive,{poisoned}",
+        f"method._target_={poisoned},lifelong_moe.methods.naive.Naive",
         "benchmark=permuted_digits",
         *SMALL,
         f"tracking.uri={uri}",
         check=False,
     )
-    assert result.returncode != 0
+    assert result.returncode == 1
     parent, children = check_parent(uri)
-    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
+    by_target = {r.data.params["method._target_"]: r.info.status for r in children}
+    assert by_target == {poisoned: "FAILED", "lifelong_moe.methods.naive.Naive": "FINISHED"}
     assert parent.info.status == "FAILED"
     assert parent.data.tags["sweep.runs_finished"] == "1/2"
     assert parent.data.tags["sweep.runs_failed"] == "1"
     assert "1 of 2 runs finished (status FAILED" in parent.data.tags["mlflow.note.content"]
     check_table(uri, parent, children)
     assert "1/2 runs finished, parent run FAILED" in result.stdout
+    # The job's one line, then once more after its overrides when the sweep ends; no traceback.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1] and "marked FAILED" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_job_with_a_config_error_does_not_stop_the_sweep(workdir):
+    uri = store_uri(workdir)
+    # trainer.max_epochs=0 is refused before training, by the first job only.
+    result = run_cli(
+        workdir,
+        "-m",
+        "trainer.max_epochs=0,1",
+        "benchmark=permuted_digits",
+        "method=naive",
+        *[a for a in SMALL if not a.startswith("trainer.max_epochs")],
+        f"tracking.uri={uri}",
+        check=False,
+    )
+    assert result.returncode == 1
+    (parent,) = runs(uri, kind="sweep")
+    (child,) = runs(uri)
+    assert child.info.status == "FINISHED" and child.data.params["trainer.max_epochs"] == "1"
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["sweep.runs_finished"] == "1/2"
+    assert any(
+        "trainer.max_epochs" in line
+        for line in result.stderr.splitlines()
+        if line.startswith("error:")
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_urls_open_the_run_in_the_ui():

@@ -14,6 +14,8 @@ import importlib.util
 import json
 import logging
 import os
+import posixpath
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -30,6 +32,19 @@ from lifelong_moe.errors import ConfigError
 from lifelong_moe.tracking import names
 
 LIBRARIES = ("torch", "lightning", "avalanche-lib", "hydra-core", "mlflow", "torchmetrics")
+
+
+# ``scheme://user:password@``: the password part of any URL (postgresql://, http://, ...).
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^\s@]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with every password in a URL shown as ``***`` (as SQLAlchemy hides it).
+
+    Applied to everything a run records or prints (params, tags, description, config.yaml,
+    URLs): a ``postgresql://user:secret@host/db`` tracking URI must not end up in the store.
+    """
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -109,10 +124,10 @@ def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
 
 def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """One line that opens the run: the URL, preceded by the ``mlflow ui`` command if needed."""
-    url = ui_url(uri, experiment_id, run_id)
+    url = redact(ui_url(uri, experiment_id, run_id))
     if uri.startswith(("http://", "https://")):
         return url
-    return f"mlflow ui --backend-store-uri {uri}   then open {url}"
+    return f"mlflow ui --backend-store-uri {redact(uri)}   then open {url}"
 
 
 def find_sweep_parent(client: MlflowClient, experiment_id: str, sweep_id: str) -> str | None:
@@ -128,6 +143,7 @@ def find_sweep_parent(client: MlflowClient, experiment_id: str, sweep_id: str) -
 def check_store(uri: str) -> None:
     """Fail before training, in one line, when the tracking store cannot be used."""
     scheme = urlparse(uri).scheme
+    shown = redact(uri)
     if scheme in ("", "file") and not MLFLOW_ALLOW_FILE_STORE.get():
         # MLflow 3 refuses its file store with a long multi-line exception at first use.
         raise ConfigError(
@@ -161,7 +177,7 @@ def check_store(uri: str) -> None:
         except Exception as error:  # any transport or server error means: cannot track
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ConfigError(
-                f"tracking.uri={uri} is not reachable ({first[:200]}); start it with "
+                f"tracking.uri={shown} is not reachable ({redact(first[:200])}); start it with "
                 "`mlflow server` or choose another tracking.uri"
             ) from None
 
@@ -187,7 +203,7 @@ def check_postgres(uri: str) -> None:
         url = make_url(uri)
     except Exception:  # SQLAlchemy's ArgumentError and friends: the URL does not parse
         raise ConfigError(
-            f"tracking.uri={uri}: expected postgresql://user@host:port/database"
+            f"tracking.uri={redact(uri)}: expected postgresql://user@host:port/database"
         ) from None
     shown = url.render_as_string(hide_password=True)
     driver = url.get_driver_name()
@@ -210,7 +226,7 @@ def check_postgres(uri: str) -> None:
     except Exception as error:  # driver or server errors all mean: cannot track there
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
-            f"tracking.uri={shown} is not reachable ({first[:200]}); start the database or "
+            f"tracking.uri={shown} is not reachable ({redact(first[:200])}); start the database or "
             "choose another tracking.uri"
         ) from None
     finally:
@@ -259,9 +275,10 @@ class RunTracker:
         self.run_id = run_id
 
     def start(self, run_name: str | None, tags: dict[str, str], params: dict[str, str]) -> str:
+        tags = {k: redact(str(v)) for k, v in tags.items()}
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
-        items = [Param(k, v) for k, v in params.items()]
+        items = [Param(k, redact(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         return self.run_id
@@ -296,13 +313,14 @@ class RunTracker:
             self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        batch = [RunTag(k, redact(str(v))) for k, v in tags.items()]
+        self.client.log_batch(self.run_id, tags=batch)
 
     def log_json(self, data: Any, name: str) -> None:
-        self.client.log_text(self.run_id, json.dumps(data, indent=2), name)
+        self.log_text(json.dumps(data, indent=2), name)
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self.client.log_text(self.run_id, redact(text), name)
 
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
@@ -311,8 +329,26 @@ class RunTracker:
         self.client.log_figure(self.run_id, figure, name)
 
     def log_table(self, table: Mapping[str, list], name: str) -> None:
-        """A table artifact that the UI's evaluation view lists (``name`` ends in .json)."""
-        self.client.log_table(self.run_id, dict(table), name)
+        """A table artifact that the UI's evaluation view lists (``name`` ends in .json).
+
+        Written whole, replacing an earlier one: ``MlflowClient.log_table`` appends to a table
+        that exists, so a run resumed after its final tables were logged would list every row
+        twice. Same file format and ``mlflow.loggedArtifacts`` entry as ``log_table``.
+        """
+        import pandas as pd
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+        folder, file = posixpath.split(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / file
+            frame = pd.DataFrame(dict(table))
+            frame.to_json(path, orient="split", index=False, date_format="iso")
+            self.client.log_artifact(self.run_id, str(path), folder or None)
+        tags = self.client.get_run(self.run_id).data.tags
+        listed = json.loads(tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": name, "type": "table"}
+        if entry not in listed:
+            self.set_tags({MLFLOW_LOGGED_ARTIFACTS: json.dumps([*listed, entry])})
 
     def describe(self, markdown: str) -> None:
         """The run's description on its page in the UI (the ``mlflow.note.content`` tag)."""
