@@ -20,7 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lifelong_moe import compare
 from lifelong_moe.tracking.mlflow_run import EXPERIMENT_KIND, MODEL_DEVELOPMENT, ui_hint, ui_url
-from lifelong_moe.tracking.sweep import expected_jobs, sweep_id_from_dir
+from lifelong_moe.tracking.sweep import (
+    PARENT_COLOR,
+    RUN_COLOR_TAG,
+    expected_jobs,
+    parent_metric,
+    sweep_id_from_dir,
+)
 from tests.conftest import FAST, run_cli, runs, store_uri
 
 # The MLflow UI opens its model-training view (not GenAI) when the URL asks for it.
@@ -64,6 +70,8 @@ def check_parent(uri: str, experiment: str = "lifelong-moe") -> tuple[Any, list]
     # Opened before the first run started, closed after the last one ended.
     assert parent.info.start_time <= min(r.info.start_time for r in children)
     assert parent.info.end_time >= max(r.info.end_time for r in children)
+    # A colour of its own in the UI's charts (the tag the UI's colour picker writes).
+    assert parent.data.tags[RUN_COLOR_TAG] == PARENT_COLOR
     return parent, children
 
 
@@ -85,6 +93,18 @@ def check_table(uri: str, parent: Any, children: list) -> None:
             assert row[f"{metric} mean"] == pytest.approx(statistics.mean(values), abs=1e-6)
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             assert row[f"{metric} std"] == pytest.approx(spread, abs=1e-6)
+    # The parent's own charts: per method, the mean of its runs' final metrics and A_t curve.
+    for row in rows:
+        for metric in ("acc/final", "acc/forgetting"):
+            value = parent.data.metrics[parent_metric(metric, row["method"])]
+            assert value == pytest.approx(row[f"{metric} mean"], abs=1e-6)
+        mine = [r for r in done if r.data.tags["method"] == row["method"]]
+        curves = [compare.history(client, r.info.run_id, "acc/seen") for r in mine]
+        mean = [statistics.mean(values) for values in zip(*curves, strict=True)]
+        curve = compare.history(
+            client, parent.info.run_id, parent_metric("acc/seen", row["method"])
+        )
+        assert curve == pytest.approx(mean) and len(curve) == len(curves[0]) > 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {
         "plots/accuracy_curves.png",

@@ -11,10 +11,14 @@ job finished.
 
 from __future__ import annotations
 
+import math
+import re
 import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -29,6 +33,12 @@ from lifelong_moe.tracking.mlflow_run import (
 )
 
 GROUP_BY = ["method", "benchmark"]
+# The parent's own colour in the UI's charts (the tag its colour picker writes): a neutral grey,
+# so that it never takes a child's colour (by default the UI derives one from the run id).
+RUN_COLOR_TAG, PARENT_COLOR = "mlflow.runColor", "#7F7F7F"
+# What the parent charts per method (mean over seeds): end-of-stream values and the A_t curve.
+PARENT_PREFIX = "sweep"
+UNSAFE = re.compile(r"[^\w.\- ]")  # characters MLflow refuses in a metric name
 # Overrides that would put a sweep's runs into several stores or experiments: no single parent.
 SPLITTING = ("tracking.uri", "tracking.experiment", "tracking.sweep_id", "experiment")
 
@@ -55,6 +65,38 @@ def expected_jobs(config: DictConfig) -> int | None:
     except Exception:  # a sweep syntax that needs the config loader (glob): count unknown
         return None
     return len(batch)
+
+
+def parent_metric(metric: str, label: str) -> str:
+    """``sweep/acc/final/naive``: a method's mean of ``metric`` in the parent's own chart section
+    (sorted by metric, so one metric's charts for all methods sit side by side)."""
+    return f"{PARENT_PREFIX}/{metric}/{UNSAFE.sub('_', label)}"
+
+
+def parent_metrics(client: MlflowClient, groups: Sequence[compare.Group]) -> list[Metric]:
+    """Per group (method, or method.benchmark when the sweep has several): the mean over its
+    runs of the final and forgetting metrics (step 0) and of the seen-so-far curve (step =
+    experience). Without them a collapsed sweep leaves the UI's chart view empty."""
+    now = int(time.time() * 1000)
+    several = len({g.key[1:] for g in groups}) > 1
+    found = []
+    for g in groups:
+        if g.matrix not in compare.CURVE:
+            continue
+        label = ".".join(g.key) if several else g.key[0]
+        for metric in (compare.QUALITY[g.matrix][0], compare.BARS[g.matrix]):
+            mean, _, n = g.stats(metric)
+            if n:
+                found.append(Metric(parent_metric(metric, label), mean, now, 0))
+        curve = compare.CURVE[g.matrix]
+        histories = [compare.history(client, r.run_id, curve) for r in g.runs]
+        for step in range(max(map(len, histories), default=0)):
+            values = [h[step] for h in histories if step < len(h) and not math.isnan(h[step])]
+            if values:
+                found.append(
+                    Metric(parent_metric(curve, label), sum(values) / len(values), now, step)
+                )
+    return found
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -93,7 +135,7 @@ class SweepParent:
                 found.experiment_id if found else create_experiment(self.client, self.experiment)
             )
         mark_experiment(self.client, self.experiment_id)
-        tags = {"kind": "sweep", "sweep_id": self.sweep_id}
+        tags = {"kind": "sweep", "sweep_id": self.sweep_id, RUN_COLOR_TAG: PARENT_COLOR}
         if self.expected is not None:
             tags["sweep.runs_expected"] = str(self.expected)
         run = self.client.create_run(
@@ -153,6 +195,9 @@ class SweepParent:
                 for r in done
             ]
             groups = compare.group_runs(records, GROUP_BY)
+            summary += (
+                f"Charts: `{PARENT_PREFIX}/<metric>/<method>`, each method's mean over its seeds.\n"
+            )
             meta = {
                 "experiments": [self.experiment],
                 "filter": f"tags.sweep_id = '{self.sweep_id}' AND attributes.status = 'FINISHED'",
@@ -163,6 +208,9 @@ class SweepParent:
                 plots = compare.write_plots(self.client, groups, Path(tmp))
                 plots += compare.plot_matrices(self.client, groups, Path(tmp))
                 compare.record(self.client, self.run_id, groups, GROUP_BY, meta, plots, summary)
+            metrics = parent_metrics(self.client, groups)
+            for i in range(0, len(metrics), 500):
+                self.client.log_batch(self.run_id, metrics=metrics[i : i + 500])
         else:
             tags["mlflow.note.content"] = summary
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
