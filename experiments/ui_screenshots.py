@@ -54,28 +54,33 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--hide-scrollbars",
 ]
-# True once the page has content and nothing is loading: no spinner, skeleton or busy element,
-# and every chart container holds a drawn plot (MLflow draws charts with Plotly).
+# True once the page has content and nothing in view is loading: no spinner (any element that
+# animates forever: MLflow's spinners carry no telling class), skeleton or busy element, and
+# every chart container holds a drawn plot (MLflow draws charts with Plotly).
 READY = """(() => {
+  const inView = e => [...e.getClientRects()].some(r => r.bottom > 0 && r.top < innerHeight);
+  const spinning = [...document.querySelectorAll('body *')].filter(e => {
+    const style = getComputedStyle(e);
+    return style.animationName !== 'none' && style.animationIterationCount === 'infinite';
+  });
   const busy = document.querySelectorAll(
-    '[role="progressbar"], [aria-busy="true"], [class*="skeleton" i], [class*="spinner" i], '
-    + '[data-testid*="loading" i], [class*="loading" i]');
-  const visible = [...busy].filter(e => e.getClientRects().length > 0);
+    '[role="progressbar"], [aria-busy="true"], [class*="skeleton" i], [class*="spinner" i]');
+  const loading = [...spinning, ...busy].filter(inView);
   const text = document.body ? document.body.innerText.trim() : '';
   const plots = [...document.querySelectorAll('.js-plotly-plot')];
   const drawn = plots.every(p => p.querySelector('.main-svg'));
-  return visible.length === 0 && text.length > 200 && drawn;
+  return loading.length === 0 && text.length > 200 && drawn;
 })()"""
-# The assistant side panel takes a third of the width: close it (its X button) when it shows.
-CLOSE_ASSISTANT = """(() => {
-  for (const b of document.querySelectorAll('button')) {
-    const label = (b.getAttribute('aria-label') || '').toLowerCase();
-    if (label.includes('close') && b.closest('[class*="ssistant" i], [data-testid*="ssistant" i]')) {
-      b.click(); return true;
-    }
-  }
-  return false;
-})()"""
+# The UI's own settings in the browser's storage: the assistant side panel (a third of the width)
+# closed, as if the user had closed it once.
+UI_SETTINGS = {
+    "mlflow.assistant.panelOpen_v1": "false",
+    "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true",
+}
+# The element to click before a picture, if any (JavaScript that finds it): the description's
+# "Show more", so the parent's page shows its whole verdict and table.
+SHOW_MORE = """[...document.querySelectorAll('button, a, span')]
+  .find(e => e.innerText && e.innerText.trim() === 'Show more')"""
 
 
 def fill(store: Path, uri: str, overrides: list[str]) -> None:
@@ -157,7 +162,7 @@ class Browser:
         )
         for fd in theirs:
             os.close(fd)
-        self.last_id, self.buffer, self.session = 0, b"", None
+        self.last_id, self.buffer, self.session, self.configured = 0, b"", None, False
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         attached = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})
         self.session = attached["sessionId"]
@@ -191,24 +196,60 @@ class Browser:
         result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})
         return result["result"].get("value")
 
-    def shoot(self, url: str, path: Path, width: int, height: int, timeout: float = 180) -> None:
-        """Open url, wait until it has rendered (stable for 3 s), and save a PNG."""
-        self.resize(width, height)
-        self.send("Page.navigate", {"url": "about:blank"})
-        self.send("Page.navigate", {"url": url})
-        time.sleep(2)
+    def settle(self, timeout: float) -> bool:
+        """Wait until the page has rendered and stayed so for 3 s; False after timeout."""
         ready_since, deadline = None, time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.evaluate(CLOSE_ASSISTANT)
             if self.evaluate(READY):
                 ready_since = ready_since or time.monotonic()
                 if time.monotonic() - ready_since >= 3:
-                    break
+                    return True
             else:
                 ready_since = None
             time.sleep(0.5)
-        else:
+        return False
+
+    def click(self, finder: str) -> bool:
+        """A real mouse click (menus open on pointer events) on the element ``finder`` returns."""
+        where = self.evaluate(
+            f"(() => {{ const e = {finder}; if (!e) return null; e.scrollIntoView(); "
+            "const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        if not where:
+            return False
+        for kind in ("mousePressed", "mouseReleased"):
+            event = {"type": kind, "x": where[0], "y": where[1], "button": "left", "clickCount": 1}
+            self.send("Input.dispatchMouseEvent", event)
+        return True
+
+    def shoot(
+        self,
+        url: str,
+        path: Path,
+        width: int,
+        height: int,
+        click: str | None = None,
+        timeout: float = 180,
+    ) -> None:
+        """Open url, wait until it has rendered, click ``click`` if given, and save a PNG."""
+        self.resize(width, height)
+        if not self.configured:  # the UI's settings live in its origin's storage
+            self.send("Page.navigate", {"url": url})
+            time.sleep(2)
+            for key, value in UI_SETTINGS.items():
+                self.evaluate(f"localStorage.setItem({json.dumps(key)}, {json.dumps(value)})")
+            self.configured = True
+        self.send("Page.navigate", {"url": "about:blank"})
+        self.send("Page.navigate", {"url": url})
+        time.sleep(2)
+        ready = self.settle(timeout)
+        if ready and click and self.click(click):
+            time.sleep(1)
+            ready = self.settle(timeout)
+        if not ready:
             print(f"warning: {path.name}: still loading after {timeout:.0f} s", file=sys.stderr)
+        # Back to the top of every scrolled panel (the click may have scrolled one).
+        self.evaluate("document.querySelectorAll('*').forEach(e => { e.scrollTop = 0; })")
         data = self.send("Page.captureScreenshot", {"format": "png"})["data"]
         path.write_bytes(base64.b64decode(data))
         print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
@@ -236,16 +277,22 @@ def find_artifact(client: MlflowClient, run_id: str, name: str, folder: str = ""
     return None
 
 
-def shots(client: MlflowClient, base: str, parent, run) -> dict[str, tuple[str, int, int]]:
-    """Picture name -> (URL, width, height)."""
+def shots(client: MlflowClient, base: str, parent, run) -> dict[str, tuple]:
+    """Picture name -> (URL, width, height, element to click first or None)."""
     p, r = parent.info.run_id, run.info.run_id
     found = {
-        "runs": (f"{base}/runs?{MODE}", 1600, 640),
-        "parent_description": (f"{base}/runs/{p}?{MODE}", 1600, 900),
-        # The runs folded under their parent: the chart view shows the parent's own charts.
-        "parent_charts": (f"{base}/runs?{MODE}&compareRunsMode=CHART", 1600, 1000),
-        "parent_table": (f"{base}/runs/{p}/artifacts/comparison_table.json?{MODE}", 1600, 560),
-        "run_charts": (f"{base}/runs/{r}/model-metrics?{MODE}", 1600, 1100),
+        "runs": (f"{base}/runs?{MODE}", 1400, 420, None),
+        "parent_description": (f"{base}/runs/{p}?{MODE}", 1400, 1000, SHOW_MORE),
+        # The runs folded under their parent: the chart view shows the parent's own charts
+        # (below the runs' sections, empty while they are folded).
+        "parent_charts": (f"{base}/runs?{MODE}&compareRunsMode=CHART", 1400, 1400, None),
+        "parent_table": (
+            f"{base}/runs/{p}/artifacts/comparison_table.json?{MODE}",
+            1400,
+            420,
+            None,
+        ),
+        "run_charts": (f"{base}/runs/{r}/model-metrics?{MODE}", 1400, 1000, None),
     }
     for who, run_id, names in (
         ("parent", p, ("accuracy_curves.png", "accuracy_matrices.png")),
@@ -255,7 +302,7 @@ def shots(client: MlflowClient, base: str, parent, run) -> dict[str, tuple[str, 
             path = find_artifact(client, run_id, name)
             if path:
                 url = f"{base}/runs/{run_id}/artifacts/{path}?{MODE}"
-                found[f"{who}_{Path(name).stem}"] = (url, 1600, 900)
+                found[f"{who}_{Path(name).stem}"] = (url, 1400, 720, None)
     return found
 
 
@@ -297,9 +344,9 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         base = f"{uri}/#/experiments/{experiment.experiment_id}"
         browser = Browser()
-        for name, (url, width, height) in shots(client, base, parent, run).items():
+        for name, (url, width, height, click) in shots(client, base, parent, run).items():
             if not args.only or name in args.only:
-                browser.shoot(url, args.out / f"{name}.png", width, height)
+                browser.shoot(url, args.out / f"{name}.png", width, height, click)
     finally:
         if browser is not None:
             browser.close()
