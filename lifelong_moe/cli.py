@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from lifelong_moe import signals
 
@@ -11,6 +12,7 @@ signals.install()  # before the heavy imports: a Ctrl-C during startup prints on
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import CompactHydraException  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
@@ -56,6 +58,23 @@ def sweep_id() -> str | None:
     return sweep_id_from_dir(hydra_cfg.sweep.dir)
 
 
+class JobFailed(CompactHydraException):
+    """A sweep's job failed and said why in its own line: Hydra records it and runs the others.
+
+    Hydra's launchers go on after an ``Exception`` from a job (not after ``SystemExit``), and
+    print a ``CompactHydraException`` as its message alone (after the failed job's overrides)
+    once the sweep has ended; the process then exits with status 1.
+    """
+
+
+def fail(message: str, exit_code: int) -> NoReturn:
+    """One line on stderr; then end the process, or under ``-m`` only this job."""
+    print(message, file=sys.stderr, flush=True)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(message)
+    sys.exit(exit_code)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> float | None:
     from lifelong_moe.runner import run
@@ -66,7 +85,7 @@ def app(cfg: DictConfig) -> float | None:
     signals.install()  # again: a launcher (submitit) may run this job in a process of its own
     try:
         summary = run(cfg)
-    except signals.Interrupted as stop:
+    except signals.Interrupted as stop:  # Ctrl-C stops a whole sweep: SystemExit, not a failure
         if signals.STATE.run_id is None:
             print(
                 f"interrupted ({stop}) before the run started: nothing was recorded",
@@ -74,11 +93,9 @@ def app(cfg: DictConfig) -> float | None:
             )
         sys.exit(stop.exit_code)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {error}", 2)
     except NonFiniteLossError as error:
-        print(f"error: {error}; the run is marked FAILED", file=sys.stderr)
-        sys.exit(1)
+        fail(f"error: {error}; the run is marked FAILED", 1)
     return summary["metrics"].get(names.ACC_FINAL)
 
 

@@ -566,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     except Exception as error:  # transport, SQL or filter-syntax errors: say which store, once
         raise StoreError(
-            f"cannot read runs from {args.tracking_uri}: {_first_line(error)}"
+            f"cannot read runs from {store.redact(args.tracking_uri)}: {_first_line(error)}"
         ) from None
     if not runs:
         raise StoreError(

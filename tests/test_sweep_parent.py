@@ -22,7 +22,13 @@ from lifelong_moe import compare
 from lifelong_moe.tracking.names import MODEL_DEVELOPMENT
 from lifelong_moe.tracking.names import TAG_EXPERIMENT_KIND as EXPERIMENT_KIND
 from lifelong_moe.tracking.store import ui_hint, ui_url
-from lifelong_moe.tracking.sweep import expected_jobs, sweep_id_from_dir
+from lifelong_moe.tracking.sweep import (
+    PARENT_COLOR,
+    RUN_COLOR_TAG,
+    expected_jobs,
+    parent_metric,
+    sweep_id_from_dir,
+)
 from tests.conftest import FAST, run_cli, runs, store_uri
 
 # The MLflow UI opens its model-training view (not GenAI) when the URL asks for it.
@@ -66,6 +72,8 @@ def check_parent(uri: str, experiment: str = "lifelong-moe") -> tuple[Any, list]
     # Opened before the first run started, closed after the last one ended.
     assert parent.info.start_time <= min(r.info.start_time for r in children)
     assert parent.info.end_time >= max(r.info.end_time for r in children)
+    # A colour of its own in the UI's charts (the tag the UI's colour picker writes).
+    assert parent.data.tags[RUN_COLOR_TAG] == PARENT_COLOR
     return parent, children
 
 
@@ -87,6 +95,18 @@ def check_table(uri: str, parent: Any, children: list) -> None:
             assert row[f"{metric} mean"] == pytest.approx(statistics.mean(values), abs=1e-6)
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             assert row[f"{metric} std"] == pytest.approx(spread, abs=1e-6)
+    # The parent's own charts: per method, the mean of its runs' final metrics and A_t curve.
+    for row in rows:
+        for metric in ("acc/final", "acc/forgetting"):
+            value = parent.data.metrics[parent_metric(metric, row["method"])]
+            assert value == pytest.approx(row[f"{metric} mean"], abs=1e-6)
+        mine = [r for r in done if r.data.tags["method"] == row["method"]]
+        curves = [compare.history(client, r.info.run_id, "acc/seen") for r in mine]
+        mean = [statistics.mean(values) for values in zip(*curves, strict=True)]
+        curve = compare.history(
+            client, parent.info.run_id, parent_metric("acc/seen", row["method"])
+        )
+        assert curve == pytest.approx(mean) and len(curve) == len(curves[0]) > 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {
         "plots/accuracy_curves.png",
@@ -128,28 +148,62 @@ def test_parallel_sweep_parent_is_the_comparison(workdir):
 
 
 @pytest.mark.slow
-def test_a_crashing_job_fails_the_parent_with_a_count(workdir):
+def test_a_failing_job_fails_the_parent_and_the_sweep_goes_on(workdir):
     uri = store_uri(workdir)
-    # The basic launcher runs jobs in order: naive finishes, then the poisoned one crashes.
+    # The basic launcher runs jobs in order: the poisoned one fails first (NaN loss), and the
+    # sweep still runs naive after it; the process then exits non-zero.
     poisoned = "tests.test_nonfinite.PoisonSecondExperience"
     result = run_cli(
         workdir,
         "-m",
-        f"method._target_=lifelong_moe.methods.naive.Naive,{poisoned}",
+        f"method._target_={poisoned},lifelong_moe.methods.naive.Naive",
         "benchmark=permuted_digits",
         *SMALL,
         f"tracking.uri={uri}",
         check=False,
     )
-    assert result.returncode != 0
+    assert result.returncode == 1
     parent, children = check_parent(uri)
-    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
+    by_target = {r.data.params["method._target_"]: r.info.status for r in children}
+    assert by_target == {poisoned: "FAILED", "lifelong_moe.methods.naive.Naive": "FINISHED"}
     assert parent.info.status == "FAILED"
     assert parent.data.tags["sweep.runs_finished"] == "1/2"
     assert parent.data.tags["sweep.runs_failed"] == "1"
     assert "1 of 2 runs finished (status FAILED" in parent.data.tags["mlflow.note.content"]
     check_table(uri, parent, children)
     assert "1/2 runs finished, parent run FAILED" in result.stdout
+    # The job's one line, then once more after its overrides when the sweep ends; no traceback.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1] and "marked FAILED" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_job_with_a_config_error_does_not_stop_the_sweep(workdir):
+    uri = store_uri(workdir)
+    # trainer.max_epochs=0 is refused before training, by the first job only.
+    result = run_cli(
+        workdir,
+        "-m",
+        "trainer.max_epochs=0,1",
+        "benchmark=permuted_digits",
+        "method=naive",
+        *[a for a in SMALL if not a.startswith("trainer.max_epochs")],
+        f"tracking.uri={uri}",
+        check=False,
+    )
+    assert result.returncode == 1
+    (parent,) = runs(uri, kind="sweep")
+    (child,) = runs(uri)
+    assert child.info.status == "FINISHED" and child.data.params["trainer.max_epochs"] == "1"
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["sweep.runs_finished"] == "1/2"
+    assert any(
+        "trainer.max_epochs" in line
+        for line in result.stderr.splitlines()
+        if line.startswith("error:")
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_urls_open_the_run_in_the_ui():

@@ -1,9 +1,10 @@
 """Hydra callback (conf/config.yaml, ``hydra.callbacks``) that gives every sweep one parent run.
 
 Hydra calls ``on_multirun_start`` / ``on_multirun_end`` once, in the launching process, for the
-basic, joblib and submitit launchers alike. A failed job makes Hydra raise before
-``on_multirun_end``: then ``lifelong-moe``'s entry point closes the parent on its way out
-(:func:`close_open_parents`), with atexit as the last resort for other entry points.
+basic, joblib and submitit launchers alike. A failed job (``cli.JobFailed``) lets the other jobs
+run, then makes Hydra raise before ``on_multirun_end``: ``lifelong-moe``'s entry point closes the
+parent on its way out (:func:`close_open_parents`), with atexit as the last resort for other
+entry points.
 """
 
 from __future__ import annotations

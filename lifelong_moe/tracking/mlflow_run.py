@@ -13,7 +13,9 @@ import importlib.metadata
 import json
 import logging
 import os
+import posixpath
 import subprocess
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,12 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 
 from lifelong_moe.tracking import names, queries, store
+from lifelong_moe.tracking.store import redact
 
 LIBRARIES = ("torch", "lightning", "avalanche-lib", "hydra-core", "mlflow", "torchmetrics")
 
 
+# ``scheme://user:password@``: the password part of any URL (postgresql://, http://, ...).
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"method": {"lr": 0.1}}`` -> ``{"method.lr": "0.1"}`` (MLflow params are flat strings)."""
     flat: dict[str, str] = {}
@@ -78,9 +82,10 @@ class RunTracker:
         self.run_id = run_id
 
     def start(self, run_name: str | None, tags: dict[str, str], params: dict[str, str]) -> str:
+        tags = {k: redact(str(v)) for k, v in tags.items()}
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
-        items = [Param(k, v) for k, v in params.items()]
+        items = [Param(k, redact(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         return self.run_id
@@ -114,20 +119,39 @@ class RunTracker:
             self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        batch = [RunTag(k, redact(str(v))) for k, v in tags.items()]
+        self.client.log_batch(self.run_id, tags=batch)
 
     def log_json(self, data: Any, name: str) -> None:
-        self.client.log_text(self.run_id, json.dumps(data, indent=2), name)
+        self.log_text(json.dumps(data, indent=2), name)
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self.client.log_text(self.run_id, redact(text), name)
 
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
     def log_table(self, table: Mapping[str, list], name: str) -> None:
-        """A table artifact that the UI's evaluation view lists (``name`` ends in .json)."""
-        self.client.log_table(self.run_id, dict(table), name)
+        """A table artifact that the UI's evaluation view lists (``name`` ends in .json).
+
+        Written whole, replacing an earlier one: ``MlflowClient.log_table`` appends to a table
+        that exists, so a run resumed after its final tables were logged would list every row
+        twice. Same file format and ``mlflow.loggedArtifacts`` entry as ``log_table``.
+        """
+        import pandas as pd
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+        folder, file = posixpath.split(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / file
+            frame = pd.DataFrame(dict(table))
+            frame.to_json(path, orient="split", index=False, date_format="iso")
+            self.client.log_artifact(self.run_id, str(path), folder or None)
+        tags = self.client.get_run(self.run_id).data.tags
+        listed = json.loads(tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": name, "type": "table"}
+        if entry not in listed:
+            self.set_tags({MLFLOW_LOGGED_ARTIFACTS: json.dumps([*listed, entry])})
 
     def describe(self, markdown: str) -> None:
         """The run's description on its page in the UI (the ``mlflow.note.content`` tag)."""

@@ -111,6 +111,10 @@ def routing_layer(metric: str, layer: int) -> str:
     return f"{ROUTING}/{metric.removeprefix(ROUTING + '/')}/layer_{layer}"
 
 
+# --- a sweep's parent run: per method (mean over seeds) ---------------------------------------
+
+SWEEP = "sweep"  # sweep/<metric>/<method>, e.g. sweep/acc/final/naive (see tracking/sweep.py)
+
 # --- names used before issue 13 -----------------------------------------------------------------
 
 LEGACY: dict[str, str] = {
@@ -162,6 +166,12 @@ TAG_SWEEP_ID = "sweep_id"
 TAG_SLURM_JOB = "slurm_job"  # a requeued SLURM job finds its own run by it
 TAG_CHECKPOINT_DIR = "checkpoint_dir"  # where the run's training checkpoints are on local disk
 TAG_GROUP_BY = "group_by"  # a comparison run's grouping
+TAG_RUN_COLOR = "mlflow.runColor"  # a run's colour in the UI's charts (what its picker writes)
+# A sweep's parent run: how many jobs it expects and how they ended.
+TAG_SWEEP_RUNS_EXPECTED = "sweep.runs_expected"
+TAG_SWEEP_RUNS_FINISHED = "sweep.runs_finished"  # "3/4"
+TAG_SWEEP_RUNS_FAILED = "sweep.runs_failed"
+TAG_SWEEP_RUNS_KILLED = "sweep.runs_killed"
 
 
 def tag_version(library: str) -> str:

@@ -80,6 +80,12 @@ def sweep_parent(client: MlflowClient, experiment_id: str, sweep_id: str) -> str
     return found[0].info.run_id if found else None
 
 
+def sweep_runs(client: MlflowClient, experiment_id: str, sweep_id: str) -> list[Run]:
+    """The experiment runs of one sweep, whatever their status."""
+    clause = f"{EXPERIMENT_RUNS} and tags.{names.TAG_SWEEP_ID} = '{sweep_id}'"
+    return search_runs(client, [experiment_id], clause)
+
+
 def search_runs(
     client: MlflowClient, experiment_ids: Sequence[str], filter_string: str
 ) -> list[Run]:

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import importlib.util
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,17 @@ from mlflow.tracking import MlflowClient
 
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.tracking import names
+
+URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^\s@]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with every password in a URL shown as ``***`` (as SQLAlchemy hides it).
+
+    Applied to everything a run records or prints (params, tags, description, config.yaml,
+    URLs): a ``postgresql://user:secret@host/db`` tracking URI must not end up in the store.
+    """
+    return URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def client(uri: str) -> MlflowClient:
@@ -67,10 +79,10 @@ def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
 
 def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """One line that opens the run: the URL, preceded by the ``mlflow ui`` command if needed."""
-    url = ui_url(uri, experiment_id, run_id)
+    url = redact(ui_url(uri, experiment_id, run_id))
     if uri.startswith(("http://", "https://")):
         return url
-    return f"mlflow ui --backend-store-uri {uri}   then open {url}"
+    return f"mlflow ui --backend-store-uri {redact(uri)}   then open {url}"
 
 
 def check_store(uri: str, must_exist: bool = False) -> None:
@@ -115,7 +127,7 @@ def check_store(uri: str, must_exist: bool = False) -> None:
         except Exception as error:  # any transport or server error means: cannot track
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ConfigError(
-                f"tracking.uri={uri} is not reachable ({first[:200]}); start it with "
+                f"tracking.uri={redact(uri)} is not reachable ({redact(first[:200])}); start it with "
                 "`mlflow server` or choose another tracking.uri"
             ) from None
 
@@ -152,7 +164,7 @@ def check_postgres(uri: str) -> None:
         url = make_url(uri)
     except Exception:  # SQLAlchemy's ArgumentError and friends: the URL does not parse
         raise ConfigError(
-            f"tracking.uri={uri}: expected postgresql://user@host:port/database"
+            f"tracking.uri={redact(uri)}: expected postgresql://user@host:port/database"
         ) from None
     shown = url.render_as_string(hide_password=True)
     driver = url.get_driver_name()
@@ -175,7 +187,7 @@ def check_postgres(uri: str) -> None:
     except Exception as error:  # driver or server errors all mean: cannot track there
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
-            f"tracking.uri={shown} is not reachable ({first[:200]}); start the database or "
+            f"tracking.uri={shown} is not reachable ({redact(first[:200])}); start the database or "
             "choose another tracking.uri"
         ) from None
     finally:

@@ -11,24 +11,26 @@ job finished.
 
 from __future__ import annotations
 
+import math
+import re
 import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from lifelong_moe import compare
-from lifelong_moe.tracking import names
-from lifelong_moe.tracking.store import (
-    check_store,
-    create_experiment,
-    mark_experiment,
-    store_lock,
-    ui_hint,
-)
+from lifelong_moe.tracking import names, queries, store
+from lifelong_moe.tracking.store import check_store
 
-GROUP_BY = ["method", "benchmark"]
+GROUP_BY = [names.TAG_METHOD, names.TAG_BENCHMARK]
+# The parent's own colour in the UI's charts: a neutral grey, so that it never takes a child's.
+RUN_COLOR_TAG, PARENT_COLOR = names.TAG_RUN_COLOR, "#7F7F7F"
+PARENT_PREFIX = names.SWEEP
+UNSAFE = re.compile(r"[^\w.\- ]")  # characters MLflow refuses in a metric name
 # Overrides that would put a sweep's runs into several stores or experiments: no single parent.
 SPLITTING = ("tracking.uri", "tracking.experiment", "tracking.sweep_id", "experiment")
 
@@ -57,6 +59,38 @@ def expected_jobs(config: DictConfig) -> int | None:
     return len(batch)
 
 
+def parent_metric(metric: str, label: str) -> str:
+    """``sweep/acc/final/naive``: a method's mean of ``metric`` in the parent's own chart section
+    (sorted by metric, so one metric's charts for all methods sit side by side)."""
+    return f"{PARENT_PREFIX}/{metric}/{UNSAFE.sub('_', label)}"
+
+
+def parent_metrics(client: MlflowClient, groups: Sequence[compare.Group]) -> list[Metric]:
+    """Per group (method, or method.benchmark when the sweep has several): the mean over its
+    runs of the final and forgetting metrics (step 0) and of the seen-so-far curve (step =
+    experience). Without them a collapsed sweep leaves the UI's chart view empty."""
+    now = int(time.time() * 1000)
+    several = len({g.key[1:] for g in groups}) > 1
+    found = []
+    for g in groups:
+        if g.matrix not in compare.CURVE:
+            continue
+        label = ".".join(g.key) if several else g.key[0]
+        for metric in (compare.QUALITY[g.matrix][0], compare.BARS[g.matrix]):
+            mean, _, n = g.stats(metric)
+            if n:
+                found.append(Metric(parent_metric(metric, label), mean, now, 0))
+        curve = compare.CURVE[g.matrix]
+        histories = [queries.metric_history(client, r.run_id, curve) for r in g.runs]
+        for step in range(max(map(len, histories), default=0)):
+            values = [h[step] for h in histories if step < len(h) and not math.isnan(h[step])]
+            if values:
+                found.append(
+                    Metric(parent_metric(curve, label), sum(values) / len(values), now, step)
+                )
+    return found
+
+
 def swept_keys(config: DictConfig) -> list[str]:
     """The keys that take several values in this sweep."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -80,22 +114,21 @@ class SweepParent:
             sweep_id,
             expected,
         )
-        self.client = MlflowClient(uri)
+        self.client = store.client(uri)
         self.experiment_id = ""
         self.run_id = ""
         self.status = ""
 
     def open(self) -> str:
         """Create the parent, RUNNING, before any job exists; returns its run id."""
-        with store_lock(self.uri):
-            found = self.client.get_experiment_by_name(self.experiment)
-            self.experiment_id = (
-                found.experiment_id if found else create_experiment(self.client, self.experiment)
-            )
-        mark_experiment(self.client, self.experiment_id)
-        tags = {"kind": "sweep", "sweep_id": self.sweep_id}
+        self.experiment_id = store.open_experiment(self.client, self.uri, self.experiment)
+        tags = {
+            names.TAG_KIND: names.KIND_SWEEP,
+            names.TAG_SWEEP_ID: self.sweep_id,
+            RUN_COLOR_TAG: PARENT_COLOR,
+        }
         if self.expected is not None:
-            tags["sweep.runs_expected"] = str(self.expected)
+            tags[names.TAG_SWEEP_RUNS_EXPECTED] = str(self.expected)
         run = self.client.create_run(
             self.experiment_id, run_name=f"sweep {self.sweep_id}", tags=tags
         )
@@ -104,18 +137,7 @@ class SweepParent:
 
     def children(self) -> list:
         """The sweep's runs, whatever their status."""
-        found, token = [], None
-        while True:
-            page = self.client.search_runs(
-                [self.experiment_id],
-                f"tags.kind = 'experiment' and tags.sweep_id = '{self.sweep_id}'",
-                max_results=1000,
-                page_token=token,
-            )
-            found += list(page)
-            token = page.token
-            if not token:
-                return found
+        return queries.sweep_runs(self.client, self.experiment_id, self.sweep_id)
 
     def close(self) -> str:
         """Record the comparison of the finished runs and end the parent; returns its status.
@@ -137,9 +159,9 @@ class SweepParent:
         else:
             status = "FAILED"
         tags = {
-            "sweep.runs_finished": f"{len(done)}/{total}",
-            "sweep.runs_failed": str(statuses.count("FAILED")),
-            "sweep.runs_killed": str(statuses.count("KILLED")),
+            names.TAG_SWEEP_RUNS_FINISHED: f"{len(done)}/{total}",
+            names.TAG_SWEEP_RUNS_FAILED: str(statuses.count("FAILED")),
+            names.TAG_SWEEP_RUNS_KILLED: str(statuses.count("KILLED")),
         }
         summary = f"**Sweep `{self.sweep_id}`**: {len(done)} of {total} runs finished"
         if status != "FINISHED":
@@ -153,9 +175,13 @@ class SweepParent:
                 for r in done
             ]
             groups = compare.group_runs(records, GROUP_BY)
+            summary += (
+                f"Charts: `{PARENT_PREFIX}/<metric>/<method>`, each method's mean over its seeds.\n"
+            )
             meta = {
                 "experiments": [self.experiment],
-                "filter": f"tags.sweep_id = '{self.sweep_id}' AND attributes.status = 'FINISHED'",
+                "filter": f"tags.{names.TAG_SWEEP_ID} = '{self.sweep_id}' "
+                "AND attributes.status = 'FINISHED'",
                 "group_by": GROUP_BY,
                 "n_runs": len(records),
             }
@@ -163,15 +189,18 @@ class SweepParent:
                 plots = compare.write_plots(self.client, groups, Path(tmp))
                 plots += compare.plot_matrices(self.client, groups, Path(tmp))
                 compare.record(self.client, self.run_id, groups, GROUP_BY, meta, plots, summary)
+            metrics = parent_metrics(self.client, groups)
+            for i in range(0, len(metrics), 500):
+                self.client.log_batch(self.run_id, metrics=metrics[i : i + 500])
         else:
-            tags["mlflow.note.content"] = summary
+            tags[names.TAG_DESCRIPTION] = summary
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(self.run_id, status)
         self.status = status
         return status
 
     def hint(self) -> str:
-        return ui_hint(self.uri, self.experiment_id, self.run_id)
+        return store.ui_hint(self.uri, self.experiment_id, self.run_id)
 
 
 def open_parent(config: DictConfig) -> SweepParent | None:
