@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from lifelong_moe import compare
+from lifelong_moe.tracking import queries
 from lifelong_moe.tracking.names import MODEL_DEVELOPMENT
 from lifelong_moe.tracking.names import TAG_EXPERIMENT_KIND as EXPERIMENT_KIND
 from lifelong_moe.tracking.store import ui_hint, ui_url
@@ -101,9 +102,9 @@ def check_table(uri: str, parent: Any, children: list) -> None:
             value = parent.data.metrics[parent_metric(metric, row["method"])]
             assert value == pytest.approx(row[f"{metric} mean"], abs=1e-6)
         mine = [r for r in done if r.data.tags["method"] == row["method"]]
-        curves = [compare.history(client, r.info.run_id, "acc/seen") for r in mine]
+        curves = [queries.metric_history(client, r.info.run_id, "acc/seen") for r in mine]
         mean = [statistics.mean(values) for values in zip(*curves, strict=True)]
-        curve = compare.history(
+        curve = queries.metric_history(
             client, parent.info.run_id, parent_metric("acc/seen", row["method"])
         )
         assert curve == pytest.approx(mean) and len(curve) == len(curves[0]) > 1
