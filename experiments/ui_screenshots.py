@@ -38,6 +38,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from lifelong_moe.tracking import names, queries
+from lifelong_moe.tracking import store as tracking_store
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 EXPERIMENT = "demo"
@@ -287,18 +290,18 @@ def shots(client: MlflowClient, base: str, parent, run) -> dict[str, tuple]:
         # (below the runs' sections, empty while they are folded).
         "parent_charts": (f"{base}/runs?{MODE}&compareRunsMode=CHART", 1400, 1400, None),
         "parent_table": (
-            f"{base}/runs/{p}/artifacts/comparison_table.json?{MODE}",
+            f"{base}/runs/{p}/artifacts/{names.COMPARISON_TABLE}?{MODE}",
             1400,
             420,
             None,
         ),
         "run_charts": (f"{base}/runs/{r}/model-metrics?{MODE}", 1400, 1000, None),
     }
-    for who, run_id, names in (
+    for who, run_id, pictures in (
         ("parent", p, ("accuracy_curves.png", "accuracy_matrices.png")),
-        ("run", r, ("accuracy_matrix.png", "routing.png")),
+        ("run", r, (names.ACCURACY_PLOT, names.ROUTING_PLOT)),
     ):
-        for name in names:
+        for name in pictures:
             path = find_artifact(client, run_id, name)
             if path:
                 url = f"{base}/runs/{run_id}/artifacts/{path}?{MODE}"
@@ -320,29 +323,29 @@ def main() -> None:
     server = serve(store, port)
     browser = None
     try:
-        client = MlflowClient(uri)
+        client = tracking_store.client(uri)
 
         def parent_run():
-            experiment = client.get_experiment_by_name(EXPERIMENT)
-            if experiment is None:
+            experiment_id = queries.experiment_id(client, EXPERIMENT)
+            if experiment_id is None:
                 return None, None
-            found = client.search_runs(
-                [experiment.experiment_id], "tags.kind = 'sweep'", order_by=["start_time DESC"]
-            )
-            return experiment, (found[0] if found else None)
+            clause = f"tags.{names.TAG_KIND} = '{names.KIND_SWEEP}'"
+            found = queries.search_runs(client, [experiment_id], clause)
+            newest = max(found, key=lambda r: r.info.start_time) if found else None
+            return experiment_id, newest
 
-        experiment, parent = parent_run()
+        experiment_id, parent = parent_run()
         if parent is None:
             fill(store, uri, args.overrides)
-            experiment, parent = parent_run()
-        sweep = parent.data.tags["sweep_id"]
-        (run,) = client.search_runs(
-            [experiment.experiment_id],
-            f"tags.kind = 'experiment' and tags.sweep_id = '{sweep}' "
-            "and tags.method = 'lifelong_moe'",
-        )
+            experiment_id, parent = parent_run()
+        sweep = parent.data.tags[names.TAG_SWEEP_ID]
+        (run,) = [
+            r
+            for r in queries.sweep_runs(client, experiment_id, sweep)
+            if r.data.tags.get(names.TAG_METHOD) == "lifelong_moe"
+        ]
         args.out.mkdir(parents=True, exist_ok=True)
-        base = f"{uri}/#/experiments/{experiment.experiment_id}"
+        base = f"{uri}/#/experiments/{experiment_id}"
         browser = Browser()
         for name, (url, width, height, click) in shots(client, base, parent, run).items():
             if not args.only or name in args.only:
