@@ -4,12 +4,16 @@ Every ``trainer.checkpoint_every_n_steps`` optimizer steps and at the end of eve
 ``StepCheckpoint`` callback writes a Lightning checkpoint (``Trainer.save_checkpoint``) to
 ``<trainer.checkpoint_dir>/<run_id>/exp<i>-step<s>.ckpt`` on local disk and keeps the newest
 ``trainer.checkpoint_keep``. It holds what Lightning holds (model of the grown size, optimizer,
-loop progress, the data loader's position) plus this callback's state: the RNG states. A resumed
-run first restores the experience-boundary state (``resume.py``), replays ``before_experience``
-under the restored RNG (which rebuilds the method's state for the experience exactly: grown
-experts, frozen banks, teacher, expert origins; EWC's Fisher and the replay buffer only change
-after an experience), then calls ``fit(ckpt_path=...)`` with the newest checkpoint of that
-experience.
+loop progress, the data loader's position) plus the RNG states and the method's running epoch
+loss sums (``StepStats``, so a resumed epoch logs the same train/* means). An epoch's checkpoint
+is written in ``on_train_epoch_end``, once Lightning counts the epoch as processed, never at its
+last batch (see ``StepCheckpoint.on_train_epoch_end``).
+
+A resumed run first restores the experience-boundary state (``resume.py``), replays
+``before_experience`` under the restored RNG (which rebuilds the method's state for the
+experience exactly: grown experts, frozen banks, teacher, expert origins; EWC's Fisher and the
+replay buffer only change after an experience), then calls ``fit(ckpt_path=...)`` with the
+newest checkpoint of that experience.
 
 Data order: ``EpochSampler`` draws each epoch's permutation from (seed, experience, epoch)
 alone, and torchdata's ``StatefulDataLoader`` (which Lightning saves and restores) skips the
