@@ -3,13 +3,16 @@
 Runs the real CLI (two experiences each) for moe_mlp + Lifelong-MoE on permuted digits and for
 the lm_cpu preset, then reads back, per experience, ``cost/checkpoint_s`` (time spent writing
 training checkpoints, part of the training time), ``cost/checkpoint_mb`` (size of one) and the
-training time. Writes results/checkpoint_cost.md.
+training time. The share is taken within one run (both times come from the same experience), so
+it holds on a loaded machine too; the load average around each case is written beside it.
+Writes results/checkpoint_cost.md.
 
     .venv/bin/python experiments/checkpoint_cost.py
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -60,20 +63,32 @@ def measure(args: list[str]) -> list[dict[str, float]]:
         ]
 
 
+def load() -> str:
+    """The 1-minute load average (what ``uptime`` shows first) against the machine's cores."""
+    return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+
 def main() -> None:
     lines = [
         "# Checkpoint cost at the default interval (trainer.checkpoint_every_n_steps=100, and",
         "# every epoch end), per experience. Command: .venv/bin/python experiments/checkpoint_cost.py",
         "",
-        "| case | experience | train s | checkpoint s (all) | share | MB per checkpoint |",
-        "|---|---|---|---|---|---|",
+        "share = time spent writing checkpoints / training time of the same experience of the same",
+        "run (checkpoint time is part of training time). Load: 1-minute load average before and",
+        "after each case.",
+        "",
+        "| case | experience | train s | checkpoint s (all) | share | MB per checkpoint | load |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, args in CASES.items():
-        for i, row in enumerate(measure(args)):
+        before = load()
+        rows = measure(args)
+        where = f"{before} -> {load()}"
+        for i, row in enumerate(rows):
             share = row["checkpoint_s"] / row["train_s"]
             lines.append(
                 f"| {name} | {i} | {row['train_s']:.1f} | {row['checkpoint_s']:.2f} | "
-                f"{share:.1%} | {row['checkpoint_mb']:.2f} |"
+                f"{share:.1%} | {row['checkpoint_mb']:.2f} | {where} |"
             )
     out = REPO / "results" / "checkpoint_cost.md"
     out.write_text("\n".join(lines) + "\n")

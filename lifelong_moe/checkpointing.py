@@ -4,12 +4,16 @@ Every ``trainer.checkpoint_every_n_steps`` optimizer steps and at the end of eve
 ``StepCheckpoint`` callback writes a Lightning checkpoint (``Trainer.save_checkpoint``) to
 ``<trainer.checkpoint_dir>/<run_id>/exp<i>-step<s>.ckpt`` on local disk and keeps the newest
 ``trainer.checkpoint_keep``. It holds what Lightning holds (model of the grown size, optimizer,
-loop progress, the data loader's position) plus this callback's state: the RNG states. A resumed
-run first restores the experience-boundary state (``resume.py``), replays ``before_experience``
-under the restored RNG (which rebuilds the method's state for the experience exactly: grown
-experts, frozen banks, teacher, expert origins; EWC's Fisher and the replay buffer only change
-after an experience), then calls ``fit(ckpt_path=...)`` with the newest checkpoint of that
-experience.
+loop progress, the data loader's position) plus the RNG states and the method's running epoch
+loss sums (``StepStats``, so a resumed epoch logs the same train/* means). An epoch's checkpoint
+is written in ``on_train_epoch_end``, once Lightning counts the epoch as processed, never at its
+last batch (see ``StepCheckpoint.on_train_epoch_end``).
+
+A resumed run first restores the experience-boundary state (``resume.py``), replays
+``before_experience`` under the restored RNG (which rebuilds the method's state for the
+experience exactly: grown experts, frozen banks, teacher, expert origins; EWC's Fisher and the
+replay buffer only change after an experience), then calls ``fit(ckpt_path=...)`` with the
+newest checkpoint of that experience.
 
 Data order: ``EpochSampler`` draws each epoch's permutation from (seed, experience, epoch)
 alone, and torchdata's ``StatefulDataLoader`` (which Lightning saves and restores) skips the
@@ -35,6 +39,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lifelong_moe import checks, signals
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.tracking import names
 
 NAME = re.compile(r"exp(\d+)-step(\d+)\.ckpt$")
 # torchdata calls a deprecated torch function at every loader creation: one warning per
@@ -131,6 +136,7 @@ class StepCheckpoint(L.Callback):
         self.seconds = 0.0  # spent writing checkpoints (the cost/checkpoint_s metric)
         self.bytes = 0  # size of the last one
         self._pending_rng: dict[str, Any] | None = None
+        self._at_epoch_end = False  # set while on_train_epoch_end writes
 
     # -- what Lightning stores of this callback ------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -148,21 +154,28 @@ class StepCheckpoint(L.Callback):
             "experience": self.experience,
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
-            "epoch_end": bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch),
+            "epoch_end": self._at_epoch_end,
         }
+        stats = getattr(pl_module, "step_stats", None)
+        if stats is not None:
+            checkpoint["lifelong_moe"]["step_stats"] = stats.state_dict()
+        if self._at_epoch_end:
+            # The loader's position at an epoch's end is an exhausted iterator: the next epoch
+            # starts a fresh one (Lightning does not restore loader state for a finished epoch).
+            fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+            fit_state.pop("combined_loader", None)
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # The loader restores its position on the sampler's current epoch: set it first.
+        meta = checkpoint.get("lifelong_moe", {})
+        # The loader restores its position on the sampler's current epoch: set it first (after
+        # an epoch-end checkpoint the next epoch's; Lightning sets it again before iterating).
         if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(checkpoint["epoch"])
-        if checkpoint.get("lifelong_moe", {}).get("epoch_end"):
-            # Written at an epoch's last batch: Lightning restarts at the next epoch, whose
-            # iterator must start fresh. The saved (exhausted) loader position would be consumed
-            # by that first iterator instead, and the whole next epoch would see no batch.
-            fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-            fit_state["combined_loader"] = []
+            self.sampler.set_epoch(checkpoint["epoch"] + int(bool(meta.get("epoch_end"))))
+        stats = getattr(pl_module, "step_stats", None)
+        if stats is not None and "step_stats" in meta:
+            stats.load_state_dict(meta["step_stats"])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._load_loader_state(trainer)
@@ -173,9 +186,14 @@ class StepCheckpoint(L.Callback):
         """Work around Lightning 2.6 (issue #20550): when ``configure_optimizers`` reads
         ``trainer.estimated_stepping_batches`` (an LR schedule), the loader is set up before the
         checkpoint is restored and its saved position is silently dropped. Load it here and
-        restart the iterator, as Lightning's own path does; a no-op when Lightning did it."""
+        restart the iterator, as Lightning's own path does; a no-op when Lightning did it.
+
+        Private attributes of ``_FitLoop`` (checked against Lightning 2.6.6):
+        ``_combined_loader_states_to_load``, ``_combined_loader``, ``_data_fetcher``."""
         loop = trainer.fit_loop
         pending = getattr(loop, "_combined_loader_states_to_load", None)
+        if not loop.restarting:  # a finished epoch: the next one starts a fresh iterator
+            return
         if pending and loop._combined_loader is not None and loop._data_fetcher is not None:
             loop._combined_loader._load_state_dicts(pending)
             loop._combined_loader_states_to_load = []
@@ -196,13 +214,41 @@ class StepCheckpoint(L.Callback):
         step = trainer.global_step
         signals.STATE.step = step
         signals.point("train_step", self.experience, step)
-        last_of_epoch = idx + 1 >= trainer.num_training_batches
-        periodic = self.every_n_steps and step % self.every_n_steps == 0
+        if idx + 1 >= trainer.num_training_batches:
+            return  # the epoch's last batch: on_train_epoch_end writes the checkpoint
         stop = signals.requested() is not None
-        if stop or last_of_epoch or periodic:
+        if stop or (self.every_n_steps and step % self.every_n_steps == 0):
             self.save(trainer)
         if stop:
             signals.check()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the epoch's checkpoint once the epoch is over in Lightning's progress.
+
+        Written at the last batch instead (``on_train_batch_end``), it resumes through
+        Lightning's "restarted on the last batch" path, which skips ``on_train_epoch_end`` (the
+        method's epoch means, train/*) and restarts the next epoch half-way through its hooks.
+        Here the epoch counts as processed, and a resume starts the next epoch as a fresh run
+        would (or, after the last epoch, has nothing left to train).
+        """
+        self._at_epoch_end = True
+        try:
+            self.save(trainer)
+        finally:
+            self._at_epoch_end = False
+        signals.check()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After a resume that had no epoch left to train, report the finished epoch's means.
+
+        The method logs train/* in its ``on_train_epoch_end``, which ran before the kill; the
+        checkpoint brought back its sums (StepStats), so the runner finds the same values in
+        ``trainer.callback_metrics`` as after an uninterrupted fit.
+        """
+        stats = getattr(pl_module, "step_stats", None)
+        metrics = trainer.callback_metrics
+        if stats is not None and not any(k.startswith(names.train_term("")) for k in metrics):
+            metrics.update(stats.epoch_metrics())
 
     def save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step

@@ -1,7 +1,8 @@
 """kill -9 inside an experience, resume: the run ends bit-identical to an uninterrupted one.
 
-The kills land at named points (``LIFELONG_MOE_SIGNAL_AT``), never by timing: mid-epoch, just
-after an epoch-end checkpoint, and during evaluation once training of the experience is done.
+The kills land at named points (``LIFELONG_MOE_SIGNAL_AT``), never by timing: mid-epoch (in the
+first and in the last epoch), just after an epoch-end checkpoint, and during evaluation once
+training of the experience is done.
 """
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ def metric_steps(uri: str, run_id: str) -> dict[str, list[int]]:
     return {k: sorted(m.step for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
+def train_losses(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """train/* (the last epoch's mean losses) of every experience: they depend on no clock."""
+    client = MlflowClient(uri)
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(names.train_term(""))]
+    return {
+        k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys
+    }
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     workdir = tmp_path_factory.mktemp("reference")
@@ -65,6 +75,7 @@ def reference(tmp_path_factory) -> dict:
         "matrix": matrix,
         "metrics": run.data.metrics,
         "steps": metric_steps(uri, run.info.run_id),
+        "train": train_losses(uri, run.info.run_id),
     }
 
 
@@ -72,19 +83,10 @@ def reference(tmp_path_factory) -> dict:
     ("at", "where"),
     [
         ("train_step:3:7", "at experience 3, epoch 0, step 5"),
-        # Known gap (README, "Not exact"): a checkpoint written at an epoch's last batch now
-        # resumes into a full next epoch, but R still differs slightly and the experience's
-        # train/* metrics are not logged. Strict: these fail the suite once they pass.
-        pytest.param(
-            "train_step:3:23",
-            "at experience 3, epoch 0, step 20",
-            marks=pytest.mark.xfail(strict=True, reason="resume from an epoch-end checkpoint"),
-        ),
-        pytest.param(
-            "evaluate:3",
-            "at experience 3, epoch 1, step 40",
-            marks=pytest.mark.xfail(strict=True, reason="resume from an epoch-end checkpoint"),
-        ),
+        ("train_step:3:23", "at experience 3, epoch 0, step 20"),
+        # mid-epoch in the last epoch: train/* need the epoch's loss sums from the checkpoint
+        ("train_step:3:27", "at experience 3, epoch 1, step 25"),
+        ("evaluate:3", "at experience 3, epoch 1, step 40"),
     ],
 )
 def test_kill_inside_experience_then_resume_is_bit_identical(workdir, reference, at, where):
@@ -112,4 +114,5 @@ def test_kill_inside_experience_then_resume_is_bit_identical(workdir, reference,
         assert run.data.metrics[key] == reference["metrics"][key], key
     # every step's metrics exactly once, the same keys and steps as the uninterrupted run
     assert metric_steps(uri, run.info.run_id) == reference["steps"]
+    assert train_losses(uri, run.info.run_id) == reference["train"]
     assert not folder.exists(), "a finished run keeps no training checkpoints"

@@ -169,13 +169,12 @@ class ContinualMethod(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.step_stats.check(self._experience_index())
-        mean = self.step_stats.mean()
-        if mean is not None:
+        terms = self.step_stats.epoch_metrics()
+        if terms:
             # The total and each of its terms (train/ce, train/kd, ...): epoch means, reduced over
             # DDP ranks here, once per epoch (sync_dist), never per step.
-            self.log(names.TRAIN_LOSS, mean, prog_bar=True, sync_dist=True)
-            terms = self.step_stats.term_means()
-            self.log_dict({names.train_term(k): v for k, v in terms.items()}, sync_dist=True)
+            self.log(names.TRAIN_LOSS, terms.pop(names.TRAIN_LOSS), prog_bar=True, sync_dist=True)
+            self.log_dict(terms, sync_dist=True)
 
     def _experience_index(self) -> int | str:
         return self.experience.index if self.experience is not None else "?"

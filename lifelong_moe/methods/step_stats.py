@@ -6,13 +6,19 @@ small model's CPU step, measured in results/loop_cpu.md), and ``bool(isfinite)``
 device at every step, which stalls a GPU's queue. Here each step adds a few tensor ops and
 never syncs; the host looks at the guard every ``check_every`` steps and at the end of each
 epoch, and the error still names the experience and the first step whose loss was not finite.
+
+The sums travel in training checkpoints (``state_dict``): a run resumed in the middle of an epoch
+logs the same epoch means as one that was never interrupted.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lifelong_moe.errors import NonFiniteLossError
+from lifelong_moe.tracking import names
 
 
 class StepStats:
@@ -36,6 +42,8 @@ class StepStats:
         self, loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int, batch_size: int
     ) -> None:
         loss = loss.detach().float()
+        if self.loss_sum is not None and self.loss_sum.device != loss.device:
+            self._to(loss.device)  # restored from a checkpoint read onto another device
         if self.loss_sum is None:
             self.loss_sum = torch.zeros((), device=loss.device)
             self.bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
@@ -73,3 +81,35 @@ class StepStats:
 
     def mean(self) -> torch.Tensor | None:
         return None if self.loss_sum is None or not self.count else self.loss_sum / self.count
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch's sums so far, in types that ``torch.load(weights_only=True)`` reads."""
+        return {
+            "loss_sum": self.loss_sum,
+            "count": self.count,
+            "bad_step": self.bad_step,
+            "bad_values": self.bad_values,
+            "names": list(self.names),
+            "term_sums": dict(self.term_sums),
+            "term_counts": dict(self.term_counts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum, self.count = state["loss_sum"], state["count"]
+        self.bad_step, self.bad_values = state["bad_step"], state["bad_values"]
+        self.names = list(state["names"])
+        self.term_sums, self.term_counts = dict(state["term_sums"]), dict(state["term_counts"])
+
+    def _to(self, device: torch.device) -> None:
+        self.loss_sum = self.loss_sum.to(device)
+        self.bad_step = self.bad_step.to(device)
+        self.bad_values = self.bad_values.to(device)
+        self.term_sums = {k: v.to(device) for k, v in self.term_sums.items()}
+
+    def epoch_metrics(self) -> dict[str, torch.Tensor]:
+        """``train/loss`` and ``train/<term>``: the epoch means the method logs (empty: no step)."""
+        mean = self.mean()
+        if mean is None:
+            return {}
+        terms = {names.train_term(k): v for k, v in self.term_means().items()}
+        return {names.TRAIN_LOSS: mean, **terms}
