@@ -81,3 +81,17 @@ def artifact_json(uri: str, run_id: str, name: str) -> dict:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def benchmark_from_yaml(name: str, seed: int = 0, **overrides: object):
+    """What the runner does with conf/benchmark/<name>.yaml: compose it with a top-level seed,
+    apply overrides, and build it (``config_schema.instantiate`` drops ``name``)."""
+    from omegaconf import OmegaConf
+
+    from lifelong_moe.config_schema import instantiate
+
+    conf = REPO / "conf" / "benchmark"
+    cfg = OmegaConf.create({"seed": seed, "benchmark": OmegaConf.load(conf / f"{name}.yaml")})
+    for key, value in overrides.items():
+        cfg.benchmark[key] = value
+    return instantiate(cfg.benchmark, "benchmark")

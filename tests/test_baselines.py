@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import lightning as L
@@ -313,10 +312,6 @@ def test_replay_composes_with_lifelong_moe():
     assert "replay" in method.method_state()
 
 
-@pytest.mark.skipif(
-    "replay_buffer_size" not in inspect.signature(LifelongMoE.__init__).parameters,
-    reason="LifelongMoE.__init__ does not forward replay_buffer_size to ContinualMethod yet",
-)
 def test_lifelong_moe_takes_replay_buffer_size_from_config():
     method = LifelongMoE(model(moe=True), replay_buffer_size=16)
     assert method.replay is not None and method.replay.capacity == 16

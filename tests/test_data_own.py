@@ -2,33 +2,19 @@
 
 from pathlib import Path
 
-import hydra
-import hydra.errors
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from lifelong_moe.data.own import image_folder, npz
 from lifelong_moe.errors import ConfigError
+from tests.conftest import benchmark_from_yaml
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "benchmark"
 
 
-def from_yaml(name: str, seed: int = 0, **overrides):
-    cfg = OmegaConf.create({"seed": seed, "benchmark": OmegaConf.load(CONF / f"{name}.yaml")})
-    for key, value in overrides.items():
-        cfg.benchmark[key] = value
-    params = OmegaConf.to_container(cfg.benchmark, resolve=True)
-    params.pop("name")
-    try:
-        return hydra.utils.instantiate(OmegaConf.create(params))
-    except hydra.errors.InstantiationException as err:
-        # Hydra wraps the target's exception; the runner re-raises a ConfigError cause as is
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        raise
+from_yaml = benchmark_from_yaml  # what the runner does with a benchmark config
 
 
 def blobs(n_per_class: int, labels, shape=(6,), seed=0, dtype=np.float32):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import hydra.utils
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
+from lifelong_moe.config_schema import instantiate
 from lifelong_moe.data.text import VOCAB_SIZE, text_domains
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation import metrics
@@ -180,9 +179,7 @@ def test_presets_compose_and_build(tmp_path):
                 ],
             )
         assert cfg.model.name == "moe_lm" and cfg.benchmark.name == "text_domains"
-        bench = OmegaConf.to_container(cfg.benchmark, resolve=True)
-        bench.pop("name")
-        stream = hydra.utils.instantiate(bench, _convert_="all")
+        stream = instantiate(cfg.benchmark, "benchmark")
         model = build_model(cfg.model, list(stream.input_shape), stream.n_classes)
         x = stream.experiences[0].test.tensors[0][:2]
         assert model(x)[0].shape == (len(x), stream.input_shape[0], VOCAB_SIZE)  # lm_gpu: 1 window
