@@ -182,25 +182,27 @@ def test_a_failing_job_fails_the_parent_and_the_sweep_goes_on(workdir):
 @pytest.mark.slow
 def test_a_job_with_a_config_error_does_not_stop_the_sweep(workdir):
     uri = store_uri(workdir)
-    # trainer.max_epochs=0 is refused before training, by the first job only.
+    # Block 9 of a 2-block model: well typed (the command line passes it), refused when the
+    # first job builds its model, before training; the second job must still run.
     result = run_cli(
         workdir,
         "-m",
-        "trainer.max_epochs=0,1",
+        "model.moe_blocks=[9],[0]",
         "benchmark=permuted_digits",
         "method=naive",
-        *[a for a in SMALL if not a.startswith("trainer.max_epochs")],
+        "model=moe_mlp",
+        *SMALL,
         f"tracking.uri={uri}",
         check=False,
     )
     assert result.returncode == 1
     (parent,) = runs(uri, kind="sweep")
     (child,) = runs(uri)
-    assert child.info.status == "FINISHED" and child.data.params["trainer.max_epochs"] == "1"
+    assert child.info.status == "FINISHED" and child.data.params["model.moe_blocks"] == "[0]"
     assert parent.info.status == "FAILED"
     assert parent.data.tags["sweep.runs_finished"] == "1/2"
     assert any(
-        "trainer.max_epochs" in line
+        "model.moe_blocks" in line
         for line in result.stderr.splitlines()
         if line.startswith("error:")
     )

@@ -38,8 +38,13 @@ def redact(text: str) -> str:
 
 
 def client(uri: str) -> MlflowClient:
-    """A client bound to ``uri`` (never MLflow's process-wide tracking URI)."""
-    return MlflowClient(uri)
+    """A client bound to ``uri`` (never MLflow's process-wide tracking URI).
+
+    Opening a sqlite store creates or migrates its schema: under ``store_lock``, so that the
+    parallel jobs of a sweep never migrate one file at once.
+    """
+    with store_lock(uri):
+        return MlflowClient(uri)
 
 
 # Where `mlflow ui` serves by default: the URL printed for stores that have no server of their own.
