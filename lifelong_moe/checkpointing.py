@@ -137,6 +137,7 @@ class StepCheckpoint(L.Callback):
         self.bytes = 0  # size of the last one
         self._pending_rng: dict[str, Any] | None = None
         self._at_epoch_end = False  # set while on_train_epoch_end writes
+        self._resumed_stats = False  # the method's epoch sums came from a checkpoint
 
     # -- what Lightning stores of this callback ------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -176,6 +177,7 @@ class StepCheckpoint(L.Callback):
         stats = getattr(pl_module, "step_stats", None)
         if stats is not None and "step_stats" in meta:
             stats.load_state_dict(meta["step_stats"])
+            self._resumed_stats = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._load_loader_state(trainer)
@@ -229,7 +231,9 @@ class StepCheckpoint(L.Callback):
         Lightning's "restarted on the last batch" path, which skips ``on_train_epoch_end`` (the
         method's epoch means, train/*) and restarts the next epoch half-way through its hooks.
         Here the epoch counts as processed, and a resume starts the next epoch as a fresh run
-        would (or, after the last epoch, has nothing left to train).
+        would (or, after the last epoch, has nothing left to train). Lightning calls this hook
+        before the method's own ``on_train_epoch_end``, which logs train/* from the StepStats
+        sums that this checkpoint holds.
         """
         self._at_epoch_end = True
         try:
@@ -243,12 +247,13 @@ class StepCheckpoint(L.Callback):
 
         The method logs train/* in its ``on_train_epoch_end``, which ran before the kill; the
         checkpoint brought back its sums (StepStats), so the runner finds the same values in
-        ``trainer.callback_metrics`` as after an uninterrupted fit.
+        ``trainer.callback_metrics`` as after an uninterrupted fit. (``callback_metrics`` is
+        public, but that updating it sticks relies on it returning the logger connector's own
+        dict: checked against Lightning 2.6.6.)
         """
-        stats = getattr(pl_module, "step_stats", None)
         metrics = trainer.callback_metrics
-        if stats is not None and not any(k.startswith(names.train_term("")) for k in metrics):
-            metrics.update(stats.epoch_metrics())
+        if self._resumed_stats and not any(k.startswith(names.train_term("")) for k in metrics):
+            metrics.update(pl_module.step_stats.epoch_metrics())
 
     def save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
