@@ -38,15 +38,12 @@ def run_cli(
     timeout: int = 600,
     extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, in a process of its own (forked from a server that has
+    imported it once: see tests/cli_process.py)."""
+    from tests import cli_process
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(extra_env or {})}
-    result = subprocess.run(
-        [*cli("lifelong-moe", "lifelong_moe.cli"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+    result = cli_process.run(list(args), cwd, env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"CLI failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
