@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/lifelong-moe-compare --experiment demo --filter sweep_id=$(DEMO_SWEEP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -38,12 +38,23 @@ def run_cli(
     timeout: int = 600,
     extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, in a process of its own (forked from a server that has
-    imported it once: see tests/cli_process.py)."""
+    """The CLI as a user runs it, in a process of its own: forked from a server that has
+    imported it once (tests/cli_process.py), or, for sweeps on the joblib launcher (whose loky
+    workers hang under a forked parent), the console script itself."""
     from tests import cli_process
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(extra_env or {})}
-    result = cli_process.run(list(args), cwd, env, timeout)
+    if any("launcher=joblib" in a for a in args):
+        result = subprocess.run(
+            [*cli("lifelong-moe", "lifelong_moe.cli"), *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+    else:
+        result = cli_process.run(list(args), cwd, env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"CLI failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
