@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
+from lifelong_moe.tracking import names, queries
+from lifelong_moe.tracking import store as tracking_store
 
 REPO = Path(__file__).resolve().parent.parent
 CASES = {
@@ -47,19 +48,20 @@ def measure(args: list[str]) -> list[dict[str, float]]:
             check=True,
             capture_output=True,
         )
-        client = MlflowClient(uri)
-        (run,) = [r for r in client.search_runs(["1"]) if r.data.tags.get("kind") == "experiment"]
+        client = tracking_store.client(uri)
+        (run,) = queries.search_runs(client, ["1"], queries.EXPERIMENT_RUNS)
 
         def history(key: str) -> list[float]:
-            found = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
-            return [m.value for m in found]
+            return queries.metric_history(client, run.info.run_id, key)  # old names too
 
-        train = history("cost/train_s") or history("time/train_s")
+        train = history(names.COST_TRAIN_S)
+        checkpoint_s, checkpoint_mb = (
+            history(names.COST_CHECKPOINT_S),
+            history(names.COST_CHECKPOINT_MB),
+        )
         return [
             {"train_s": t, "checkpoint_s": c, "checkpoint_mb": mb}
-            for t, c, mb in zip(
-                train, history("cost/checkpoint_s"), history("cost/checkpoint_mb"), strict=True
-            )
+            for t, c, mb in zip(train, checkpoint_s, checkpoint_mb, strict=True)
         ]
 
 
