@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import signal
 import sys
 import tempfile
@@ -69,16 +68,6 @@ for _name in ("lightning.pytorch", "lightning.fabric"):
 warnings.filterwarnings(
     "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
 )
-# MLflow's notes on creating a fresh sqlite store, and its download progress bars (resume reads
-# the state back), are not results either.
-logging.getLogger("mlflow.store.db.utils").addFilter(
-    lambda record: (
-        not record.getMessage().startswith(
-            ("Creating initial MLflow database tables", "Updating database tables")
-        )
-    )
-)
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @dataclass

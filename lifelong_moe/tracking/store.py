@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import logging
 import os
 import re
 import tempfile
@@ -35,6 +36,18 @@ def redact(text: str) -> str:
     URLs): a ``postgresql://user:secret@host/db`` tracking URI must not end up in the store.
     """
     return URL_PASSWORD.sub(r"\g<head>***@", text)
+
+
+# MLflow's notes on creating a fresh sqlite store, and its download progress bars (resume reads
+# the state back), are not results: whoever opens a store first (a run, a sweep's parent) is quiet.
+logging.getLogger("mlflow.store.db.utils").addFilter(
+    lambda record: (
+        not record.getMessage().startswith(
+            ("Creating initial MLflow database tables", "Updating database tables")
+        )
+    )
+)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def client(uri: str) -> MlflowClient:
