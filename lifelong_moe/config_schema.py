@@ -348,6 +348,7 @@ def instantiate(node: DictConfig | Mapping[str, Any], group: str, **supplied: An
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
     cfg = {k: v for k, v in node.items() if k != "name"}
+    target_schema(group, cfg)  # a missing or unimportable _target_: one line naming it
     try:
         factory = hydra.utils.instantiate(
             {**cfg, "_partial_": True}, _convert_="all", _recursive_=False

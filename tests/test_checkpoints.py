@@ -7,7 +7,6 @@ training of the experience is done.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lifelong_moe.tracking import names
-from tests.conftest import artifact_json, cli, run_cli, runs, store_uri
+from tests.conftest import artifact_json, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow
 # 20 steps per epoch (digits, batch 64), checkpoints every 5 steps and at epoch ends.
@@ -35,15 +34,8 @@ ARGS = [
 
 def run_until(cwd: Path, args: list[str], at: str) -> subprocess.CompletedProcess:
     """Run the CLI and SIGKILL it when it reaches the named point ``at``."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LIFELONG_MOE_SIGNAL_AT": f"{at}=SIGKILL"}
-    done = subprocess.run(
-        [*cli("lifelong-moe", "lifelong_moe.cli"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1800,
-    )
+    hook = {"LIFELONG_MOE_SIGNAL_AT": f"{at}=SIGKILL"}
+    done = run_cli(cwd, *args, check=False, timeout=1800, extra_env=hook)
     assert done.returncode == -9, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     return done
 

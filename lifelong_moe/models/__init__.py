@@ -14,14 +14,12 @@ Layout, from a model config to the grouped GEMM:
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lifelong_moe.errors import ConfigError
 from lifelong_moe.models.checkpoint import load_model, moe_layers, save_model
 from lifelong_moe.models.params import count_parameters
 from lifelong_moe.moe import MoESettings
@@ -30,22 +28,16 @@ __all__ = ["build_model", "count_parameters", "load_model", "moe_layers", "save_
 
 
 def build_model(node: Mapping[str, Any], input_shape: Sequence[int], n_classes: int) -> nn.Module:
-    """The backbone a ``model`` config node describes (``name`` only labels the run).
+    """The backbone a ``model`` config node describes, as ``runner.build`` makes it.
 
     The user's keys stay flat (``model.n_experts=8``); the backbones take them as one
     ``moe: MoESettings``. A wrong key or type is one ConfigError line.
     """
+    from lifelong_moe.config_schema import instantiate  # it imports the MoE core, not models
+
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
-    cfg = {k: v for k, v in node.items() if k != "name"}
-    target = cfg.pop("_target_", None)
-    module, _, name = str(target).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise ConfigError(f"model._target_={target!r}: expected an importable class") from None
-    moe, cfg = MoESettings.split(cfg)
-    try:
-        return cls(input_shape=list(input_shape), n_classes=n_classes, moe=moe, **cfg)
-    except TypeError as error:  # an unknown key or a value of the wrong type
-        raise ConfigError("model: " + " ".join(str(error).split())) from None
+    moe, backbone = MoESettings.split(node)
+    return instantiate(
+        backbone, "model", input_shape=list(input_shape), n_classes=n_classes, moe=moe
+    )

@@ -110,17 +110,17 @@ def download(client: MlflowClient, run_id: str, path: str, folder: str | Path) -
         return None
 
 
-def read_json(client: MlflowClient, run_id: str, path: str) -> Any | None:
-    """A JSON artifact's content, None when missing."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = download(client, run_id, path, tmp)
-        return json.loads(local.read_text()) if local else None
-
-
 def read_text(client: MlflowClient, run_id: str, path: str) -> str | None:
+    """A text artifact's content, None when missing."""
     with tempfile.TemporaryDirectory() as tmp:
         local = download(client, run_id, path, tmp)
         return local.read_text() if local else None
+
+
+def read_json(client: MlflowClient, run_id: str, path: str) -> Any | None:
+    """A JSON artifact's content, None when missing."""
+    text = read_text(client, run_id, path)
+    return json.loads(text) if text is not None else None
 
 
 def run_config_text(client: MlflowClient, run_id: str) -> str | None:
