@@ -18,8 +18,12 @@ newest checkpoint of that experience.
 Data order: ``EpochSampler`` draws each epoch's permutation from (seed, experience, epoch)
 alone, and torchdata's ``StatefulDataLoader`` (which Lightning saves and restores) skips the
 batches already trained on; so the resumed run sees exactly the batches the uninterrupted one
-would have seen. Writes are atomic (temporary file, then rename): a kill while writing leaves
-the previous checkpoint intact.
+would have seen.
+
+Writing: training waits only while the checkpoint is gathered and its tensors copied; Lightning's
+``AsyncCheckpointIO`` serialises and writes it in a background thread (``RotatingCheckpointIO``:
+temporary file, rename, drop the oldest), so a kill while writing leaves the previous checkpoint
+intact. Lightning waits for the last write when ``fit`` ends, also when a signal stops it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -119,22 +124,65 @@ def remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+class RotatingCheckpointIO(TorchCheckpointIO):
+    """Writes ``exp<i>-step<s>.ckpt`` atomically and keeps the newest ``keep`` of the folder.
+
+    Runs inside ``AsyncCheckpointIO``'s thread, so it also counts what the writes cost there.
+    """
+
+    def __init__(self, keep: int) -> None:
+        super().__init__()
+        self.keep = keep
+        self.bytes = 0  # size of the newest checkpoint written
+        self.write_seconds = 0.0  # serialising and writing, off the training thread
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        start = time.perf_counter()
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        match = NAME.match(path.name)
+        if match:  # test hook: a kill now finds the previous checkpoint, not this one
+            signals.point("checkpoint_write", int(match.group(1)), int(match.group(2)))
+        os.replace(tmp, path)
+        for old in checkpoints(path.parent)[: -self.keep]:
+            old.unlink(missing_ok=True)
+        self.bytes = path.stat().st_size
+        self.write_seconds += time.perf_counter() - start
+
+
+def checkpoint_writer(keep: int) -> AsyncCheckpointIO:
+    """The Trainer plugin that writes training checkpoints in the background."""
+    checks.positive_int("trainer.checkpoint_keep", keep)
+    return AsyncCheckpointIO(RotatingCheckpointIO(keep))
+
+
 class StepCheckpoint(L.Callback):
     """Writes checkpoints at step boundaries, stops there on a signal, and restores RNG states."""
 
     def __init__(
-        self, folder: Path, experience: int, every_n_steps: int, keep: int, sampler: Any
+        self,
+        folder: Path,
+        experience: int,
+        every_n_steps: int,
+        writer: AsyncCheckpointIO,
+        sampler: Any,
     ) -> None:
         checks.non_negative_int("trainer.checkpoint_every_n_steps", every_n_steps)
-        checks.positive_int("trainer.checkpoint_keep", keep)
         self.folder = folder
         self.experience = experience
         self.every_n_steps = every_n_steps
-        self.keep = keep
+        self.writer = writer  # the Trainer's checkpoint plugin (``checkpoint_writer``)
         self.sampler = sampler
         self.saved_step: int | None = None
-        self.seconds = 0.0  # spent writing checkpoints (the cost/checkpoint_s metric)
-        self.bytes = 0  # size of the last one
+        self.seconds = 0.0  # training waited for checkpoints (the cost/checkpoint_s metric)
+        self.earlier_write_s = 0.0  # the writer's time before a resumed fit's checkpoint
+        # Training time of this experience before the checkpoint a resumed fit starts from, so
+        # that cost/train_s counts the whole experience, not only the resumed part.
+        self.earlier_train_s = 0.0
+        self._start = time.perf_counter()
         self._pending_rng: dict[str, Any] | None = None
         self._at_epoch_end = False  # set while on_train_epoch_end writes
         self._resumed_stats = False  # the method's epoch sums came from a checkpoint
@@ -156,6 +204,9 @@ class StepCheckpoint(L.Callback):
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             "epoch_end": self._at_epoch_end,
+            "train_s": self.earlier_train_s + time.perf_counter() - self._start,
+            "checkpoint_s": self.seconds,
+            "checkpoint_write_s": self.write_seconds,
         }
         stats = getattr(pl_module, "step_stats", None)
         if stats is not None:
@@ -174,6 +225,9 @@ class StepCheckpoint(L.Callback):
         # an epoch-end checkpoint the next epoch's; Lightning sets it again before iterating).
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(checkpoint["epoch"] + int(bool(meta.get("epoch_end"))))
+        self.earlier_train_s = meta.get("train_s", 0.0)
+        self.seconds = meta.get("checkpoint_s", 0.0)
+        self.earlier_write_s = meta.get("checkpoint_write_s", 0.0)
         stats = getattr(pl_module, "step_stats", None)
         if stats is not None and "step_stats" in meta:
             stats.load_state_dict(meta["step_stats"])
@@ -215,7 +269,7 @@ class StepCheckpoint(L.Callback):
     ) -> None:
         step = trainer.global_step
         signals.STATE.step = step
-        signals.point("train_step", self.experience, step)
+        signals.point("train_step", self.experience, step, settle=self.writer.teardown)
         if idx + 1 >= trainer.num_training_batches:
             return  # the epoch's last batch: on_train_epoch_end writes the checkpoint
         stop = signals.requested() is not None
@@ -255,20 +309,22 @@ class StepCheckpoint(L.Callback):
         if self._resumed_stats and not any(k.startswith(names.train_term("")) for k in metrics):
             metrics.update(pl_module.step_stats.epoch_metrics())
 
+    @property
+    def bytes(self) -> int:
+        """Size of the newest checkpoint written (known once ``fit`` has returned)."""
+        return self.writer.checkpoint_io.bytes
+
+    @property
+    def write_seconds(self) -> float:
+        """The background writer's time (complete once ``fit`` has returned)."""
+        return self.earlier_write_s + self.writer.checkpoint_io.write_seconds
+
     def save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
         if self.saved_step == step:
             return
         start = time.perf_counter()
-        path = self.folder / f"exp{self.experience}-step{step}.ckpt"
-        tmp = path.with_suffix(".tmp")
-        if trainer.is_global_zero:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
-        if trainer.is_global_zero:
-            self.bytes = tmp.stat().st_size
-            os.replace(tmp, path)
-            for old in checkpoints(self.folder)[: -self.keep]:
-                old.unlink(missing_ok=True)
+        # Every rank takes part; rank 0 hands the checkpoint to the background writer.
+        trainer.save_checkpoint(self.folder / f"exp{self.experience}-step{step}.ckpt")
         self.saved_step = step
         self.seconds += time.perf_counter() - start

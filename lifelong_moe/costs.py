@@ -31,16 +31,22 @@ def cost_row(
     train_s: float,
     eval_s: float,
     checkpoint_s: float,
+    checkpoint_write_s: float,
     checkpoint_bytes: int,
     device: torch.device,
     precision: str | int,
     n_devices: int,
 ) -> dict[str, float]:
-    """The ``cost/*`` metrics of one experience (``checkpoint_s`` is part of ``train_s``)."""
+    """The ``cost/*`` metrics of one experience.
+
+    ``checkpoint_s`` (what training waited for) is part of ``train_s``; ``checkpoint_write_s``
+    ran in a background thread, beside training.
+    """
     params = count_parameters(model)
     row = {names.cost_params(k): v for k, v in params.items()}
     row[names.COST_TRAIN_S] = train_s
     row[names.COST_CHECKPOINT_S] = checkpoint_s
+    row[names.COST_CHECKPOINT_WRITE_S] = checkpoint_write_s
     row[names.COST_CHECKPOINT_MB] = checkpoint_bytes / 2**20
     row[names.COST_EVAL_S] = eval_s
     row |= throughput_metrics(model, data, epochs, train_s, device, precision, n_devices)

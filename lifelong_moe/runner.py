@@ -25,7 +25,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lifelong_moe import signals
-from lifelong_moe.checkpointing import StepCheckpoint, checkpoints, describe, make_loader, remove
+from lifelong_moe.checkpointing import (
+    StepCheckpoint,
+    checkpoint_writer,
+    checkpoints,
+    describe,
+    make_loader,
+    remove,
+)
 from lifelong_moe.config_schema import check_config, instantiate
 from lifelong_moe.console import experience_line, print_report
 from lifelong_moe.costs import cost_row
@@ -283,7 +290,7 @@ def _loop(
         start = time.perf_counter()
         trainer, saver = fit(exp, experience, data, folder, ckpt)
         ckpt = None  # only the experience the run was in continues from a checkpoint
-        h.train_seconds.append(time.perf_counter() - start)
+        h.train_seconds.append(time.perf_counter() - start + saver.earlier_train_s)
 
         signals.point("evaluate", i)
         start = time.perf_counter()
@@ -307,6 +314,7 @@ def _loop(
             train_s=h.train_seconds[-1],
             eval_s=eval_seconds,
             checkpoint_s=saver.seconds,
+            checkpoint_write_s=saver.write_seconds,
             checkpoint_bytes=saver.bytes,
             device=device,
             precision=cfg.trainer.precision,
@@ -339,14 +347,15 @@ def fit(
     loader = make_loader(
         data, cfg.trainer.batch_size, cfg.trainer.num_workers, seed=cfg.seed * 1_000 + i
     )
+    writer = checkpoint_writer(keep=cfg.trainer.get("checkpoint_keep", 2))
     saver = StepCheckpoint(
         folder,
         i,
         every_n_steps=cfg.trainer.get("checkpoint_every_n_steps", 0),
-        keep=cfg.trainer.get("checkpoint_keep", 2),
+        writer=writer,
         sampler=loader.sampler,
     )
-    trainer = make_trainer(cfg, callbacks=[saver])
+    trainer = make_trainer(cfg, callbacks=[saver], checkpoint_io=writer)
     if exp.method.lightning_loop:
         with signals.training():  # a signal stops at the next step boundary
             exp.method.fit_experience(experience, loader, trainer, ckpt_path=ckpt)

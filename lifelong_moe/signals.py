@@ -23,7 +23,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -131,11 +131,19 @@ def deferred() -> Iterator[None]:
         check()
 
 
-def point(name: str, experience: int | None = None, step: int | None = None) -> None:
+def point(
+    name: str,
+    experience: int | None = None,
+    step: int | None = None,
+    settle: Callable[[], None] | None = None,
+) -> None:
     """Test hook: ``LIFELONG_MOE_SIGNAL_AT=name[:experience[:step]]=SIGNAME[,SIGNAME]`` sends
     those signals to this process when the run first reaches the named point.
 
-    Points: startup, before_experience, train_step, evaluate, after_experience, log_metrics.
+    Points: startup, before_experience, train_step, evaluate, after_experience, log_metrics,
+    checkpoint_write (in the background writer, before the new checkpoint takes its name).
+    ``settle`` runs first when the point matches (at train_step: wait for checkpoint writes in
+    flight), so that what the signal finds on disk never depends on a thread's speed.
     """
     spec = os.environ.get(TEST_HOOK)
     if not spec:
@@ -150,5 +158,7 @@ def point(name: str, experience: int | None = None, step: int | None = None) -> 
     if len(wanted) > len(here) or wanted != here[: len(wanted)]:
         return
     os.environ.pop(TEST_HOOK)  # once: the signal handler may run more of this code
+    if settle is not None:
+        settle()
     for one in (sig_name or "SIGINT").split(","):  # SIGINT,SIGINT: a second Ctrl-C
         os.kill(os.getpid(), getattr(signal, one))

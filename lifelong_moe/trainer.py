@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 from importlib.metadata import entry_points
+from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.trainer.connectors import callback_connector as _callback_connector
@@ -42,7 +44,11 @@ if hasattr(_callback_connector, "_load_external_callbacks"):
     _callback_connector._load_external_callbacks = _external_callbacks
 
 
-def make_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+def make_trainer(
+    cfg: DictConfig,
+    callbacks: list[L.Callback] | None = None,
+    checkpoint_io: CheckpointIO | None = None,
+) -> L.Trainer:
     """A fresh Trainer for one experience.
 
     On one machine ``ddp`` becomes ``ddp_fork`` (CPU) or ``ddp_spawn`` (GPU, where CUDA forbids
@@ -53,16 +59,17 @@ def make_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> 
     and only global rank 0 writes to MLflow (see ``tracker_for_rank``).
     """
     t = cfg.trainer
-    strategy, plugins = t.strategy, None
+    strategy = t.strategy
+    plugins: list[Any] = [checkpoint_io] if checkpoint_io is not None else []
     several = t.devices == "auto" or t.devices != 1
     if t.num_nodes == 1 and (strategy == "ddp" or (strategy == "auto" and several)):
         strategy = "ddp_fork" if t.accelerator == "cpu" else "ddp_spawn"
         # Inside a SLURM allocation Lightning would expect SLURM to have started the ranks.
-        plugins = [LightningEnvironment()]
+        plugins.append(LightningEnvironment())
     # The bar redraws at every step by default: a tenth of a small CPU step (results/loop_cpu.md).
     bar = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if t.progress_bar else []
     return L.Trainer(
-        plugins=plugins,
+        plugins=plugins or None,
         callbacks=[*bar, *(callbacks or [])],
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,

@@ -11,8 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+from lifelong_moe.checkpointing import checkpoints
 from lifelong_moe.tracking import names
 from tests.conftest import artifact_json, run_cli, runs, store_uri
 
@@ -79,6 +81,8 @@ def reference(tmp_path_factory) -> dict:
         # mid-epoch in the last epoch: train/* need the epoch's loss sums from the checkpoint
         ("train_step:3:27", "at experience 3, epoch 1, step 25"),
         ("evaluate:3", "at experience 3, epoch 1, step 40"),
+        # killed while the background writer wrote step 25's checkpoint, before it took its name
+        ("checkpoint_write:3:25", "at experience 3, epoch 0, step 20"),
     ],
 )
 def test_kill_inside_experience_then_resume_is_bit_identical(workdir, reference, at, where):
@@ -89,6 +93,8 @@ def test_kill_inside_experience_then_resume_is_bit_identical(workdir, reference,
     folder = Path(killed.data.tags["checkpoint_dir"])
     assert [p.name for p in folder.iterdir()], "no checkpoint was written"
     assert len(list(folder.glob("*.ckpt"))) <= 2  # trainer.checkpoint_keep
+    newest = checkpoints(folder, experience=3)[-1]
+    trained_before = torch.load(newest, weights_only=True)["lifelong_moe"]["train_s"]
 
     resumed = run_cli(workdir, f"tracking.uri={uri}", "resume=last")
     assert resumed.stdout.splitlines()[0] == f"resuming run {killed.info.run_id} {where}"
@@ -108,3 +114,10 @@ def test_kill_inside_experience_then_resume_is_bit_identical(workdir, reference,
     assert metric_steps(uri, run.info.run_id) == reference["steps"]
     assert train_losses(uri, run.info.run_id) == reference["train"]
     assert not folder.exists(), "a finished run keeps no training checkpoints"
+    # cost/train_s of the resumed experience counts its training before the kill too
+    (train_s,) = [
+        m.value
+        for m in MlflowClient(uri).get_metric_history(run.info.run_id, names.COST_TRAIN_S)
+        if m.step == 3
+    ]
+    assert train_s > trained_before > 0

@@ -81,7 +81,9 @@ COST_TRAIN_S = f"{COST}/train_s"  # wall time of one experience's fit
 COST_EVAL_S = f"{COST}/eval_s"  # wall time of evaluating on every test experience
 COST_PEAK_MB = f"{COST}/peak_mb"  # peak memory (CUDA allocator, or process max RSS on CPU)
 COST_TRAIN_TOTAL_S = f"{COST}/train_total_s"  # sum of cost/train_s over the stream
-COST_CHECKPOINT_S = f"{COST}/checkpoint_s"  # writing training checkpoints, part of train_s
+COST_CHECKPOINT_S = f"{COST}/checkpoint_s"  # training waited for checkpoints, part of train_s
+# serialising and writing checkpoints in the background writer thread (overlaps training)
+COST_CHECKPOINT_WRITE_S = f"{COST}/checkpoint_write_s"
 COST_CHECKPOINT_MB = f"{COST}/checkpoint_mb"  # size of one training checkpoint
 COST_TOKENS_PER_S = f"{COST}/tokens_per_s"  # training throughput (samples x tokens per sample)
 COST_MFU = f"{COST}/mfu"  # model FLOPs utilisation, where the device's peak is known
