@@ -58,8 +58,9 @@ def lm_sweeps(epochs: int) -> dict[str, list[str]]:
 DIGITS = "benchmark=split_digits,permuted_digits"
 DIGITS_EPOCHS = "trainer.max_epochs=10"
 # Avalanche's EWC penalty is lambda * sum(F * (p - p_old)^2) with F a mean of squared batch
-# gradients, which is small: a decade grid from routing_digits' 0.4 up to where it stops learning.
-EWC_LAMBDAS = "0.4,4,40,400,4000,40000,400000"
+# gradients, which is small: a decade grid from routing_digits' 0.4 up to where it stops learning,
+# finer between 4000 and 400000, where a first pass of the decades found the trade-off.
+EWC_LAMBDAS = "0.4,4,40,400,4000,10000,20000,40000,100000,200000,400000"
 STUDIES = {
     "digits": {
         "title": "Lifelong-MoE, its ablations and baselines on split and permuted digits",
