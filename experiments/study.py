@@ -5,6 +5,7 @@
     .venv/bin/python experiments/study.py routing_lm        # issue 12: routing and forgetting, LM
     .venv/bin/python experiments/study.py routing_lm_long   # issue 12: the same, 3 epochs per domain
     .venv/bin/python experiments/study.py routing_digits    # issue 12: baselines and peers, digits
+    .venv/bin/python experiments/study.py ewc_lambda        # issue 12: Avalanche's EWC over lambda
 
 Each study runs Hydra sweeps in parallel (joblib, 2 jobs) into its own MLflow store under
 outputs/study_<name>/, then lifelong-moe-compare writes the table and plots; the routing heatmap
@@ -56,6 +57,10 @@ def lm_sweeps(epochs: int) -> dict[str, list[str]]:
 
 DIGITS = "benchmark=split_digits,permuted_digits"
 DIGITS_EPOCHS = "trainer.max_epochs=10"
+# Avalanche's EWC penalty is lambda * sum(F * (p - p_old)^2) with F a mean of squared batch
+# gradients, which is small: a decade grid from routing_digits' 0.4 up to where it stops learning,
+# finer between 4000 and 400000, where a first pass of the decades found the trade-off.
+EWC_LAMBDAS = "0.4,4,40,400,4000,10000,20000,40000,100000,200000,400000"
 STUDIES = {
     "digits": {
         "title": "Lifelong-MoE, its ablations and baselines on split and permuted digits",
@@ -138,6 +143,23 @@ STUDIES = {
         "plots": {b: [f"benchmark={b}"] for b in ("split_digits", "permuted_digits")},
         "routing": ("lifelong_moe_specialized", "permuted_digits"),
     },
+    "ewc_lambda": {
+        "title": "Avalanche's EWC on permuted digits over ewc_lambda (routing_digits' settings)",
+        "sweeps": {
+            "Avalanche EWC": [
+                "benchmark=permuted_digits",
+                "method=avalanche",
+                "method.strategy=EWC",
+                "method.strategy_args={ewc_lambda:0.4}",
+                f"method.strategy_args.ewc_lambda={EWC_LAMBDAS}",
+                # One method name per lambda, so that the comparison keeps them apart.
+                "method.name=avalanche_ewc_${method.strategy_args.ewc_lambda}",
+                DIGITS_EPOCHS,
+            ],
+        },
+        "note": "The method name carries `ewc_lambda`; Lifelong-MoE at the same epochs is in "
+        "[../study_routing_digits](../study_routing_digits/README.md).",
+    },
 }
 
 
@@ -199,11 +221,12 @@ def main() -> None:
     lines += ["## Results (mean ± std over 3 seeds)", "", table.strip(), ""]
     lines += [study["note"], ""] if "note" in study else []
     lines += plots
-    method, benchmark = study["routing"]
     client = tracking_store.client(uri)
     experiment_id = queries.experiment_id(client, name)
     lines += per_experience_table(client, experiment_id)
-    found = queries.search_runs(
+    # The routing heatmap of one MoE run, for studies that have one.
+    method, benchmark = study.get("routing", (None, None))
+    found = method and queries.search_runs(
         client,
         [experiment_id],
         f"tags.{names.TAG_METHOD} = '{method}' and tags.{names.TAG_BENCHMARK} = '{benchmark}' "

@@ -320,9 +320,13 @@ def _loop(
             precision=cfg.trainer.precision,
             n_devices=trainer.world_size,
         )
-        # train/loss and its terms (train/ce, train/kd, ...): means over the last epoch.
+        # train/loss and its terms (train/ce, train/kd, ...): means over the last epoch; the
+        # learning rates the optimizer stepped with (train/lr_mean, train/lr_last; LRTrace).
         prefix = names.train_term("")
         row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+        # Replayed examples in the training set (a peer's own loop trains on data we do not see).
+        if method.lightning_loop:
+            row[names.TRAIN_REPLAYED] = len(data) - len(experience.train)
         record(exp, tracker, h, i, row)
         print(
             experience_line(

@@ -1,8 +1,8 @@
 """The Lightning edge of the loop: one fresh ``Trainer`` per experience, set up the same way.
 
 Strategy choice on one machine (fork/spawn instead of re-running the command per rank), a
-progress bar that does not redraw at every step, and Lightning's external-callback discovery
-done once per process.
+progress bar that does not redraw at every step, Lightning's external-callback discovery
+done once per process, and the learning rates the optimizer actually stepped with.
 """
 
 from __future__ import annotations
@@ -12,11 +12,14 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.trainer.connectors import callback_connector as _callback_connector
 from omegaconf import DictConfig
+
+from lifelong_moe.tracking import names
 
 PROGRESS_REFRESH_STEPS = 10
 
@@ -70,7 +73,7 @@ def make_trainer(
     bar = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if t.progress_bar else []
     return L.Trainer(
         plugins=plugins or None,
-        callbacks=[*bar, *(callbacks or [])],
+        callbacks=[*bar, *(callbacks or []), LRTrace()],  # LRTrace last: see its on_fit_end
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
@@ -85,3 +88,46 @@ def make_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+
+
+class LRTrace(L.Callback):
+    """Mean and last learning rate of one experience's optimizer steps, read from the optimizer.
+
+    What ``trainer.lr_schedule`` did, logged beside the losses as ``train/lr_mean`` and
+    ``train/lr_last`` (the schedule's formula is tested on its own; this shows a run used it).
+    Logged like the losses, at each epoch end, so that the values also come back from DDP
+    workers; the sums travel in training checkpoints (``state_dict``), so an experience resumed
+    from one reports what an uninterrupted one would.
+    """
+
+    def __init__(self) -> None:
+        self.total, self.steps, self.last = 0.0, 0, 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        # The rate this batch's optimizer step uses: a step scheduler moves it after the step.
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        self.total, self.steps, self.last = self.total + lr, self.steps + 1, lr
+
+    def metrics(self) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        return {names.TRAIN_LR_MEAN: self.total / self.steps, names.TRAIN_LR_LAST: self.last}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for key, value in self.metrics().items():  # float64: a learning rate logged as it is
+            value = torch.tensor(value, dtype=torch.float64)
+            pl_module.log(key, value, batch_size=1, sync_dist=True)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A fit resumed after its last epoch logged nothing: hand over the restored values, as
+        checkpointing.StepCheckpoint does for the losses. It must run after that callback's
+        ``on_fit_end``, which looks for any train/* key: make_trainer puts this one last."""
+        if names.TRAIN_LR_MEAN not in trainer.callback_metrics:
+            trainer.callback_metrics.update(self.metrics())
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"total": self.total, "steps": self.steps, "last": self.last}
+
+    def load_state_dict(self, state_dict: dict[str, float | int]) -> None:
+        self.total, self.steps = state_dict["total"], state_dict["steps"]
+        self.last = state_dict["last"]

@@ -14,9 +14,12 @@ from lifelong_moe.data.text import VOCAB_SIZE, text_domains
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation import metrics
 from lifelong_moe.evaluation.evaluate_lm import evaluate_lm
+from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.models import build_model, count_parameters, moe_layers
 from lifelong_moe.models.lm import CausalLM
 from lifelong_moe.moe import MoESettings
+from lifelong_moe.tracking import names
+from tests.conftest import FAST, benchmark_from_yaml, run_cli, runs, store_uri
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 TINY = {"d_model": 32, "d_hidden": 32, "n_heads": 4, "n_blocks": 2}
@@ -189,3 +192,54 @@ def test_lm_rejects_image_inputs_in_one_line():
     with pytest.raises(ConfigError, match="benchmark=text_domains") as error:
         CausalLM((1, 8, 8), 10)
     assert "\n" not in str(error.value)
+
+
+def test_cli_lm_with_the_therien_recipe_rewarms_redecays_and_replays(tmp_path: Path):
+    """moe_finetune on two tiny text domains with both options of the continual pre-training
+    recipe; the learning rates the optimizer stepped with and the replayed windows come back
+    from MLflow as the schedule and the fraction say."""
+    from mlflow.tracking import MlflowClient
+
+    uri = store_uri(tmp_path)
+    tiny_text = ["benchmark.domains=[english,python]", "benchmark.max_bytes_per_domain=4096"]
+    run_cli(
+        tmp_path,
+        "experiment=lm_cpu",
+        *tiny_text,
+        *[f"model.{k}={v}" for k, v in TINY.items()],
+        "model.moe_blocks=[1]",
+        "model.dispatch=grouped",
+        "method=moe_finetune",
+        "trainer.lr_schedule=cosine_rewarm",
+        "trainer.warmup_steps=2",
+        "method.replay_fraction=0.25",
+        "trainer.batch_size=16",
+        *FAST,
+        f"tracking.uri={uri}",
+    )
+    (run,) = runs(uri, experiment="lm")
+    assert run.info.status == "FINISHED"
+    client = MlflowClient(uri)
+
+    def history(key: str) -> list[float]:
+        return [
+            m.value
+            for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        ]
+
+    stream = benchmark_from_yaml(
+        "text_domains", domains=["english", "python"], max_bytes_per_domain=4096, context_length=64
+    )
+    new = [len(e.train) for e in stream.experiences]
+    replayed = [0, round(0.25 * new[1] / 0.75)]  # 0.25 of experience 1's training set
+    assert history(names.TRAIN_REPLAYED) == replayed
+    lr = float(run.data.params["method.lr"])
+    schedule = LRSchedule("cosine_rewarm", warmup_steps=2, lr_floor=0.1)
+    for i, (mean, last) in enumerate(
+        zip(history(names.TRAIN_LR_MEAN), history(names.TRAIN_LR_LAST), strict=True)
+    ):
+        total = -(-(new[i] + replayed[i]) // 16) * 2  # steps: batches of 16, 2 epochs
+        factors = [schedule.factor(k, total, i) for k in range(total)]
+        assert mean == pytest.approx(lr * sum(factors) / total, rel=1e-12)
+        assert last == pytest.approx(lr * 0.1, rel=1e-12)  # re-decayed to the floor
+    assert history(names.PPL_FINAL)[-1] > 1

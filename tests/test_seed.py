@@ -1,5 +1,6 @@
 """SEED: expert selection by least overlap, the Bayes ensemble against a hand computation,
-which parts train at each experience, input checks, and one CLI run read back from MLflow."""
+which parts train at each experience, input checks, checkpoints that reload as the trained
+ensemble, and one CLI run read back from MLflow."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader, TensorDataset
 
 from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.evaluation.evaluate import evaluate
 from lifelong_moe.methods.seed import (
     Seed,
     bayes_log_probs,
@@ -20,9 +23,11 @@ from lifelong_moe.methods.seed import (
     overlap_score,
     select_expert,
 )
+from lifelong_moe.models import load_model, save_model
 from lifelong_moe.models.mlp import ResidualMLP
 from lifelong_moe.models.vit import PatchTransformer
-from tests.conftest import FAST, run_cli, runs, store_uri
+from lifelong_moe.tracking import names
+from tests.conftest import FAST, artifact_json, benchmark_from_yaml, run_cli, runs, store_uri
 
 
 def test_overlap_is_the_mean_pairwise_kl():
@@ -87,6 +92,14 @@ def class_stream(n_experiences: int = 3, per_class: int = 30) -> Stream:
     return Stream("tiny", experiences, 2 * n_experiences, (1, 4, 4), "class_incremental")
 
 
+MLP_CFG = {
+    "_target_": "lifelong_moe.models.mlp.ResidualMLP",
+    "d_model": 8,
+    "d_hidden": 8,
+    "n_blocks": 2,
+}
+
+
 def mlp(n_classes: int = 6) -> ResidualMLP:
     torch.manual_seed(0)
     return ResidualMLP([1, 4, 4], n_classes, d_model=8, d_hidden=8, n_blocks=2)
@@ -142,6 +155,30 @@ def test_each_experience_trains_only_its_expert_and_fits_gaussians():
     assert (logits.argmax(1) == y).float().mean() > 0.5  # separable toy data, no task label
 
 
+def test_saved_ensemble_reloads_with_identical_predictions(tmp_path: Path):
+    stream = class_stream()
+    method = Seed(mlp(), n_experts=2, shared_blocks=1, tau=2.0)
+    method.setup_stream(stream)
+    for exp in stream.experiences:
+        method.before_experience(exp)
+        fit(method, exp)
+    path = tmp_path / "seed.pt"
+    save_model(method.ensemble, MLP_CFG, path, input_shape=[1, 4, 4], n_classes=6)
+    reloaded = load_model(path)
+    assert type(reloaded) is type(method.ensemble)
+    assert reloaded.get_config() == method.ensemble.get_config()
+    assert torch.equal(reloaded.present, method.ensemble.present)
+    x = torch.cat([e.test.tensors[0] for e in stream.experiences])
+    method.ensemble.eval(), reloaded.eval()
+    assert torch.equal(reloaded(x)[0], method.ensemble(x)[0])
+    # A file can only name a wrapper from the fixed table, never an importable class of its own.
+    saved = torch.load(path, weights_only=True)
+    saved["wrapper"]["name"] = "os.system"
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match="unknown model wrapper 'os.system'; known: seed"):
+        load_model(path)
+
+
 def test_vit_backbone_splits_into_stem_and_experts():
     torch.manual_seed(0)
     vit = PatchTransformer([1, 4, 4], 4, patch_size=2, d_model=8, d_hidden=8, n_heads=2, n_blocks=2)
@@ -190,3 +227,30 @@ def test_cli_run_of_seed_read_back_from_mlflow(tmp_path: Path):
     assert 0.5 < final <= 1  # class-IL over 10 digits without exemplars or task labels
     assert run.data.metrics["acc/forgetting"] < 0.3
     assert "train/loss" in run.data.metrics
+
+
+def test_logged_checkpoints_reload_as_the_ensemble_that_was_evaluated(tmp_path: Path):
+    """Every experience's logged checkpoint, reloaded, scores exactly the accuracy row the run
+    logged after that experience: the experts and their class Gaussians come back."""
+    uri = store_uri(tmp_path)
+    run_cli(
+        tmp_path,
+        "method=seed",
+        "method.n_experts=2",
+        "benchmark=split_digits",
+        "benchmark.n_experiences=5",
+        "model.d_model=32",
+        "model.d_hidden=32",
+        *[a for a in FAST if not a.startswith("tracking.log_checkpoints")],
+        "tracking.log_checkpoints=true",
+        f"tracking.uri={uri}",
+    )
+    (run,) = runs(uri)
+    R = artifact_json(uri, run.info.run_id, names.ACCURACY_MATRIX)["R"]
+    folder = Path(MlflowClient(uri).download_artifacts(run.info.run_id, names.CHECKPOINTS))
+    stream = benchmark_from_yaml("split_digits", seed=0, n_experiences=5)
+    batch = int(run.data.params["trainer.eval_batch_size"])
+    for i, row in enumerate(R):
+        model = load_model(folder / f"model_exp_{i}.pt")
+        assert int(model.present.any(1).sum()) == min(i + 1, 2)  # experts with Gaussians
+        assert evaluate(model, stream, batch_size=batch).accuracy == row

@@ -18,6 +18,8 @@ full covariance) per class in its own feature space. Following the authors' code
 - Prediction: each expert's log-likelihoods under its Gaussians, a softmax with temperature
   ``tau`` over the classes it knows, averaged over the experts that know each class; argmax.
   No task labels at test time, no exemplars.
+- A logged checkpoint (``tracking.log_checkpoints``) holds the whole ensemble, Gaussians
+  included; ``models.load_model`` rebuilds it as a ``SeedEnsemble`` that predicts as it did.
 
 Where we deviate, and why:
 
@@ -203,7 +205,7 @@ class SeedEnsemble(nn.Module):
         super().__init__()
         self.stem, trunk, self.d_features = split_backbone(backbone, shared_blocks)
         self.experts = nn.ModuleList(copy.deepcopy(trunk) for _ in range(n_experts))
-        self.n_classes, self.tau = n_classes, tau
+        self.n_classes, self.shared_blocks, self.tau = n_classes, shared_blocks, tau
         d = self.d_features
         self.register_buffer("means", torch.zeros(n_experts, n_classes, d, dtype=torch.float64))
         self.register_buffer(
@@ -215,6 +217,16 @@ class SeedEnsemble(nn.Module):
         self.task_classes: torch.Tensor | None = None
         self.last_hidden: torch.Tensor | None = None
         self.last_features: torch.Tensor | None = None
+
+    def get_config(self) -> dict[str, int | float]:
+        """The arguments that rebuild this ensemble around a fresh backbone (models.load_model);
+        the experts' weights and the Gaussians are in the state dict."""
+        return {
+            "n_classes": self.n_classes,
+            "n_experts": len(self.experts),
+            "shared_blocks": self.shared_blocks,
+            "tau": self.tau,
+        }
 
     def features(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         return self.experts[expert](self.stem(x))

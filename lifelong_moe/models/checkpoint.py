@@ -2,6 +2,11 @@
 
 A grown model cannot be rebuilt from its Hydra config alone, because every MoE layer has
 gained experts; each layer's own config records its size and frozen bank.
+
+A method may also build its predictor around the backbone (SEED's ensemble of experts and
+class Gaussians). The file then names that wrapper and its arguments, so that ``load_model``
+rebuilds the same predictor and not the bare backbone. The name is looked up in a fixed table
+(``wrapper_classes``), never imported from the file, so a file can only choose among these.
 """
 
 from __future__ import annotations
@@ -20,14 +25,40 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
 
 
+def wrapper_classes() -> dict[str, type[nn.Module]]:
+    """The predictors a method builds around a backbone, by the name a checkpoint records.
+
+    Each takes ``(backbone, **config)`` and returns its ``config`` from ``get_config()``.
+    """
+    from lifelong_moe.methods.seed import SeedEnsemble  # methods import models: import late
+
+    return {"seed": SeedEnsemble}
+
+
 def save_model(model: nn.Module, model_cfg: dict[str, Any], path: str | Path, **build: Any) -> None:
     """``model_cfg`` is the flat ``model`` config (``_target_``, ``n_experts``, ...) as
-    ``build_model`` reads it; ``build`` holds its other arguments (input_shape, n_classes)."""
-    torch.save({"model_cfg": model_cfg, "build": build, **model_payload(model)}, path)
+    ``build_model`` reads it; ``build`` holds its other arguments (input_shape, n_classes).
+    ``model`` is the backbone or one of ``wrapper_classes()`` around it."""
+    torch.save(
+        {
+            "model_cfg": model_cfg,
+            "build": build,
+            "wrapper": wrapper_entry(model),
+            **model_payload(model),
+        },
+        path,
+    )
+
+
+def wrapper_entry(model: nn.Module) -> dict[str, Any] | None:
+    """``{"name", "config"}`` of a wrapped model; None for a bare backbone."""
+    names = {cls: name for name, cls in wrapper_classes().items()}
+    name = names.get(type(model))
+    return None if name is None else {"name": name, "config": model.get_config()}
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """Rebuild the backbone at its saved size and load its weights.
+    """Rebuild the model at its saved size, wrapped as it was saved, and load its weights.
 
     ``weights_only=True``: the file holds tensors, numbers, strings and containers only, so a
     crafted file cannot run code (it fails with ``pickle.UnpicklingError`` instead).
@@ -36,6 +67,14 @@ def load_model(path: str | Path) -> nn.Module:
 
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(saved["model_cfg"], **saved["build"])
+    wrapper = saved.get("wrapper")  # absent from files saved before wrappers were recorded
+    if wrapper is not None:
+        known = wrapper_classes()
+        if wrapper["name"] not in known:
+            raise ValueError(
+                f"{path}: unknown model wrapper {wrapper['name']!r}; known: {', '.join(known)}"
+            )
+        model = known[wrapper["name"]](model, **wrapper["config"])
     restore_model(model, saved)
     return model
 

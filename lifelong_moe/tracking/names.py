@@ -100,6 +100,12 @@ def train_term(key: str) -> str:
     return f"{TRAIN}/{key}"
 
 
+# What trainer.lr_schedule and replay did in one experience (methods trained by Lightning's loop).
+TRAIN_LR_MEAN = f"{TRAIN}/lr_mean"  # mean learning rate over the experience's optimizer steps
+TRAIN_LR_LAST = f"{TRAIN}/lr_last"  # the learning rate of its last step
+TRAIN_REPLAYED = f"{TRAIN}/replayed"  # training examples (LM: windows) from earlier experiences
+
+
 # --- routing (mean over MoE layers, and per layer) ----------------------------------------------
 
 ROUTING = "routing"
