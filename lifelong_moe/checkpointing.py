@@ -42,7 +42,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lifelong_moe import checks, signals
+from lifelong_moe import checks, ddp_signals, signals
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.tracking import names
 
@@ -272,11 +272,11 @@ class StepCheckpoint(L.Callback):
         signals.point("train_step", self.experience, step, settle=self.writer.teardown)
         if idx + 1 >= trainer.num_training_batches:
             return  # the epoch's last batch: on_train_epoch_end writes the checkpoint
-        stop = signals.requested() is not None
+        stop = ddp_signals.decide(trainer)  # under DDP every rank gets the same answer
         if stop or (self.every_n_steps and step % self.every_n_steps == 0):
             self.save(trainer)
         if stop:
-            signals.check()
+            ddp_signals.stop(trainer, stop)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the epoch's checkpoint once the epoch is over in Lightning's progress.
@@ -294,7 +294,9 @@ class StepCheckpoint(L.Callback):
             self.save(trainer)
         finally:
             self._at_epoch_end = False
-        signals.check()
+        stop = ddp_signals.decide(trainer)
+        if stop:
+            ddp_signals.stop(trainer, stop)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After a resume that had no epoch left to train, report the finished epoch's means.

@@ -37,6 +37,7 @@ from lifelong_moe.config_schema import check_config, instantiate
 from lifelong_moe.console import experience_line, print_report
 from lifelong_moe.costs import cost_row
 from lifelong_moe.data.stream import Experience, Stream
+from lifelong_moe.ddp_signals import StopSync, forwarder
 from lifelong_moe.evaluation import rows
 from lifelong_moe.evaluation.evaluate import evaluator_for
 from lifelong_moe.methods.base import ContinualMethod
@@ -153,12 +154,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # A second signal from here on exits at once (signals._handler).
         tracker.stop_system_metrics()
         tracker.finish("KILLED")
-        print(
-            f"interrupted: run {tracker.run_id} marked KILLED at {signals.where()}; "
-            f"continue with resume={tracker.run_id}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if tracker.writes:  # on several machines, rank 0 speaks for all
+            print(
+                f"interrupted: run {tracker.run_id} marked KILLED at {signals.where()}; "
+                f"continue with resume={tracker.run_id}",
+                file=sys.stderr,
+                flush=True,
+            )
         if stop.requeue:
             requeue(tracker.run_id)
         raise stop from None
@@ -359,9 +361,10 @@ def fit(
         writer=writer,
         sampler=loader.sampler,
     )
-    trainer = make_trainer(cfg, callbacks=[saver], checkpoint_io=writer)
+    trainer = make_trainer(cfg, callbacks=[saver, StopSync()], checkpoint_io=writer)
     if exp.method.lightning_loop:
-        with signals.training():  # a signal stops at the next step boundary
+        # A signal stops at the next step boundary, DDP workers included (ddp_signals.py).
+        with signals.training(forward=forwarder(trainer)):
             exp.method.fit_experience(experience, loader, trainer, ckpt_path=ckpt)
     else:
         exp.method.fit_experience(experience, loader, trainer)

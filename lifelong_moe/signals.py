@@ -13,6 +13,13 @@ signal number (130 for SIGINT, 143 for SIGTERM). A second signal exits at once, 
 SIGUSR1 and SIGUSR2 (sent by SLURM ahead of a preemption or a time limit, see ``requeue``)
 stop the run the same way, then requeue the job so that it resumes from its checkpoint.
 
+Under DDP on one machine the ranks are worker processes of the main one, alive during ``fit``
+only (``ddp_signals.py``): the main process forwards its signals to them, a worker only records
+the first signal it gets (a Ctrl-C reaches it twice: from the terminal and forwarded), the ranks
+agree at every step boundary to stop at the same step, and the main process raises
+``Interrupted`` once ``fit`` has returned. A second signal to the main process kills the workers
+and exits at once.
+
 Tests trigger signals at named points (``point``) through ``LIFELONG_MOE_SIGNAL_AT``, so that
 no outcome depends on timing.
 """
@@ -54,6 +61,8 @@ class _State:
     run_id: str | None = None
     experience: int | None = None
     step: int | None = None
+    worker: bool = False  # a DDP worker process: the main process decides what a repeat means
+    forward: Callable[[int], None] | None = None  # sends a signal to the DDP workers, if any
 
 
 STATE = _State()
@@ -71,6 +80,10 @@ def where() -> str:
 
 def _handler(signum: int, frame: Any) -> None:
     if STATE.requested is not None:
+        if STATE.worker:
+            return
+        if STATE.forward is not None:
+            STATE.forward(signal.SIGKILL)  # workers that outlive this process would train on
         run = STATE.run_id
         tail = f"; continue with resume={run}" if run else ""
         print(
@@ -80,6 +93,8 @@ def _handler(signum: int, frame: Any) -> None:
         )
         os._exit(128 + signum)
     STATE.requested = signum
+    if STATE.training and STATE.forward is not None:
+        STATE.forward(signum)
     if STATE.training or STATE.deferred:
         return  # stopped at the next step boundary or at the end of the section
     raise Interrupted(signum)
@@ -96,6 +111,29 @@ def install() -> None:
 def reset() -> None:
     STATE.requested, STATE.training, STATE.deferred = None, False, 0
     STATE.run_id, STATE.experience, STATE.step = None, None, None
+    STATE.worker, STATE.forward = False, None
+
+
+def enter_worker() -> None:
+    """In a DDP worker process (for one ``fit``): record the first signal, ignore the others.
+
+    A forked worker enters this mode as it is forked (``_after_fork``), a spawned one, which
+    starts without our handlers, when its ``fit`` sets up (``ddp_signals.StopSync``). What was
+    recorded before stays: the next step boundary acts on it.
+    """
+    STATE.worker, STATE.training, STATE.forward = True, True, None
+    for signum in HANDLED:
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signum, _handler)
+
+
+def _after_fork() -> None:
+    """A process forked while this one trains with DDP workers is one of those workers."""
+    if STATE.forward is not None:
+        enter_worker()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def requested() -> int | None:
@@ -109,13 +147,17 @@ def check() -> None:
 
 
 @contextlib.contextmanager
-def training() -> Iterator[None]:
-    """While ``Trainer.fit`` runs: a signal only asks the checkpoint callback to stop."""
-    STATE.training = True
+def training(forward: Callable[[int], None] | None = None) -> Iterator[None]:
+    """While ``Trainer.fit`` runs: a signal only asks the checkpoint callback to stop.
+
+    ``forward`` sends a signal on to the processes that train (DDP workers), which would not
+    hear of a signal sent to this process alone (``kill <pid>``).
+    """
+    STATE.training, STATE.forward = True, forward
     try:
         yield
     finally:
-        STATE.training = False
+        STATE.training, STATE.forward = False, None
     check()
 
 
@@ -137,18 +179,25 @@ def point(
     step: int | None = None,
     settle: Callable[[], None] | None = None,
 ) -> None:
-    """Test hook: ``LIFELONG_MOE_SIGNAL_AT=name[:experience[:step]]=SIGNAME[,SIGNAME]`` sends
-    those signals to this process when the run first reaches the named point.
+    """Test hook: ``LIFELONG_MOE_SIGNAL_AT=name[:experience[:step]][@rank]=[group:]SIG[,SIG]``
+    sends those signals when the run first reaches the named point.
 
     Points: startup, before_experience, train_step, evaluate, after_experience, log_metrics,
     checkpoint_write (in the background writer, before the new checkpoint takes its name).
-    ``settle`` runs first when the point matches (at train_step: wait for checkpoint writes in
-    flight), so that what the signal finds on disk never depends on a thread's speed.
+    ``@rank`` fires in the process of that rank only (a DDP worker; the main process counts as
+    rank 0), else every process that reaches the point fires. The signals go to this process,
+    or with ``group:`` to its whole process group, as Ctrl-C in a terminal does (under DDP: the
+    main process and every worker). ``settle`` runs first when the point matches (at
+    train_step: wait for checkpoint writes in flight), so that what the signal finds on disk
+    never depends on a thread's speed.
     """
     spec = os.environ.get(TEST_HOOK)
     if not spec:
         return
-    target, _, sig_name = spec.partition("=")
+    target, _, sig_spec = spec.partition("=")
+    target, _, rank = target.partition("@")
+    if rank and int(rank) != _rank():
+        return
     here = [name]
     if experience is not None:
         here.append(str(experience))
@@ -160,5 +209,18 @@ def point(
     os.environ.pop(TEST_HOOK)  # once: the signal handler may run more of this code
     if settle is not None:
         settle()
-    for one in (sig_name or "SIGINT").split(","):  # SIGINT,SIGINT: a second Ctrl-C
-        os.kill(os.getpid(), getattr(signal, one))
+    to_group = sig_spec.startswith("group:")
+    for one in (sig_spec.removeprefix("group:") or "SIGINT").split(","):  # SIGINT,SIGINT: twice
+        if to_group:
+            os.killpg(os.getpgrp(), getattr(signal, one))
+        else:
+            os.kill(os.getpid(), getattr(signal, one))
+
+
+def _rank() -> int:
+    """This process's global rank: RANK (started by a cluster), LOCAL_RANK (a Lightning worker
+    on one machine), else 0."""
+    for name in ("RANK", "LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0

@@ -185,7 +185,9 @@ class LifelongMoE(ContinualMethod):
         ckpt_path: str | Path | None = None,
     ) -> None:
         super().fit_experience(exp, loader, trainer, ckpt_path=ckpt_path)
-        if self.infer_routing:  # before evaluation, which must recognise this experience too
+        # Before evaluation, which must recognise this experience too. Here, in the process that
+        # called fit, from the whole experience: DDP workers each train on a shard only.
+        if self.infer_routing:
             self.statistics.add(exp.train)
 
     def routing_bias(self, x: torch.Tensor) -> torch.Tensor | None:
