@@ -29,7 +29,7 @@ from typing import Any, Literal, Union
 
 import hydra.utils
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lifelong_moe import checks
@@ -336,6 +336,29 @@ def check_config(cfg: DictConfig) -> None:
         check_target(group, data[group])
     check_trainer(data["trainer"])
     check_tracking(data["tracking"])
+
+
+OWN_PACKAGE = "lifelong_moe."
+
+
+def check_own_targets(node: Any, where: str, hint: str, path: str = "") -> None:
+    """A config read from where others can write (a tracking server's run, a model file) builds
+    only the toolkit's own classes: a ``_target_`` is called with its node's keys, so
+    ``_target_: os.system`` would run a command on whoever resumes or loads it."""
+    if isinstance(node, DictConfig | ListConfig):
+        node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, Mapping):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(OWN_PACKAGE):
+            key = f"{path}._target_" if path else "_target_"
+            raise ConfigError(
+                f"{where}: {key}={target!r} is not one of lifelong_moe's classes; {hint}"
+            )
+        for key, value in node.items():
+            check_own_targets(value, where, hint, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for k, value in enumerate(node):
+            check_own_targets(value, where, hint, f"{path}[{k}]")
 
 
 def instantiate(node: DictConfig | Mapping[str, Any], group: str, **supplied: Any) -> Any:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lifelong_moe.config_schema import check_own_targets
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.tracking import names, queries, store
 
@@ -193,6 +194,12 @@ def resume_target(cfg: DictConfig, commit: str) -> tuple[str | None, DictConfig]
         return None, cfg
     check_run(uri, experiment, run_id, commit, bool(cfg.get("resume_force")))
     stored = run_config(uri, run_id)
+    if not (store.is_local(uri) or cfg.get("resume_trust")):
+        check_own_targets(
+            stored,
+            f"resume={run_id}",
+            "the store is not local: add resume_trust=true if you trust it",
+        )
     with open_dict(stored):
         stored.tracking.uri, stored.resume = uri, run_id
         stored.resume_force = bool(cfg.get("resume_force"))

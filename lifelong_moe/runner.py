@@ -65,7 +65,7 @@ from lifelong_moe.tracking.mlflow_run import (
     tracker_for_rank,
 )
 from lifelong_moe.tracking.results import log_results
-from lifelong_moe.tracking.store import check_store
+from lifelong_moe.tracking.store import check_store, is_local
 from lifelong_moe.trainer import make_trainer
 
 # Lightning's per-fit banners (GPU available, tips) would repeat at every experience.
@@ -233,11 +233,6 @@ def start_run(exp: Experiment, tracker: RunTracker) -> None:
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), names.CONFIG)
     tracker.log_inputs(report.dataset_inputs(resolved["benchmark"], stream))
     print(f"run {run_id} ({run_name}): {len(stream)} experiences of {stream.name}", flush=True)
-
-
-def is_local(uri: str) -> bool:
-    """A store on this machine (sqlite or file): what a resume may trust with pickles."""
-    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
 
 def restore(exp: Experiment, saved: dict[str, Any], tracker: RunTracker) -> History:

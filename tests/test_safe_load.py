@@ -147,7 +147,7 @@ def test_run_of_another_commit_needs_resume_force(tmp_path, store):
 def test_avalanche_plugins_are_unpickled_only_from_a_trusted_store():
     from lifelong_moe.methods.avalanche_peer import AvalanchePeer
     from lifelong_moe.models.mlp import ResidualMLP
-    from lifelong_moe.runner import is_local
+    from lifelong_moe.tracking.store import is_local
 
     model = ResidualMLP(input_shape=[64], n_classes=10, d_model=16, d_hidden=16, n_blocks=1)
     peer = AvalanchePeer(model, strategy="Naive")
@@ -157,3 +157,60 @@ def test_avalanche_plugins_are_unpickled_only_from_a_trusted_store():
         peer.load_method_state({"strategy": "Naive", "plugins": [plugin]})
     assert is_local("sqlite:///mlflow.db") and is_local("file:///tmp/mlruns")
     assert not is_local("http://tracking.example:5000")
+
+
+def test_a_stored_config_builds_only_the_toolkits_classes_from_a_remote_store(
+    store, tmp_path, monkeypatch
+):
+    """A run's config.yaml names the classes a resume builds; on a server anyone may edit it."""
+    from omegaconf import OmegaConf
+
+    from lifelong_moe import resume as resume_module
+    from lifelong_moe.tracking import names
+
+    uri, run_id, state = store
+    config = state.parent.parent / names.CONFIG
+    original = config.read_text()
+    crafted = OmegaConf.create(original)
+    crafted.model = {"_target_": "os.system", "command": f"touch {tmp_path / 'ran'}"}
+    config.write_text(OmegaConf.to_yaml(crafted))
+    cfg = OmegaConf.create(
+        {"tracking": OmegaConf.create(original).tracking, "resume": run_id, "resume_force": True}
+    )
+    cfg.tracking.uri = uri
+    try:
+        monkeypatch.setattr(resume_module.store, "is_local", lambda uri: False)
+        with pytest.raises(ConfigError) as refused:
+            resume_module.resume_target(cfg, commit="")
+        assert str(refused.value) == (
+            f"resume={run_id}: model._target_='os.system' is not one of lifelong_moe's classes; "
+            "the store is not local: add resume_trust=true if you trust it"
+        )
+        # trusted on purpose: the config comes back as stored (building it is the user's call)
+        cfg.resume_trust = True
+        _, stored = resume_module.resume_target(cfg, commit="")
+        assert stored.model._target_ == "os.system"
+    finally:
+        config.write_text(original)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_model_file_builds_only_the_toolkits_classes(tmp_path):
+    from lifelong_moe.models import load_model
+    from lifelong_moe.models.checkpoint import save_model
+    from lifelong_moe.models.mlp import ResidualMLP
+
+    model_cfg = {"_target_": "lifelong_moe.models.mlp.ResidualMLP", "d_model": 16, "d_hidden": 16}
+    build = {"input_shape": [64], "n_classes": 10}
+    model = ResidualMLP(**build, d_model=16, d_hidden=16)
+    path = tmp_path / "model.pt"
+    save_model(model, model_cfg, path, **build)
+    x = torch.ones(2, 64)
+    assert torch.equal(load_model(path)(x)[0], model(x)[0])
+
+    crafted = torch.load(path, weights_only=True)
+    crafted["model_cfg"] = {"_target_": "os.system", "command": f"touch {tmp_path / 'ran'}"}
+    torch.save(crafted, path)
+    with pytest.raises(ConfigError, match=r"model\._target_='os.system' is not one of"):
+        load_model(path)
+    assert not (tmp_path / "ran").exists()

@@ -57,15 +57,22 @@ def wrapper_entry(model: nn.Module) -> dict[str, Any] | None:
     return None if name is None else {"name": name, "config": model.get_config()}
 
 
-def load_model(path: str | Path) -> nn.Module:
+def load_model(path: str | Path, trust: bool = False) -> nn.Module:
     """Rebuild the model at its saved size, wrapped as it was saved, and load its weights.
 
     ``weights_only=True``: the file holds tensors, numbers, strings and containers only, so a
-    crafted file cannot run code (it fails with ``pickle.UnpicklingError`` instead).
+    crafted file cannot run code (it fails with ``pickle.UnpicklingError`` instead). The model's
+    ``_target_`` must be one of the toolkit's classes, since it is called with the file's
+    arguments; ``trust=True`` allows others (your own backbone, from a file you trust).
     """
+    from lifelong_moe.config_schema import check_own_targets
     from lifelong_moe.models import build_model  # the package imports this module first
 
     saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not trust:
+        check_own_targets(
+            {"model": saved["model_cfg"]}, str(path), "pass trust=True if you trust the file"
+        )
     model = build_model(saved["model_cfg"], **saved["build"])
     wrapper = saved.get("wrapper")  # absent from files saved before wrappers were recorded
     if wrapper is not None:

@@ -103,6 +103,12 @@ def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     return f"mlflow ui --backend-store-uri {redact(uri)}   then open {url}"
 
 
+def is_local(uri: str) -> bool:
+    """A store on this machine (sqlite or file): one a resume may trust with code (pickles,
+    ``_target_`` classes outside the toolkit); a server's store anyone with write access fills."""
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
 def check_store(uri: str, must_exist: bool = False) -> None:
     """Fail in one line, before any work, when the tracking store cannot be used.
 
