@@ -47,6 +47,8 @@ from lifelong_moe.errors import ConfigError
 from lifelong_moe.tracking import names
 
 NAME = re.compile(r"exp(\d+)-step(\d+)\.ckpt$")
+# Training seconds of the experience before the checkpoint a resumed fit started from.
+EARLIER_TRAIN_S = "checkpoint/earlier_train_s"
 # torchdata calls a deprecated torch function at every loader creation: one warning per
 # experience that says nothing about the run.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -206,7 +208,7 @@ class StepCheckpoint(L.Callback):
             "epoch_end": self._at_epoch_end,
             "train_s": self.earlier_train_s + time.perf_counter() - self._start,
             "checkpoint_s": self.seconds,
-            "checkpoint_write_s": self.write_seconds,
+            "checkpoint_write_s": self.earlier_write_s + self.writer.checkpoint_io.write_seconds,
         }
         stats = getattr(pl_module, "step_stats", None)
         if stats is not None:
@@ -310,16 +312,16 @@ class StepCheckpoint(L.Callback):
         metrics = trainer.callback_metrics
         if self._resumed_stats and not any(k.startswith(names.train_term("")) for k in metrics):
             metrics.update(pl_module.step_stats.epoch_metrics())
-
-    @property
-    def bytes(self) -> int:
-        """Size of the newest checkpoint written (known once ``fit`` has returned)."""
-        return self.writer.checkpoint_io.bytes
-
-    @property
-    def write_seconds(self) -> float:
-        """The background writer's time (complete once ``fit`` has returned)."""
-        return self.earlier_write_s + self.writer.checkpoint_io.write_seconds
+        # Lightning has waited for the last write (teardown comes before on_fit_end). The costs
+        # travel in callback_metrics: from a DDP worker, that is what reaches the main process.
+        io = self.writer.checkpoint_io
+        costs = {
+            names.COST_CHECKPOINT_S: self.seconds,
+            names.COST_CHECKPOINT_WRITE_S: self.earlier_write_s + io.write_seconds,
+            names.COST_CHECKPOINT_MB: io.bytes / 2**20,
+            EARLIER_TRAIN_S: self.earlier_train_s,
+        }
+        metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in costs.items()})
 
     def save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
@@ -330,3 +332,11 @@ class StepCheckpoint(L.Callback):
         trainer.save_checkpoint(self.folder / f"exp{self.experience}-step{step}.ckpt")
         self.saved_step = step
         self.seconds += time.perf_counter() - start
+
+
+def fit_costs(trainer: L.Trainer) -> dict[str, float]:
+    """What ``StepCheckpoint`` reported of the fit that just returned (taken out of the
+    Trainer's callback metrics): the ``cost/checkpoint_*`` metrics and ``EARLIER_TRAIN_S``."""
+    keys = (names.COST_CHECKPOINT_S, names.COST_CHECKPOINT_WRITE_S, names.COST_CHECKPOINT_MB)
+    metrics = trainer.callback_metrics
+    return {k: float(metrics.pop(k, 0.0)) for k in (*keys, EARLIER_TRAIN_S)}

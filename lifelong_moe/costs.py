@@ -30,24 +30,21 @@ def cost_row(
     epochs: int,
     train_s: float,
     eval_s: float,
-    checkpoint_s: float,
-    checkpoint_write_s: float,
-    checkpoint_bytes: int,
+    checkpoints: dict[str, float],
     device: torch.device,
     precision: str | int,
     n_devices: int,
 ) -> dict[str, float]:
     """The ``cost/*`` metrics of one experience.
 
-    ``checkpoint_s`` (what training waited for) is part of ``train_s``; ``checkpoint_write_s``
-    ran in a background thread, beside training.
+    ``checkpoints`` holds the ``cost/checkpoint_*`` metrics (``checkpointing.fit_costs``):
+    ``cost/checkpoint_s`` (what training waited for) is part of ``train_s``,
+    ``cost/checkpoint_write_s`` ran in a background thread, beside training.
     """
     params = count_parameters(model)
     row = {names.cost_params(k): v for k, v in params.items()}
     row[names.COST_TRAIN_S] = train_s
-    row[names.COST_CHECKPOINT_S] = checkpoint_s
-    row[names.COST_CHECKPOINT_WRITE_S] = checkpoint_write_s
-    row[names.COST_CHECKPOINT_MB] = checkpoint_bytes / 2**20
+    row |= checkpoints
     row[names.COST_EVAL_S] = eval_s
     row |= throughput_metrics(model, data, epochs, train_s, device, precision, n_devices)
     row[names.COST_PEAK_MB] = peak_memory_mb(device)

@@ -26,10 +26,12 @@ from torch.utils.data import Dataset
 
 from lifelong_moe import signals
 from lifelong_moe.checkpointing import (
+    EARLIER_TRAIN_S,
     StepCheckpoint,
     checkpoint_writer,
     checkpoints,
     describe,
+    fit_costs,
     make_loader,
     remove,
 )
@@ -285,9 +287,10 @@ def _loop(
         data = method.train_dataset(experience)
 
         start = time.perf_counter()
-        trainer, saver = fit(exp, experience, data, folder, ckpt)
+        trainer = fit(exp, experience, data, folder, ckpt)
         ckpt = None  # only the experience the run was in continues from a checkpoint
-        h.train_seconds.append(time.perf_counter() - start + saver.earlier_train_s)
+        costs = fit_costs(trainer)
+        h.train_seconds.append(time.perf_counter() - start + costs.pop(EARLIER_TRAIN_S))
 
         signals.point("evaluate", i)
         start = time.perf_counter()
@@ -310,9 +313,7 @@ def _loop(
             epochs=cfg.trainer.max_epochs,
             train_s=h.train_seconds[-1],
             eval_s=eval_seconds,
-            checkpoint_s=saver.seconds,
-            checkpoint_write_s=saver.write_seconds,
-            checkpoint_bytes=saver.bytes,
+            checkpoints=costs,
             device=device,
             precision=cfg.trainer.precision,
             n_devices=trainer.world_size,
@@ -342,7 +343,7 @@ def fit(
     data: Dataset,
     folder: Path,
     ckpt: Path | None,
-) -> tuple[L.Trainer, StepCheckpoint]:
+) -> L.Trainer:
     """Train on one experience with a fresh Trainer, writing training checkpoints as it goes."""
     cfg, i = exp.cfg, experience.index
     loader = make_loader(
@@ -364,7 +365,7 @@ def fit(
     else:
         exp.method.fit_experience(experience, loader, trainer)
     saver.apply_pending_rng()
-    return trainer, saver
+    return trainer
 
 
 def record(

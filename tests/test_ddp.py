@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lifelong_moe.tracking import names
 from tests.conftest import FAST, artifact_json, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,9 @@ def test_ddp_two_processes_match_one(workdir):
         (run,) = runs(uri)  # one run: the workers neither evaluate nor log
         assert run.info.status == "FINISHED"
         rows[devices] = artifact_json(uri, run.info.run_id, "accuracy_matrix.json")["R"]
+        # the checkpoint costs come back from the worker that wrote them
+        assert run.data.metrics[names.COST_CHECKPOINT_MB] > 0
+        assert run.data.metrics[names.COST_CHECKPOINT_WRITE_S] > 0
     # 2 processes see each batch split in two (effective batch doubles), so training differs a
     # little: the learned experience must reach the same accuracy within 5 points.
     assert rows[2][0][0] == pytest.approx(rows[1][0][0], abs=0.05)
