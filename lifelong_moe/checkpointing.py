@@ -20,10 +20,12 @@ alone, and torchdata's ``StatefulDataLoader`` (which Lightning saves and restore
 batches already trained on; so the resumed run sees exactly the batches the uninterrupted one
 would have seen.
 
-Writing: training waits only while the checkpoint is gathered and its tensors copied; Lightning's
-``AsyncCheckpointIO`` serialises and writes it in a background thread (``RotatingCheckpointIO``:
-temporary file, rename, drop the oldest), so a kill while writing leaves the previous checkpoint
-intact. Lightning waits for the last write when ``fit`` ends, also when a signal stops it.
+Writing (``RotatingCheckpointIO``): temporary file, rename, drop the oldest, so a kill while
+writing leaves the previous checkpoint intact. With ``trainer.checkpoint_async`` (by default on
+a GPU) Lightning's ``AsyncCheckpointIO`` does it in a background thread and training waits only
+while the checkpoint is gathered and its tensors copied; Lightning waits for the last write when
+``fit`` ends, also when a signal stops it. On CPU the writes stay in line: there a writer thread
+competes with training for the same cores (results/checkpoint_cost.md).
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def remove(folder: Path) -> None:
 class RotatingCheckpointIO(TorchCheckpointIO):
     """Writes ``exp<i>-step<s>.ckpt`` atomically and keeps the newest ``keep`` of the folder.
 
-    Runs inside ``AsyncCheckpointIO``'s thread, so it also counts what the writes cost there.
+    In line, or inside ``AsyncCheckpointIO``'s thread; it counts what the writes cost either way.
     """
 
     def __init__(self, keep: int) -> None:
@@ -155,10 +157,17 @@ class RotatingCheckpointIO(TorchCheckpointIO):
         self.write_seconds += time.perf_counter() - start
 
 
-def checkpoint_writer(keep: int) -> AsyncCheckpointIO:
-    """The Trainer plugin that writes training checkpoints in the background."""
+def checkpoint_writer(
+    keep: int, background: bool | str = "auto", accelerator: str = "cpu"
+) -> RotatingCheckpointIO | AsyncCheckpointIO:
+    """The Trainer plugin that writes training checkpoints: in a background thread when
+    ``background`` (``auto``: when training on a GPU), else in line."""
     checks.positive_int("trainer.checkpoint_keep", keep)
-    return AsyncCheckpointIO(RotatingCheckpointIO(keep))
+    checks.choice("trainer.checkpoint_async", background, ("auto", True, False))
+    if background == "auto":
+        background = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    files = RotatingCheckpointIO(keep)
+    return AsyncCheckpointIO(files) if background else files
 
 
 class StepCheckpoint(L.Callback):
@@ -169,7 +178,7 @@ class StepCheckpoint(L.Callback):
         folder: Path,
         experience: int,
         every_n_steps: int,
-        writer: AsyncCheckpointIO,
+        writer: RotatingCheckpointIO | AsyncCheckpointIO,
         sampler: Any,
     ) -> None:
         checks.non_negative_int("trainer.checkpoint_every_n_steps", every_n_steps)
@@ -177,6 +186,7 @@ class StepCheckpoint(L.Callback):
         self.experience = experience
         self.every_n_steps = every_n_steps
         self.writer = writer  # the Trainer's checkpoint plugin (``checkpoint_writer``)
+        self.files = writer.checkpoint_io if isinstance(writer, AsyncCheckpointIO) else writer
         self.sampler = sampler
         self.saved_step: int | None = None
         self.seconds = 0.0  # training waited for checkpoints (the cost/checkpoint_s metric)
@@ -208,7 +218,7 @@ class StepCheckpoint(L.Callback):
             "epoch_end": self._at_epoch_end,
             "train_s": self.earlier_train_s + time.perf_counter() - self._start,
             "checkpoint_s": self.seconds,
-            "checkpoint_write_s": self.earlier_write_s + self.writer.checkpoint_io.write_seconds,
+            "checkpoint_write_s": self.earlier_write_s + self.files.write_seconds,
         }
         stats = getattr(pl_module, "step_stats", None)
         if stats is not None:
@@ -314,7 +324,7 @@ class StepCheckpoint(L.Callback):
             metrics.update(pl_module.step_stats.epoch_metrics())
         # Lightning has waited for the last write (teardown comes before on_fit_end). The costs
         # travel in callback_metrics: from a DDP worker, that is what reaches the main process.
-        io = self.writer.checkpoint_io
+        io = self.files
         costs = {
             names.COST_CHECKPOINT_S: self.seconds,
             names.COST_CHECKPOINT_WRITE_S: self.earlier_write_s + io.write_seconds,

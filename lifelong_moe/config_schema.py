@@ -210,6 +210,7 @@ TRAINER: dict[str, Check] = {
     "checkpoint_every_n_steps": checks.non_negative_int,
     "checkpoint_dir": typed(str),
     "checkpoint_keep": checks.positive_int,
+    "checkpoint_async": functools.partial(checks.choice, valid=("auto", True, False)),
 }
 TRACKING: dict[str, Check] = {
     "uri": typed(str),

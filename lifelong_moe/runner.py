@@ -349,7 +349,11 @@ def fit(
     loader = make_loader(
         data, cfg.trainer.batch_size, cfg.trainer.num_workers, seed=cfg.seed * 1_000 + i
     )
-    writer = checkpoint_writer(keep=cfg.trainer.get("checkpoint_keep", 2))
+    writer = checkpoint_writer(
+        keep=cfg.trainer.get("checkpoint_keep", 2),
+        background=cfg.trainer.get("checkpoint_async", "auto"),
+        accelerator=cfg.trainer.accelerator,
+    )
     saver = StepCheckpoint(
         folder,
         i,
