@@ -2,11 +2,15 @@
 
 Runs the real CLI (two experiences each) for moe_mlp + Lifelong-MoE on permuted digits and for
 the lm_cpu preset, then reads back, per experience, ``cost/checkpoint_s`` (what training waited
-for: gathering each checkpoint and copying its tensors, part of the training time),
-``cost/checkpoint_write_s`` (serialising and writing, in Lightning's background writer thread),
-``cost/checkpoint_mb`` (size of one) and the training time. The share is taken within one run (both times come from the same experience), so
-it holds on a loaded machine too; the load average around each case is written beside it.
-Writes results/checkpoint_cost.md.
+for; part of the training time), ``cost/checkpoint_write_s`` (serialising and writing),
+``cost/checkpoint_mb`` (size of one) and the training time. The share is taken within one run
+(both times come from the same experience), so it holds on a loaded machine too; the load
+average around each case is written beside it.
+
+Then it compares writing in line with writing in a background thread
+(``trainer.checkpoint_async=false|true``) end to end: the digits case's training time, runs
+interleaved, at the default interval and with a checkpoint at every step, reported as the
+median ratio background / in line. Writes results/checkpoint_cost.md.
 
     .venv/bin/python experiments/checkpoint_cost.py
 """
@@ -14,6 +18,7 @@ Writes results/checkpoint_cost.md.
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,8 +28,9 @@ from lifelong_moe.tracking import names, queries
 from lifelong_moe.tracking import store as tracking_store
 
 REPO = Path(__file__).resolve().parent.parent
+CASE_DIGITS = "moe_mlp, permuted_digits (5 epochs x 20 steps)"
 CASES = {
-    "moe_mlp, permuted_digits (5 epochs x 20 steps)": [
+    CASE_DIGITS: [
         "method=lifelong_moe",
         "model=moe_mlp",
         "benchmark=permuted_digits",
@@ -72,21 +78,15 @@ def load() -> str:
     return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
-def main() -> None:
+def share_table() -> list[str]:
     lines = [
-        "# Checkpoint cost at the default interval (trainer.checkpoint_every_n_steps=100, and",
-        "# every epoch end), per experience. Command: .venv/bin/python experiments/checkpoint_cost.py",
+        "share = time training waited for checkpoints / training time of the same experience of",
+        "the same run (the wait is part of training time). On this CPU checkpoints are written in",
+        "line (trainer.checkpoint_async=auto), so the wait is the whole write. Load: 1-minute load",
+        "average before and after each case.",
         "",
-        "share = time training waited for checkpoints (gathering the state and copying its",
-        "tensors) / training time of the same experience of the same run (the wait is part of",
-        "training time). The writer thread serialises and writes each checkpoint beside training:",
-        "its time is shown as a share of training time too (on a GPU it overlaps free CPU time; on",
-        "this 2-core CPU it competes with training for the cores). Load: 1-minute load average",
-        "before and after each case.",
-        "",
-        "| case | experience | train s | waited s (all) | share | writer s (all) | writer share "
-        "| MB per checkpoint | load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | experience | train s | checkpoint s (all) | share | MB per checkpoint | load |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, args in CASES.items():
         before = load()
@@ -94,12 +94,60 @@ def main() -> None:
         where = f"{before} -> {load()}"
         for i, row in enumerate(rows):
             share = row["checkpoint_s"] / row["train_s"]
-            writer_share = row["write_s"] / row["train_s"]
             lines.append(
-                f"| {name} | {i} | {row['train_s']:.1f} | {row['checkpoint_s']:.3f} | "
-                f"{share:.1%} | {row['write_s']:.2f} | {writer_share:.1%} | "
-                f"{row['checkpoint_mb']:.2f} | {where} |"
+                f"| {name} | {i} | {row['train_s']:.2f} | {row['checkpoint_s']:.3f} | "
+                f"{share:.1%} | {row['checkpoint_mb']:.2f} | {where} |"
             )
+    return lines
+
+
+def background_table(repeats: int = 3) -> list[str]:
+    """Training time with checkpoints written in line and in a background thread, interleaved."""
+    lines = [
+        "",
+        "## In line or in a background thread (trainer.checkpoint_async), this machine",
+        "",
+        f"{CASE_DIGITS}: training time of both experiences, {repeats} runs of each, interleaved;",
+        "ratio = median background / median in line. `waited` is what training waited for per",
+        "checkpoint (gathering the state and copying tensors when in the background).",
+        "",
+        "| checkpoints | in line: train s | background: train s | ratio | waited per checkpoint, "
+        "in line / background | load |",
+        "|---|---|---|---|---|---|",
+    ]
+    # 2 experiences x 5 epochs x 20 steps: a checkpoint at each epoch end (the 100-step interval
+    # falls on the last one), or at every step.
+    settings = (
+        ("default interval", [], 2 * 5),
+        ("every step", ["trainer.checkpoint_every_n_steps=1"], 2 * 100),
+    )
+    for label, every, count in settings:
+        before = load()
+        train: dict[bool, list[float]] = {False: [], True: []}
+        waited: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(repeats):
+            for background in (False, True):
+                args = [*CASES[CASE_DIGITS], *every, f"trainer.checkpoint_async={background}"]
+                rows = measure(args)
+                train[background].append(sum(r["train_s"] for r in rows))
+                waited[background].append(sum(r["checkpoint_s"] for r in rows) / count)
+        inline, threaded = statistics.median(train[False]), statistics.median(train[True])
+        lines.append(
+            f"| {label} | {inline:.2f} | {threaded:.2f} | {threaded / inline:.2f} | "
+            f"{statistics.median(waited[False]) * 1e3:.1f} ms / "
+            f"{statistics.median(waited[True]) * 1e3:.1f} ms | {before} -> {load()} |"
+        )
+    return lines
+
+
+def main() -> None:
+    lines = [
+        "# Checkpoint cost at the default interval (trainer.checkpoint_every_n_steps=100, and",
+        "# every epoch end), per experience. Command: .venv/bin/python experiments/checkpoint_cost.py",
+        "",
+        *share_table(),
+        *background_table(),
+    ]
     out = REPO / "results" / "checkpoint_cost.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
