@@ -138,7 +138,7 @@ class RotatingCheckpointIO(TorchCheckpointIO):
         super().__init__()
         self.keep = keep
         self.bytes = 0  # size of the newest checkpoint written
-        self.write_seconds = 0.0  # serialising and writing
+        self.write_seconds = 0.0  # serialising and writing (a resume restores the earlier sum)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -193,7 +193,6 @@ class StepCheckpoint(L.Callback):
         self.sampler = sampler
         self.saved_step: int | None = None
         self.seconds = 0.0  # training waited for checkpoints (the cost/checkpoint_s metric)
-        self.earlier_write_s = 0.0  # the writer's time before a resumed fit's checkpoint
         # Training time of this experience before the checkpoint a resumed fit starts from, so
         # that cost/train_s counts the whole experience, not only the resumed part.
         self.earlier_train_s = 0.0
@@ -221,7 +220,7 @@ class StepCheckpoint(L.Callback):
             "epoch_end": self._at_epoch_end,
             "train_s": self.earlier_train_s + time.perf_counter() - self._start,
             "checkpoint_s": self.seconds,
-            "checkpoint_write_s": self.earlier_write_s + self.files.write_seconds,
+            "checkpoint_write_s": self.files.write_seconds,
         }
         stats = getattr(pl_module, "step_stats", None)
         if stats is not None:
@@ -242,7 +241,7 @@ class StepCheckpoint(L.Callback):
             self.sampler.set_epoch(checkpoint["epoch"] + int(bool(meta.get("epoch_end"))))
         self.earlier_train_s = meta.get("train_s", 0.0)
         self.seconds = meta.get("checkpoint_s", 0.0)
-        self.earlier_write_s = meta.get("checkpoint_write_s", 0.0)
+        self.files.write_seconds = meta.get("checkpoint_write_s", 0.0)  # nothing written yet
         stats = getattr(pl_module, "step_stats", None)
         if stats is not None and "step_stats" in meta:
             stats.load_state_dict(meta["step_stats"])
@@ -327,11 +326,10 @@ class StepCheckpoint(L.Callback):
             metrics.update(pl_module.step_stats.epoch_metrics())
         # Lightning has waited for the last write (teardown comes before on_fit_end). The costs
         # travel in callback_metrics: from a DDP worker, that is what reaches the main process.
-        io = self.files
         costs = {
             names.COST_CHECKPOINT_S: self.seconds,
-            names.COST_CHECKPOINT_WRITE_S: self.earlier_write_s + io.write_seconds,
-            names.COST_CHECKPOINT_MB: io.bytes / 2**20,
+            names.COST_CHECKPOINT_WRITE_S: self.files.write_seconds,
+            names.COST_CHECKPOINT_MB: self.files.bytes / 2**20,
             EARLIER_TRAIN_S: self.earlier_train_s,
         }
         metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in costs.items()})
