@@ -23,6 +23,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
 )
 FAST = ["trainer.max_epochs=2", "trainer.progress_bar=false", "tracking.log_checkpoints=false"]
+# As small a whole run as there is: 2 experiences of 10 steps (split digits, batch 64), 1 epoch.
+TINY_RUN = [
+    "benchmark=split_digits",
+    "benchmark.n_experiences=2",
+    "model.d_model=32",
+    "model.d_hidden=32",
+    "trainer.max_epochs=1",
+    "trainer.progress_bar=false",
+    "tracking.log_checkpoints=false",
+]
 
 
 def cli(*names: str) -> list[str]:

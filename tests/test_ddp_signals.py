@@ -17,19 +17,13 @@ import torch
 
 from lifelong_moe.methods.inferred_routing import ExperienceStatistics
 from lifelong_moe.resume import load_state
-from tests.conftest import benchmark_from_yaml, cli, run_cli, runs, store_uri
+from tests.conftest import TINY_RUN, benchmark_from_yaml, cli, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow
 # 10 batches an epoch on one process; 2 ranks take 5 steps each, so step 3 is mid-epoch.
 ARGS = [
-    "benchmark=split_digits",
-    "benchmark.n_experiences=2",
-    "model.d_model=32",
-    "model.d_hidden=32",
-    "trainer.max_epochs=1",
-    "trainer.progress_bar=false",
+    *TINY_RUN,
     "trainer.checkpoint_every_n_steps=5",
-    "tracking.log_checkpoints=false",
     "trainer.devices=2",
     "trainer.strategy=ddp",
 ]

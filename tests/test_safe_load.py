@@ -17,18 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.resume import STATE
-from tests.conftest import run_cli, runs, store_uri
+from tests.conftest import TINY_RUN, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow
-ARGS = [
-    "benchmark=split_digits",
-    "benchmark.n_experiences=2",
-    "model.d_model=32",
-    "model.d_hidden=32",
-    "trainer.max_epochs=1",
-    "trainer.progress_bar=false",
-    "tracking.log_checkpoints=false",
-]
+ARGS = TINY_RUN
 
 
 class RunsCode:

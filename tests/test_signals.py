@@ -12,20 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, run_cli, runs, store_uri
+from tests.conftest import TINY_RUN, cli, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow
-# Two experiences of 10 steps each (split digits, batch 64), as small a run as there is.
-ARGS = [
-    "benchmark=split_digits",
-    "benchmark.n_experiences=2",
-    "model.d_model=32",
-    "model.d_hidden=32",
-    "trainer.max_epochs=1",
-    "trainer.progress_bar=false",
-    "trainer.checkpoint_every_n_steps=5",
-    "tracking.log_checkpoints=false",
-]
+ARGS = [*TINY_RUN, "trainer.checkpoint_every_n_steps=5"]
 
 
 def run_signalled(
