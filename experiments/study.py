@@ -26,7 +26,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from lifelong_moe.tracking import names, queries
+from lifelong_moe import names
+from lifelong_moe.tracking import queries
 from lifelong_moe.tracking import store as tracking_store
 
 REPO = Path(__file__).resolve().parent.parent

@@ -469,7 +469,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def loop_main(args: argparse.Namespace, argv: list[str]) -> int:
     """Runner vs bare loop for each --epochs value; a markdown table on stdout."""
-    from lifelong_moe.loop_bench import measure
+    from lifelong_moe.run.loop_bench import measure
 
     rows = []
     try:

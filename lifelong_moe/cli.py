@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import NoReturn
 
-from lifelong_moe import signals
+from lifelong_moe.run import signals
 
 signals.install()  # before the heavy imports: a Ctrl-C during startup prints one line too
 
@@ -16,23 +15,9 @@ from hydra.errors import CompactHydraException  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from lifelong_moe import names  # noqa: E402
+from lifelong_moe.config.files import CONF_DIR, GROUPS, choices  # noqa: E402
 from lifelong_moe.errors import ConfigError, NonFiniteLossError  # noqa: E402
-from lifelong_moe.tracking import names  # noqa: E402
-
-
-def conf_dir() -> Path:
-    """conf/ inside the installed package (wheel), else the source tree's top-level conf/."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "conf"
-    return packaged if (packaged / "config.yaml").is_file() else here.parent / "conf"
-
-
-CONF_DIR = conf_dir()
-GROUPS = ("benchmark", "model", "method", "trainer", "tracking", "experiment")
-
-
-def choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def check_choices(args: list[str]) -> None:
@@ -77,7 +62,7 @@ def fail(message: str, exit_code: int) -> NoReturn:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> float | None:
-    from lifelong_moe.runner import run
+    from lifelong_moe.run.loop import run
 
     with open_dict(cfg):
         if cfg.tracking.get("sweep_id") is None:
@@ -100,7 +85,7 @@ def app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    from lifelong_moe.config_schema import check_command_line
+    from lifelong_moe.config.schema import check_command_line
     from lifelong_moe.tracking.hydra_callback import close_open_parents
 
     try:

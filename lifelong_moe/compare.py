@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from lifelong_moe import names
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation.metrics import mean_std
-from lifelong_moe.tracking import names, queries, store
+from lifelong_moe.tracking import queries, store
 
 # Columns per matrix kind: the end-of-stream quality metrics, then the costs.
 QUALITY = {

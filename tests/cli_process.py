@@ -24,7 +24,7 @@ def _context():
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["lifelong_moe.cli", "lifelong_moe.runner", __name__])
+        _CONTEXT.set_forkserver_preload(["lifelong_moe.cli", "lifelong_moe.run.loop", __name__])
     return _CONTEXT
 
 

@@ -106,7 +106,7 @@ def benchmark_from_yaml(name: str, seed: int = 0, **overrides: object):
     apply overrides, and build it (``config_schema.instantiate`` drops ``name``)."""
     from omegaconf import OmegaConf
 
-    from lifelong_moe.config_schema import instantiate
+    from lifelong_moe.config.schema import instantiate
 
     conf = REPO / "conf" / "benchmark"
     cfg = OmegaConf.create({"seed": seed, "benchmark": OmegaConf.load(conf / f"{name}.yaml")})

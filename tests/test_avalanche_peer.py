@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from lifelong_moe.data.digits import split_digits
-from lifelong_moe.data.stream import Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation.evaluate import evaluate
 from lifelong_moe.methods.avalanche_peer import AvalanchePeer
 from lifelong_moe.models.mlp import ResidualMLP
 from lifelong_moe.moe import MoESettings
+from lifelong_moe.stream import Stream
 from tests.conftest import artifact_json, run_cli, runs, store_uri
 from tests.test_baselines import kill_and_resume
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
-from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.distillation import distillation
@@ -23,6 +22,7 @@ from lifelong_moe.methods.replay_buffer import ReplayBuffer, balanced_quotas
 from lifelong_moe.models import moe_layers
 from lifelong_moe.models.mlp import ResidualMLP
 from lifelong_moe.moe import MoESettings
+from lifelong_moe.stream import Experience, Stream
 from tests.conftest import artifact_json, run_cli, runs, store_uri
 
 

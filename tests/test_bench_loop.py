@@ -10,9 +10,9 @@ import torch
 
 from lifelong_moe import bench
 from lifelong_moe.errors import NonFiniteLossError
-from lifelong_moe.loop_bench import bare_side, compose, runner_side
 from lifelong_moe.methods.step_stats import StepStats
-from lifelong_moe.runner import build
+from lifelong_moe.run.loop import build
+from lifelong_moe.run.loop_bench import bare_side, compose, runner_side
 
 TINY = [
     "method=naive",

@@ -14,8 +14,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from lifelong_moe.checkpointing import checkpoints
-from lifelong_moe.tracking import names
+from lifelong_moe import names
+from lifelong_moe.run.checkpoints import checkpoints
 from tests.conftest import artifact_json, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow

@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 
-from lifelong_moe import config_schema
 from lifelong_moe.cli import CONF_DIR, choices
-from lifelong_moe.config_schema import check_command_line, check_config, check_target
+from lifelong_moe.config import schema as config_schema
+from lifelong_moe.config.schema import check_command_line, check_config, check_target
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.loop_bench import compose
-from lifelong_moe.runner import build
+from lifelong_moe.run.loop import build
+from lifelong_moe.run.loop_bench import compose
 from tests.conftest import FAST, run_cli, runs, store_uri
 
 CASES = {

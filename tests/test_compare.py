@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from lifelong_moe import names
 from lifelong_moe.compare import build_filter, filter_clause, main
 from lifelong_moe.evaluation.metrics import (
     average_accuracy,
@@ -18,7 +19,6 @@ from lifelong_moe.evaluation.metrics import (
     summarize,
     summarize_loss,
 )
-from lifelong_moe.tracking import names
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402

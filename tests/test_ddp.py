@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lifelong_moe.tracking import names
+from lifelong_moe import names
 from tests.conftest import FAST, artifact_json, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow

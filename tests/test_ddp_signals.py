@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lifelong_moe.methods.inferred_routing import ExperienceStatistics
-from lifelong_moe.resume import load_state
+from lifelong_moe.run.resume import load_state
 from tests.conftest import TINY_RUN, benchmark_from_yaml, cli, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.distillation import distillation
@@ -15,6 +14,7 @@ from lifelong_moe.methods.lifelong_moe import LifelongMoE
 from lifelong_moe.models import moe_layers
 from lifelong_moe.models.mlp import ResidualMLP
 from lifelong_moe.moe import MoESettings
+from lifelong_moe.stream import Experience, Stream
 
 
 def tiny_stream(n_experiences: int = 3, task_labels: bool = False) -> Stream:

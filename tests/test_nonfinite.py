@@ -14,7 +14,7 @@ from torch import nn
 from lifelong_moe.errors import NonFiniteLossError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.naive import Naive
-from lifelong_moe.tracking.names import RESUME_FOLDER
+from lifelong_moe.names import RESUME_FOLDER
 from tests.conftest import FAST, REPO, run_cli, runs, store_uri
 
 

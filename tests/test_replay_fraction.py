@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from lifelong_moe.data.stream import Experience
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import replay_windows
 from lifelong_moe.methods.naive import Naive
 from lifelong_moe.models.mlp import ResidualMLP
 from lifelong_moe.moe import MoESettings
+from lifelong_moe.stream import Experience
 from tests.conftest import FAST, run_cli, runs, store_uri
 
 

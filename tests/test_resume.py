@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lifelong_moe.tracking import names
+from lifelong_moe import names
 from tests.conftest import artifact_json, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow

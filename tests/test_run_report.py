@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lifelong_moe.tracking import names
+from lifelong_moe import names
 from tests.conftest import FAST, run_cli, runs, store_uri
 
 T = 2

@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.resume import STATE
+from lifelong_moe.run.resume import STATE
 from tests.conftest import TINY_RUN, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow
@@ -157,8 +157,8 @@ def test_a_stored_config_builds_only_the_toolkits_classes_from_a_remote_store(
     """A run's config.yaml names the classes a resume builds; on a server anyone may edit it."""
     from omegaconf import OmegaConf
 
-    from lifelong_moe import resume as resume_module
-    from lifelong_moe.tracking import names
+    from lifelong_moe import names
+    from lifelong_moe.run import resume as resume_module
 
     uri, run_id, state = store
     config = state.parent.parent / names.CONFIG

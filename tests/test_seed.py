@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader, TensorDataset
 
-from lifelong_moe.data.stream import Experience, Stream
+from lifelong_moe import names
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation.evaluate import evaluate
 from lifelong_moe.methods.seed import (
@@ -26,7 +26,7 @@ from lifelong_moe.methods.seed import (
 from lifelong_moe.models import load_model, save_model
 from lifelong_moe.models.mlp import ResidualMLP
 from lifelong_moe.models.vit import PatchTransformer
-from lifelong_moe.tracking import names
+from lifelong_moe.stream import Experience, Stream
 from tests.conftest import FAST, artifact_json, benchmark_from_yaml, run_cli, runs, store_uri
 
 

@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from lifelong_moe import compare
+from lifelong_moe.names import MODEL_DEVELOPMENT
+from lifelong_moe.names import TAG_EXPERIMENT_KIND as EXPERIMENT_KIND
 from lifelong_moe.tracking import queries
-from lifelong_moe.tracking.names import MODEL_DEVELOPMENT
-from lifelong_moe.tracking.names import TAG_EXPERIMENT_KIND as EXPERIMENT_KIND
 from lifelong_moe.tracking.store import ui_hint, ui_url
 from lifelong_moe.tracking.sweep import (
     PARENT_COLOR,

@@ -7,7 +7,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch.utils.data import TensorDataset
 
-from lifelong_moe import throughput
+from lifelong_moe.measure import throughput
 from lifelong_moe.models import count_parameters
 from lifelong_moe.models.lm import CausalLM
 from lifelong_moe.moe import MoESettings

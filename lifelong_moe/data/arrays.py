@@ -15,8 +15,8 @@ from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
 from lifelong_moe.data.materialize import materialize
-from lifelong_moe.data.stream import Stream
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.stream import Stream
 
 Arrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """``(x_train, y_train, x_test, y_test)``."""

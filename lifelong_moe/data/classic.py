@@ -31,8 +31,8 @@ from lifelong_moe import checks
 from lifelong_moe.data.arrays import check_class_order, check_count, check_n_experiences
 from lifelong_moe.data.downloads import loading, require, resolve_root
 from lifelong_moe.data.materialize import materialize
-from lifelong_moe.data.stream import Stream
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.stream import Stream
 
 
 @dataclass(frozen=True)

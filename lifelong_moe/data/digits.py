@@ -17,7 +17,7 @@ from lifelong_moe.data.arrays import (
     standardize,
     stratified_split,
 )
-from lifelong_moe.data.stream import Stream
+from lifelong_moe.stream import Stream
 
 N_CLASSES = 10
 

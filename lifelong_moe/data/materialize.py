@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lifelong_moe.data.stream import Experience, Stream
+from lifelong_moe.stream import Experience, Stream
 
 
 class TripleView(Dataset):

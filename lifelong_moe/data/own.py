@@ -38,8 +38,8 @@ from lifelong_moe.data.arrays import (
     standardize,
     stratified_split,
 )
-from lifelong_moe.data.stream import Stream
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.stream import Stream
 
 SCENARIOS = ("class_incremental", "domain_incremental")
 

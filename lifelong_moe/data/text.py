@@ -56,8 +56,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
-from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.stream import Experience, Stream
 
 VOCAB_SIZE = 256
 SCENARIO = "language_modeling"

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from lifelong_moe.data.stream import Experience, Stream
+from lifelong_moe.stream import Experience, Stream
 
 ExpertMask = Callable[[Experience], torch.Tensor | None]
 

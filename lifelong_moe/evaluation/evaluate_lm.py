@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lifelong_moe.data.stream import Stream
 from lifelong_moe.evaluation.evaluate import Evaluation, ExpertMask, RoutingCounts, forward
+from lifelong_moe.stream import Stream
 
 
 @torch.no_grad()

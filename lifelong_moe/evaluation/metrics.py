@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lifelong_moe.tracking import names
+from lifelong_moe import names
 
 ArrayLike = np.ndarray | Sequence[Sequence[float]]
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lifelong_moe.tracking import names
+from lifelong_moe import names
 
 Shares = Sequence[Sequence[float]]  # [test experience j][expert e]
 

@@ -2,7 +2,7 @@
 
 A row is a dict of metric name -> value, computed from the matrices the loop has accumulated
 (accuracy R, task-IL accuracy, language-model loss L, routing shares); the runner logs it with
-step = experience index. Names come from :mod:`lifelong_moe.tracking.names`.
+step = experience index. Names come from :mod:`lifelong_moe.names`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lifelong_moe import names
 from lifelong_moe.evaluation import metrics
 from lifelong_moe.evaluation.routing import routing_metrics
-from lifelong_moe.tracking import names
 
 Matrix = Sequence[Sequence[float]]
 

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
+from lifelong_moe.stream import Experience, Stream
 
 
 class LogitsOnly(nn.Module):

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from lifelong_moe import checks, ddp_signals
-from lifelong_moe.data.stream import Experience, Stream
+from lifelong_moe import checks, names
 from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.methods.replay_buffer import ReplayBuffer
 from lifelong_moe.methods.step_stats import StepStats
 from lifelong_moe.models import moe_layers
-from lifelong_moe.tracking import names
+from lifelong_moe.run import stop_sync
+from lifelong_moe.stream import Experience, Stream
 
 __all__ = ["ContinualMethod", "make_replay"]
 
@@ -131,7 +131,7 @@ class ContinualMethod(L.LightningModule):
         read with ``weights_only=True``.
         """
         trainer.fit(self, loader, ckpt_path=ckpt_path, weights_only=True)
-        ddp_signals.after_fit(trainer)  # DDP workers stopped on a signal: Interrupted here
+        stop_sync.after_fit(trainer)  # DDP workers stopped on a signal: Interrupted here
 
     def after_experience(self, exp: Experience) -> None:
         """Called after evaluation of experience ``exp``; e.g. EWC's Fisher, replay buffer updates.

@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lifelong_moe import checks
-from lifelong_moe.data.stream import Experience
 from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.stream import Experience
 
 
 class EWC(ContinualMethod):

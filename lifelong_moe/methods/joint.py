@@ -2,8 +2,8 @@
 
 from torch.utils.data import ConcatDataset, Dataset
 
-from lifelong_moe.data.stream import Experience
 from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.stream import Experience
 
 
 class Joint(ContinualMethod):

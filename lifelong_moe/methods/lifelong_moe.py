@@ -29,13 +29,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lifelong_moe import checks
-from lifelong_moe.data.stream import Experience
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.distillation import distillation, router_distillation
 from lifelong_moe.methods.inferred_routing import ExperienceStatistics, routing_bias
 from lifelong_moe.models import moe_layers
 from lifelong_moe.moe.router import BALANCE_SCOPES
+from lifelong_moe.stream import Experience
 
 
 class LifelongMoE(ContinualMethod):

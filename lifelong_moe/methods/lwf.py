@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from lifelong_moe import checks
-from lifelong_moe.data.stream import Experience
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.distillation import distillation
+from lifelong_moe.stream import Experience
 
 
 class LwF(ContinualMethod):

@@ -52,11 +52,11 @@ from torch.distributions import MultivariateNormal, kl_divergence
 from torch.utils.data import DataLoader, Dataset
 
 from lifelong_moe import checks
-from lifelong_moe.data.stream import Experience, Stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.models.mlp import ResidualMLP
 from lifelong_moe.models.vit import PatchTransformer
+from lifelong_moe.stream import Experience, Stream
 
 
 # -- splitting our backbones into a shared stem and an expert trunk ----------------------------

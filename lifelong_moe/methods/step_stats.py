@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from lifelong_moe import names
 from lifelong_moe.errors import NonFiniteLossError
-from lifelong_moe.tracking import names
 
 
 class StepStats:

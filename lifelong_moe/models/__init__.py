@@ -33,7 +33,7 @@ def build_model(node: Mapping[str, Any], input_shape: Sequence[int], n_classes: 
     The user's keys stay flat (``model.n_experts=8``); the backbones take them as one
     ``moe: MoESettings``. A wrong key or type is one ConfigError line.
     """
-    from lifelong_moe.config_schema import instantiate  # it imports the MoE core, not models
+    from lifelong_moe.config.schema import instantiate  # it imports the MoE core, not models
 
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)

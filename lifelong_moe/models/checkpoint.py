@@ -65,7 +65,7 @@ def load_model(path: str | Path, trust: bool = False) -> nn.Module:
     ``_target_`` must be one of the toolkit's classes, since it is called with the file's
     arguments; ``trust=True`` allows others (your own backbone, from a file you trust).
     """
-    from lifelong_moe.config_schema import check_own_targets
+    from lifelong_moe.config.schema import check_own_targets
     from lifelong_moe.models import build_model  # the package imports this module first
 
     saved = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,7 +1,7 @@
 """Writing one experiment run: ``RunTracker`` (rank 0) and ``SilentTracker`` (other ranks).
 
 Run = one (method, benchmark, seed). Params: the flattened resolved config. Tags, metric and
-artifact names: :mod:`lifelong_moe.tracking.names`. Metrics use step = experience index, so
+artifact names: :mod:`lifelong_moe.names`. Metrics use step = experience index, so
 curves from successive Trainers never overlap. Reads go through
 :mod:`lifelong_moe.tracking.queries`, the client and the store check through
 :mod:`lifelong_moe.tracking.store`.
@@ -22,7 +22,8 @@ from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 
-from lifelong_moe.tracking import names, queries, store
+from lifelong_moe import names
+from lifelong_moe.tracking import queries, store
 from lifelong_moe.tracking.store import redact
 
 LIBRARIES = ("torch", "lightning", "avalanche-lib", "hydra-core", "mlflow", "torchmetrics")

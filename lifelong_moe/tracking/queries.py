@@ -2,7 +2,7 @@
 
 Resume, compare, the sweep's parent run and experiments/ ask here, so the filter strings and
 artifact paths that depend on the layout written by :mod:`lifelong_moe.tracking.mlflow_run` are
-spelled once (through :mod:`lifelong_moe.tracking.names`). Functions take a client from
+spelled once (through :mod:`lifelong_moe.names`). Functions take a client from
 :func:`lifelong_moe.tracking.store.client` and return plain values; refusing a run is the
 caller's business (resume's checks, compare's errors).
 """
@@ -19,7 +19,7 @@ from typing import Any
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from lifelong_moe.tracking import names
+from lifelong_moe import names
 
 EXPERIMENT_RUNS = f"tags.{names.TAG_KIND} = '{names.KIND_EXPERIMENT}'"
 UNFINISHED = "attributes.status != 'FINISHED'"

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lifelong_moe.tracking import names
+from lifelong_moe import names
 
 # The MLflow dataset table keeps at most 36 characters of digest.
 DIGEST_CHARS = 36

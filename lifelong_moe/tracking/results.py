@@ -1,7 +1,7 @@
 """The artifacts a finished run leaves in MLflow: matrices, tables, plots, summary, description.
 
 Written once, after the last experience, from the matrices the loop accumulated. Paths come
-from :mod:`lifelong_moe.tracking.names`; the description is what the run's page shows first.
+from :mod:`lifelong_moe.names`; the description is what the run's page shows first.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from lifelong_moe.data.stream import Stream
+from lifelong_moe import names
 from lifelong_moe.evaluation.plots import plot_matrix, plot_routing
-from lifelong_moe.tracking import names, report
+from lifelong_moe.stream import Stream
+from lifelong_moe.tracking import report
 from lifelong_moe.tracking.mlflow_run import RunTracker
 
 

@@ -23,8 +23,8 @@ import mlflow
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.tracking import MlflowClient
 
+from lifelong_moe import names
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.tracking import names
 
 URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^\s@]+@")
 

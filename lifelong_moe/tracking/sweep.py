@@ -22,8 +22,8 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from lifelong_moe import compare
-from lifelong_moe.tracking import names, queries, store
+from lifelong_moe import compare, names
+from lifelong_moe.tracking import queries, store
 from lifelong_moe.tracking.store import check_store
 
 GROUP_BY = [names.TAG_METHOD, names.TAG_BENCHMARK]

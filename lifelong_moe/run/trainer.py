@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.trainer.connectors import callback_connector as _callback_connector
 from omegaconf import DictConfig
 
-from lifelong_moe.tracking import names
+from lifelong_moe import names
 
 PROGRESS_REFRESH_STEPS = 10
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lifelong_moe.tracking import names
+from lifelong_moe import names
 
 
 def experience_line(

@@ -24,8 +24,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from lifelong_moe import signals
-from lifelong_moe.checkpointing import (
+from lifelong_moe import names
+from lifelong_moe.config.schema import check_config, instantiate
+from lifelong_moe.evaluation import rows
+from lifelong_moe.evaluation.evaluate import evaluator_for
+from lifelong_moe.measure.costs import cost_row
+from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.methods.lr_schedule import LRSchedule
+from lifelong_moe.models import save_model
+from lifelong_moe.models.checkpoint import model_payload, restore_model
+from lifelong_moe.moe import MoESettings
+from lifelong_moe.run import signals
+from lifelong_moe.run.checkpoints import (
     EARLIER_TRAIN_S,
     StepCheckpoint,
     checkpoint_writer,
@@ -35,19 +45,8 @@ from lifelong_moe.checkpointing import (
     make_loader,
     remove,
 )
-from lifelong_moe.config_schema import check_config, instantiate
-from lifelong_moe.console import experience_line, print_report
-from lifelong_moe.costs import cost_row
-from lifelong_moe.data.stream import Experience, Stream
-from lifelong_moe.ddp_signals import StopSync, forwarder
-from lifelong_moe.evaluation import rows
-from lifelong_moe.evaluation.evaluate import evaluator_for
-from lifelong_moe.methods.base import ContinualMethod
-from lifelong_moe.methods.lr_schedule import LRSchedule
-from lifelong_moe.models import save_model
-from lifelong_moe.models.checkpoint import model_payload, restore_model
-from lifelong_moe.moe import MoESettings
-from lifelong_moe.resume import (
+from lifelong_moe.run.console import experience_line, print_report
+from lifelong_moe.run.resume import (
     STATE,
     History,
     checkpoint_dir,
@@ -58,7 +57,10 @@ from lifelong_moe.resume import (
     slurm_job,
     state,
 )
-from lifelong_moe.tracking import names, report
+from lifelong_moe.run.stop_sync import StopSync, forwarder
+from lifelong_moe.run.trainer import make_trainer
+from lifelong_moe.stream import Experience, Stream
+from lifelong_moe.tracking import report
 from lifelong_moe.tracking.mlflow_run import (
     RunTracker,
     flatten,
@@ -68,7 +70,6 @@ from lifelong_moe.tracking.mlflow_run import (
 )
 from lifelong_moe.tracking.results import log_results
 from lifelong_moe.tracking.store import check_store, is_local
-from lifelong_moe.trainer import make_trainer
 
 # Lightning's per-fit banners (GPU available, tips) would repeat at every experience.
 for _name in ("lightning.pytorch", "lightning.fabric"):
@@ -363,7 +364,7 @@ def fit(
     )
     trainer = make_trainer(cfg, callbacks=[saver, StopSync()], checkpoint_io=writer)
     if exp.method.lightning_loop:
-        # A signal stops at the next step boundary, DDP workers included (ddp_signals.py).
+        # A signal stops at the next step boundary, DDP workers included (stop_sync.py).
         with signals.training(forward=forwarder(trainer)):
             exp.method.fit_experience(experience, loader, trainer, ckpt_path=ckpt)
     else:

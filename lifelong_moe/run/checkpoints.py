@@ -44,9 +44,9 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lifelong_moe import checks, ddp_signals, signals
+from lifelong_moe import checks, names
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.tracking import names
+from lifelong_moe.run import signals, stop_sync
 
 NAME = re.compile(r"exp(\d+)-step(\d+)\.ckpt$")
 # Training seconds of the experience before the checkpoint a resumed fit started from.
@@ -203,7 +203,7 @@ class StepCheckpoint(L.Callback):
 
     # -- what Lightning stores of this callback ------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        from lifelong_moe.resume import capture_rng
+        from lifelong_moe.run.resume import capture_rng
 
         return {"rng": capture_rng()}
 
@@ -272,7 +272,7 @@ class StepCheckpoint(L.Callback):
     def apply_pending_rng(self) -> None:
         """Bring the RNGs to where the checkpoint was written (also when fit had nothing left)."""
         if self._pending_rng is not None:
-            from lifelong_moe.resume import restore_rng
+            from lifelong_moe.run.resume import restore_rng
 
             restore_rng(self._pending_rng)
             self._pending_rng = None
@@ -286,11 +286,11 @@ class StepCheckpoint(L.Callback):
         signals.point("train_step", self.experience, step, settle=self.writer.teardown)
         if idx + 1 >= trainer.num_training_batches:
             return  # the epoch's last batch: on_train_epoch_end writes the checkpoint
-        stop = ddp_signals.decide(trainer)  # under DDP every rank gets the same answer
+        stop = stop_sync.decide(trainer)  # under DDP every rank gets the same answer
         if stop or (self.every_n_steps and step % self.every_n_steps == 0):
             self.save(trainer)
         if stop:
-            ddp_signals.stop(trainer, stop)
+            stop_sync.stop(trainer, stop)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the epoch's checkpoint once the epoch is over in Lightning's progress.
@@ -308,9 +308,9 @@ class StepCheckpoint(L.Callback):
             self.save(trainer)
         finally:
             self._at_epoch_end = False
-        stop = ddp_signals.decide(trainer)
+        stop = stop_sync.decide(trainer)
         if stop:
-            ddp_signals.stop(trainer, stop)
+            stop_sync.stop(trainer, stop)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After a resume that had no epoch left to train, report the finished epoch's means.

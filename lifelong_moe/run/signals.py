@@ -14,7 +14,7 @@ SIGUSR1 and SIGUSR2 (sent by SLURM ahead of a preemption or a time limit, see ``
 stop the run the same way, then requeue the job so that it resumes from its checkpoint.
 
 Under DDP on one machine the ranks are worker processes of the main one, alive during ``fit``
-only (``ddp_signals.py``): the main process forwards its signals to them, a worker only records
+only (``run/stop_sync.py``): the main process forwards its signals to them, a worker only records
 the first signal it gets (a Ctrl-C reaches it twice: from the terminal and forwarded), the ranks
 agree at every step boundary to stop at the same step, and the main process raises
 ``Interrupted`` once ``fit`` has returned. A second signal to the main process kills the workers
@@ -118,7 +118,7 @@ def enter_worker() -> None:
     """In a DDP worker process (for one ``fit``): record the first signal, ignore the others.
 
     A forked worker enters this mode as it is forked (``_after_fork``), a spawned one, which
-    starts without our handlers, when its ``fit`` sets up (``ddp_signals.StopSync``). What was
+    starts without our handlers, when its ``fit`` sets up (``stop_sync.StopSync``). What was
     recorded before stays: the next step boundary acts on it.
     """
     STATE.worker, STATE.training, STATE.forward = True, True, None

@@ -34,7 +34,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
-from lifelong_moe import signals
+from lifelong_moe.run import signals
 
 REPORT = "signals/stop"  # [signal number or 0, step]: rank 0's word to the main process
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lifelong_moe import names
+from lifelong_moe.measure.throughput import throughput_metrics
 from lifelong_moe.models import count_parameters
-from lifelong_moe.throughput import throughput_metrics
-from lifelong_moe.tracking import names
 
 
 def peak_memory_mb(device: torch.device) -> float:

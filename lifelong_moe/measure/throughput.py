@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lifelong_moe import names
 from lifelong_moe.models import count_parameters
-from lifelong_moe.tracking import names
 
 # Dense (no sparsity) peak FLOP/s from the vendors' data sheets, by device name substring.
 PEAK_FLOPS: dict[str, dict[str, float]] = {

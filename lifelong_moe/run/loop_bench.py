@@ -15,7 +15,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from lifelong_moe.config.files import CONF_DIR
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -64,8 +63,8 @@ class Clock:
 
 def runner_side(cfg: DictConfig) -> Clock:
     """Seconds of the runner's training over the stream: sum of ``time/train_s``."""
-    from lifelong_moe.runner import build
-    from lifelong_moe.trainer import make_trainer
+    from lifelong_moe.run.loop import build
+    from lifelong_moe.run.trainer import make_trainer
 
     exp = build(cfg)
     clock = Clock(exp.model)
@@ -82,7 +81,7 @@ def runner_side(cfg: DictConfig) -> Clock:
 
 def bare_side(cfg: DictConfig) -> Clock:
     """Seconds of a plain PyTorch loop doing the same training over the stream."""
-    from lifelong_moe.runner import build
+    from lifelong_moe.run.loop import build
 
     exp = build(cfg)
     method, model = exp.method, exp.model

@@ -1,0 +1,1 @@
+"""Measurement: the ``cost/*`` row of a run (parameters, time, memory, throughput)."""

@@ -1,0 +1,1 @@
+"""The run: the experience loop, its Trainer, step checkpoints, resume, signals and the DDP stop decision."""
