@@ -103,10 +103,10 @@ def workdir(tmp_path: Path) -> Path:
 
 def benchmark_from_yaml(name: str, seed: int = 0, **overrides: object):
     """What the runner does with conf/benchmark/<name>.yaml: compose it with a top-level seed,
-    apply overrides, and build it (``config_schema.instantiate`` drops ``name``)."""
+    apply overrides, and build it (``targets.instantiate`` drops ``name``)."""
     from omegaconf import OmegaConf
 
-    from lifelong_moe.config.schema import instantiate
+    from lifelong_moe.targets import instantiate
 
     conf = REPO / "conf" / "benchmark"
     cfg = OmegaConf.create({"seed": seed, "benchmark": OmegaConf.load(conf / f"{name}.yaml")})

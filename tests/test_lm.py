@@ -10,7 +10,6 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from lifelong_moe import names
-from lifelong_moe.config.schema import instantiate
 from lifelong_moe.data.text import VOCAB_SIZE, text_domains
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation import metrics
@@ -19,6 +18,7 @@ from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.models import build_model, count_parameters, moe_layers
 from lifelong_moe.models.lm import CausalLM
 from lifelong_moe.moe import MoESettings
+from lifelong_moe.targets import instantiate
 from tests.conftest import FAST, benchmark_from_yaml, run_cli, runs, store_uri
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")

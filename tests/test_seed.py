@@ -16,15 +16,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lifelong_moe import names
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation.evaluate import evaluate
-from lifelong_moe.methods.seed import (
-    Seed,
-    bayes_log_probs,
-    fit_gaussian,
-    overlap_score,
-    select_expert,
-)
+from lifelong_moe.methods.seed import Seed, fit_gaussian, overlap_score, select_expert
 from lifelong_moe.models import load_model, save_model
 from lifelong_moe.models.mlp import ResidualMLP
+from lifelong_moe.models.seed_ensemble import bayes_log_probs
 from lifelong_moe.models.vit import PatchTransformer
 from lifelong_moe.stream import Experience, Stream
 from tests.conftest import FAST, artifact_json, benchmark_from_yaml, run_cli, runs, store_uri

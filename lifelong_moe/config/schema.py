@@ -27,15 +27,14 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import hydra.utils
-from hydra.errors import InstantiationException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lifelong_moe import checks
+from lifelong_moe import checks, compat
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.lr_schedule import SCHEDULES
 from lifelong_moe.moe import MoESettings
+from lifelong_moe.targets import parameters
 
 Check = Callable[[str, Any], Any]
 
@@ -153,13 +152,12 @@ def fields_of(settings: type) -> dict[str, Any]:
 # -- the top level and the plain groups ---------------------------------------------------------
 def _precision(key: str, value: Any) -> None:
     """The values Lightning accepts: 32-true, bf16-mixed, ..., and the aliases 32, "bf16"."""
-    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 
     def flat(annotation: Any) -> list:
         args = typing.get_args(annotation)
         return [v for a in args for v in flat(a)] if _is_union(annotation) else list(args)
 
-    valid = flat(_PRECISION_INPUT)
+    valid = flat(compat.precision_input())
     if not fits(Literal[tuple(valid)], value):
         checks.choice(key, value, dict.fromkeys(str(v) for v in valid))
 
@@ -254,30 +252,6 @@ def check_tracking(cfg: Mapping[str, Any]) -> None:
 
 
 # -- the _target_ groups ------------------------------------------------------------------------
-@functools.cache
-def parameters(target: str) -> dict[str, Any]:
-    """(name -> annotation) of the target's keyword parameters; {"**": Any} if it takes **kwargs."""
-    from hydra._internal.utils import _locate  # get_object without its error log
-
-    try:
-        obj = _locate(target)
-    except Exception as error:
-        why = error.__cause__ or (str(error).splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"_target_={target!r}: expected an importable class ({why})") from None
-    function = obj.__init__ if inspect.isclass(obj) else obj
-    try:
-        hints = typing.get_type_hints(function)
-    except Exception:  # an annotation that does not resolve: check the names only
-        hints = {}
-    found: dict[str, Any] = {}
-    for name, p in inspect.signature(obj).parameters.items():
-        if p.kind is p.VAR_KEYWORD:
-            found["**"] = Any
-        elif p.kind is not p.VAR_POSITIONAL:
-            found[name] = hints.get(name, Any)
-    return found
-
-
 def target_schema(group: str, node: Mapping[str, Any]) -> dict[str, Any]:
     """(key -> annotation) of what a ``_target_`` group node may hold; {"**": Any} included
     when the target takes any keyword."""
@@ -337,52 +311,6 @@ def check_config(cfg: DictConfig) -> None:
         check_target(group, data[group])
     check_trainer(data["trainer"])
     check_tracking(data["tracking"])
-
-
-OWN_PACKAGE = "lifelong_moe."
-
-
-def check_own_targets(node: Any, where: str, hint: str, path: str = "") -> None:
-    """A config read from where others can write (a tracking server's run, a model file) builds
-    only the toolkit's own classes: a ``_target_`` is called with its node's keys, so
-    ``_target_: os.system`` would run a command on whoever resumes or loads it."""
-    if isinstance(node, DictConfig | ListConfig):
-        node = OmegaConf.to_container(node, resolve=False)
-    if isinstance(node, Mapping):
-        target = node.get("_target_")
-        if target is not None and not str(target).startswith(OWN_PACKAGE):
-            key = f"{path}._target_" if path else "_target_"
-            raise ConfigError(
-                f"{where}: {key}={target!r} is not one of lifelong_moe's classes; {hint}"
-            )
-        for key, value in node.items():
-            check_own_targets(value, where, hint, f"{path}.{key}" if path else str(key))
-    elif isinstance(node, list):
-        for k, value in enumerate(node):
-            check_own_targets(value, where, hint, f"{path}[{k}]")
-
-
-def instantiate(node: DictConfig | Mapping[str, Any], group: str, **supplied: Any) -> Any:
-    """Build a config group node's ``_target_`` with ``supplied`` objects (the model, the
-    input shape), surfacing the user's ConfigError as itself.
-
-    Hydra builds a partial from the config only: objects the runner supplies are passed as
-    they are (Hydra would turn a dataclass such as MoESettings into a dict).
-    """
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    cfg = {k: v for k, v in node.items() if k != "name"}
-    target_schema(group, cfg)  # a missing or unimportable _target_: one line naming it
-    try:
-        factory = hydra.utils.instantiate(
-            {**cfg, "_partial_": True}, _convert_="all", _recursive_=False
-        )
-    except InstantiationException as error:
-        raise ConfigError(f"{group}: {_one_line(error.__cause__ or error)}") from None
-    try:
-        return factory(**supplied)
-    except TypeError as error:  # an argument the target does not take
-        raise ConfigError(f"{group}: {error}") from None
 
 
 # -- the command line, before Hydra -------------------------------------------------------------
@@ -446,7 +374,6 @@ def jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     """
     if not multirun:
         return [overrides]
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -455,7 +382,7 @@ def jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     except HydraException as error:
         raise ConfigError(_one_line(error)) from None
     discrete = [o for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
-    return BasicSweeper.split_arguments(discrete, None)[0]
+    return compat.split_sweep(discrete)[0]
 
 
 def check_command_line(args: list[str], config_dir: Path, config_name: str = "config") -> None:
@@ -464,9 +391,7 @@ def check_command_line(args: list[str], config_dir: Path, config_name: str = "co
     Skipped for Hydra's informational flags (--help, --cfg, --info, ...) and when the command
     changes where configs come from (--config-dir/--config-path): runner.build checks then.
     """
-    from hydra._internal.utils import get_args_parser
-
-    parsed = get_args_parser().parse_args(args)
+    parsed = compat.hydra_args_parser().parse_args(args)
     informational = parsed.help or parsed.hydra_help or parsed.cfg or parsed.info
     if informational or parsed.shell_completion or parsed.config_dir or parsed.config_path:
         return

@@ -1,6 +1,6 @@
 """Evaluate a model on every test experience: one interface, one result type for every stream.
 
-``evaluator_for(stream)`` picks :func:`evaluate` (classification: class-IL and task-IL accuracy
+``evaluation.evaluator.evaluator_for(stream)`` picks :func:`evaluate` (classification: class-IL and task-IL accuracy
 through torchmetrics) or :func:`lifelong_moe.evaluation.evaluate_lm.evaluate_lm` (language
 modelling: exact per-byte loss, perplexity, next-byte accuracy). Both take the same arguments
 and return an :class:`Evaluation`, so the runner never asks which one it called. Routing shares
@@ -111,12 +111,3 @@ def evaluate(
         accuracy_task=accuracy_task if stream.task_labels else None,
         routing=routing.by_layer(),
     )
-
-
-def evaluator_for(stream: Stream) -> Evaluator:
-    """The evaluator of the stream's scenario."""
-    if stream.scenario == "language_modeling":
-        from lifelong_moe.evaluation.evaluate_lm import evaluate_lm
-
-        return evaluate_lm
-    return evaluate

@@ -20,12 +20,11 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from lifelong_moe import checks, names
+from lifelong_moe import checks, compat, names
 from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.methods.replay_buffer import ReplayBuffer
 from lifelong_moe.methods.step_stats import StepStats
 from lifelong_moe.models import moe_layers
-from lifelong_moe.run import stop_sync
 from lifelong_moe.stream import Experience, Stream
 
 __all__ = ["ContinualMethod", "make_replay"]
@@ -60,6 +59,11 @@ class ContinualMethod(L.LightningModule):
         self.replay_seed = torch.initial_seed()  # the runner has just seeded torch with ``seed``
         self.lr_schedule = LRSchedule()
 
+    @staticmethod
+    def after_fit(trainer: L.Trainer) -> None:
+        """Called right after ``trainer.fit``; the run sets it to its stop decision
+        (``run.stop_sync.after_fit``: DDP workers stopped on a signal raise ``Interrupted`` here)."""
+
     def __setattr__(self, name: str, value: Any) -> None:
         """Two names bypass nn.Module's registration checks.
 
@@ -70,7 +74,7 @@ class ContinualMethod(L.LightningModule):
         and reported by Lightning at every fit as modules "in eval mode at the start of training".
         Methods move it to the batch's device themselves.
         """
-        if name == "_current_fx_name" or name == "teacher":
+        if name == compat.CURRENT_FX_NAME or name == "teacher":
             object.__setattr__(self, name, value)
             return
         super().__setattr__(name, value)
@@ -131,7 +135,7 @@ class ContinualMethod(L.LightningModule):
         read with ``weights_only=True``.
         """
         trainer.fit(self, loader, ckpt_path=ckpt_path, weights_only=True)
-        stop_sync.after_fit(trainer)  # DDP workers stopped on a signal: Interrupted here
+        self.after_fit(trainer)  # the run's stop decision, before any post-fit work
 
     def after_experience(self, exp: Experience) -> None:
         """Called after evaluation of experience ``exp``; e.g. EWC's Fisher, replay buffer updates.

@@ -17,7 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lifelong_moe.models.build import build_model
+from lifelong_moe.models.seed_ensemble import SeedEnsemble
 from lifelong_moe.moe import MoELayer
+from lifelong_moe.targets import check_own_targets
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
@@ -30,8 +33,6 @@ def wrapper_classes() -> dict[str, type[nn.Module]]:
 
     Each takes ``(backbone, **config)`` and returns its ``config`` from ``get_config()``.
     """
-    from lifelong_moe.methods.seed import SeedEnsemble  # methods import models: import late
-
     return {"seed": SeedEnsemble}
 
 
@@ -65,9 +66,6 @@ def load_model(path: str | Path, trust: bool = False) -> nn.Module:
     ``_target_`` must be one of the toolkit's classes, since it is called with the file's
     arguments; ``trust=True`` allows others (your own backbone, from a file you trust).
     """
-    from lifelong_moe.config.schema import check_own_targets
-    from lifelong_moe.models import build_model  # the package imports this module first
-
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if not trust:
         check_own_targets(

@@ -44,9 +44,10 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lifelong_moe import checks, names
+from lifelong_moe import checks, compat, names
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.run import signals, stop_sync
+from lifelong_moe.run.resume import capture_rng, restore_rng
 
 NAME = re.compile(r"exp(\d+)-step(\d+)\.ckpt$")
 # Training seconds of the experience before the checkpoint a resumed fit started from.
@@ -203,8 +204,6 @@ class StepCheckpoint(L.Callback):
 
     # -- what Lightning stores of this callback ------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        from lifelong_moe.run.resume import capture_rng
-
         return {"rng": capture_rng()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -248,32 +247,12 @@ class StepCheckpoint(L.Callback):
             self._resumed_stats = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._load_loader_state(trainer)
+        compat.restore_loader_position(trainer)  # Lightning #20550
         self.apply_pending_rng()
-
-    @staticmethod
-    def _load_loader_state(trainer: L.Trainer) -> None:
-        """Work around Lightning 2.6 (issue #20550): when ``configure_optimizers`` reads
-        ``trainer.estimated_stepping_batches`` (an LR schedule), the loader is set up before the
-        checkpoint is restored and its saved position is silently dropped. Load it here and
-        restart the iterator, as Lightning's own path does; a no-op when Lightning did it.
-
-        Private attributes of ``_FitLoop`` (checked against Lightning 2.6.6):
-        ``_combined_loader_states_to_load``, ``_combined_loader``, ``_data_fetcher``."""
-        loop = trainer.fit_loop
-        pending = getattr(loop, "_combined_loader_states_to_load", None)
-        if not loop.restarting:  # a finished epoch: the next one starts a fresh iterator
-            return
-        if pending and loop._combined_loader is not None and loop._data_fetcher is not None:
-            loop._combined_loader._load_state_dicts(pending)
-            loop._combined_loader_states_to_load = []
-            iter(loop._data_fetcher)
 
     def apply_pending_rng(self) -> None:
         """Bring the RNGs to where the checkpoint was written (also when fit had nothing left)."""
         if self._pending_rng is not None:
-            from lifelong_moe.run.resume import restore_rng
-
             restore_rng(self._pending_rng)
             self._pending_rng = None
 

@@ -25,16 +25,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lifelong_moe import names
-from lifelong_moe.config.schema import check_config, instantiate
+from lifelong_moe.config.schema import check_config
 from lifelong_moe.evaluation import rows
-from lifelong_moe.evaluation.evaluate import evaluator_for
+from lifelong_moe.evaluation.evaluator import evaluator_for
 from lifelong_moe.measure.costs import cost_row
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.models import save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
 from lifelong_moe.moe import MoESettings
-from lifelong_moe.run import signals
+from lifelong_moe.run import signals, stop_sync
 from lifelong_moe.run.checkpoints import (
     EARLIER_TRAIN_S,
     StepCheckpoint,
@@ -60,6 +60,7 @@ from lifelong_moe.run.resume import (
 from lifelong_moe.run.stop_sync import StopSync, forwarder
 from lifelong_moe.run.trainer import make_trainer
 from lifelong_moe.stream import Experience, Stream
+from lifelong_moe.targets import instantiate
 from lifelong_moe.tracking import report
 from lifelong_moe.tracking.mlflow_run import (
     RunTracker,
@@ -103,6 +104,7 @@ def build(cfg: DictConfig) -> Experiment:
     if cfg.trainer.get("compile", False):
         model.compile()  # in place: parameter names, checkpoints and expand() stay as they are
     method = instantiate(cfg.method, "method", model=model)
+    method.after_fit = stop_sync.after_fit
     method.set_lr_schedule(LRSchedule.from_trainer(cfg.trainer))
     method.setup_stream(stream)
     check_store(cfg.tracking.uri)

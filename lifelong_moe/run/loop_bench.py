@@ -23,6 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lifelong_moe.config.files import CONF_DIR
+from lifelong_moe.run.loop import build
+from lifelong_moe.run.trainer import make_trainer
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -63,9 +65,6 @@ class Clock:
 
 def runner_side(cfg: DictConfig) -> Clock:
     """Seconds of the runner's training over the stream: sum of ``time/train_s``."""
-    from lifelong_moe.run.loop import build
-    from lifelong_moe.run.trainer import make_trainer
-
     exp = build(cfg)
     clock = Clock(exp.model)
     for i, experience in enumerate(exp.stream.experiences):
@@ -81,8 +80,6 @@ def runner_side(cfg: DictConfig) -> Clock:
 
 def bare_side(cfg: DictConfig) -> Clock:
     """Seconds of a plain PyTorch loop doing the same training over the stream."""
-    from lifelong_moe.run.loop import build
-
     exp = build(cfg)
     method, model = exp.method, exp.model
     torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic))

@@ -29,8 +29,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lifelong_moe import names
-from lifelong_moe.config.schema import check_own_targets
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.targets import check_own_targets
 from lifelong_moe.tracking import queries, store
 
 STATE = names.RESUME_STATE

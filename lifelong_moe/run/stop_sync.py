@@ -32,8 +32,8 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
+from lifelong_moe import compat
 from lifelong_moe.run import signals
 
 REPORT = "signals/stop"  # [signal number or 0, step]: rank 0's word to the main process
@@ -64,7 +64,7 @@ def stop(trainer: L.Trainer, signum: int) -> None:
 def forwarder(trainer: L.Trainer) -> Callable[[int], None] | None:
     """What sends a signal on to the trainer's worker processes (``signals.training``)."""
     launcher = trainer.strategy.launcher
-    return launcher.kill if isinstance(launcher, _MultiProcessingLauncher) else None
+    return launcher.kill if isinstance(launcher, compat.multiprocessing_launcher()) else None
 
 
 def after_fit(trainer: L.Trainer) -> None:
@@ -93,14 +93,13 @@ class StopSync(L.Callback):
     Lightning's own SIGTERM handler broadcasts from inside the handler (it pairs with whatever
     collective the other ranks run next) and, through ``SIGTERMException``, ends a worker with
     status 0 without handing rank 0's results back (the main process would then wait forever):
-    on DDP ranks it is not installed (``Trainer._signal_connector``, checked against Lightning
-    2.6.6), and ours stays.
+    on DDP ranks it is not installed (``compat.keep_signal_handlers``), and ours stays.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.world_size > 1:
-            trainer._signal_connector.register_signal_handlers = _keep_our_handlers
-        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            compat.keep_signal_handlers(trainer, _keep_our_handlers)
+        if isinstance(trainer.strategy.launcher, compat.multiprocessing_launcher()):
             signals.enter_worker()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

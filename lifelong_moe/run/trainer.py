@@ -16,10 +16,9 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.trainer.connectors import callback_connector as _callback_connector
 from omegaconf import DictConfig
 
-from lifelong_moe import names
+from lifelong_moe import compat, names
 
 PROGRESS_REFRESH_STEPS = 10
 
@@ -43,8 +42,7 @@ def _external_callbacks(group: str) -> list:
     return callbacks
 
 
-if hasattr(_callback_connector, "_load_external_callbacks"):
-    _callback_connector._load_external_callbacks = _external_callbacks
+compat.replace_external_callback_discovery(_external_callbacks)
 
 
 def make_trainer(

@@ -22,7 +22,7 @@ from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 
-from lifelong_moe import names
+from lifelong_moe import compat, names
 from lifelong_moe.tracking import queries, store
 from lifelong_moe.tracking.store import redact
 
@@ -201,8 +201,8 @@ class RunTracker:
         if monitor is None:
             return
         monitor.finish()
-        # The monitor publishes only after a full interval; _logging_step counts what it sent.
-        if monitor._logging_step == 0:
+        # The monitor publishes only after a full interval.
+        if not compat.monitor_has_published(monitor):
             monitor.collect_metrics()
             monitor.publish_metrics(monitor.aggregate_metrics())
             monitor.mlflow_logger.flush()

@@ -22,7 +22,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from lifelong_moe import compare, names
+from lifelong_moe import compare, compat, names
 from lifelong_moe.tracking import queries, store
 from lifelong_moe.tracking.store import check_store
 
@@ -42,7 +42,6 @@ def sweep_id_from_dir(sweep_dir: str) -> str:
 
 def expected_jobs(config: DictConfig) -> int | None:
     """How many jobs Hydra's basic sweeper makes of the overrides (None for other sweepers)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweeper = config.hydra.sweeper
@@ -53,7 +52,7 @@ def expected_jobs(config: DictConfig) -> int | None:
         overrides = OverridesParser.create().parse_overrides(
             params + list(config.hydra.overrides.task)
         )
-        (batch,) = BasicSweeper.split_arguments(overrides, None)
+        (batch,) = compat.split_sweep(overrides)
     except Exception:  # a sweep syntax that needs the config loader (glob): count unknown
         return None
     return len(batch)

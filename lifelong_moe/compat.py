@@ -1,0 +1,99 @@
+"""Every touch of a dependency's private API, in one place, each with the versions it was checked on.
+
+Lightning, Hydra and MLflow offer no public way to do what these few lines do. Each touch is a
+small function (or a name) here and nowhere else; tests/test_compat.py fails loudly, naming the
+attribute, when an upgrade removes one. pyproject.toml caps those packages below the next minor
+version for the same reason.
+
+Checked on: Lightning 2.6.6, Hydra 1.3.8, MLflow 3.17.2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import _locate, get_args_parser
+
+if TYPE_CHECKING:
+    import lightning as L
+
+CHECKED = {"lightning": "2.6", "hydra-core": "1.3", "mlflow": "3.17"}
+
+# -- Hydra 1.3 --------------------------------------------------------------------------------
+
+
+def hydra_locate(path: str) -> Any:
+    """The object a dotted path names (``hydra.utils.get_object`` without its error log)."""
+    return _locate(path)
+
+
+def hydra_args_parser() -> Any:
+    """Hydra's own command-line parser, so we read argv exactly as the app will."""
+    return get_args_parser()
+
+
+def split_sweep(overrides: list) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper makes of parsed overrides, in one batch."""
+    return BasicSweeper.split_arguments(overrides, None)
+
+
+# -- Lightning 2.6 ----------------------------------------------------------------------------
+
+# Lightning is imported where it is used, so that the light commands (compare, config checks of
+# a sweep) do not pay for importing it.
+
+
+def precision_input() -> Any:
+    """The ``Literal`` union of precision values the Trainer accepts."""
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+
+    return _PRECISION_INPUT
+
+
+def multiprocessing_launcher() -> type:
+    """The launcher class of ``ddp_fork`` / ``ddp_spawn`` workers."""
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    return _MultiProcessingLauncher
+
+
+# The attribute Lightning sets around every hook (~45 times a step): methods/base.py lets it
+# bypass nn.Module.__setattr__ (measured in results/loop_cpu.md).
+CURRENT_FX_NAME = "_current_fx_name"
+
+
+def replace_external_callback_discovery(discover: Callable[[str], list]) -> None:
+    """Lightning scans every installed distribution's entry points at each Trainer's start;
+    run/trainer.py hands a cached scan instead."""
+    from lightning.pytorch.trainer.connectors import callback_connector as _callback_connector
+
+    _callback_connector._load_external_callbacks = discover
+
+
+def keep_signal_handlers(trainer: L.Trainer, register: Callable[[], None]) -> None:
+    """Stop Lightning from installing its SIGTERM handler on this trainer's ranks."""
+    trainer._signal_connector.register_signal_handlers = register
+
+
+def restore_loader_position(trainer: L.Trainer) -> None:
+    """Load a restored checkpoint's loader position that Lightning 2.6 drops when
+    ``configure_optimizers`` read ``estimated_stepping_batches`` first (Lightning #20550),
+    and restart the iterator as Lightning's own path does; a no-op when Lightning did it."""
+    loop = trainer.fit_loop
+    pending = getattr(loop, "_combined_loader_states_to_load", None)
+    if not loop.restarting:  # a finished epoch: the next one starts a fresh iterator
+        return
+    if pending and loop._combined_loader is not None and loop._data_fetcher is not None:
+        loop._combined_loader._load_state_dicts(pending)
+        loop._combined_loader_states_to_load = []
+        iter(loop._data_fetcher)
+
+
+# -- MLflow 3 ---------------------------------------------------------------------------------
+
+
+def monitor_has_published(monitor: Any) -> bool:
+    """Whether MLflow's system-metrics monitor has published a sample yet."""
+    return monitor._logging_step > 0
