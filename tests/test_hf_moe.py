@@ -217,3 +217,61 @@ def test_unsupported_block_structure_names_what_was_found():
 
     with pytest.raises(ConfigError, match=r"unsupported MoE block structure: model.layers.0.mlp"):
         find_blocks(ref)
+
+
+TINY_HF_RUN = [
+    "model=olmoe",
+    "method=lifelong_moe",
+    "method.experts_per_experience=2",
+    "method.expand_init=upcycle",
+    "method.gate_init=domain",
+    "benchmark=text_domains",
+    "benchmark.domains=[english,python]",
+    "benchmark.max_bytes_per_domain=2048",
+    "benchmark.context_length=16",
+    "model.config.hidden_size=32",
+    "model.config.intermediate_size=16",
+    "trainer.max_epochs=1",
+    "trainer.batch_size=32",
+    "trainer.progress_bar=false",
+    "tracking.log_checkpoints=false",
+    "tracking.system_metrics=false",
+    "tracking.export=hf",
+    "tracking.export_every=2",
+]
+
+
+def test_cli_grows_olmoe_and_exports_the_last_experience(workdir):
+    """One tiny CLI run: 2 domains, growth with upcycled experts and domain gate rows; with
+    export_every=2 only the last experience is exported, and MLflow holds it."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import run_cli, runs, store_uri
+
+    uri = store_uri(workdir)
+    run_cli(workdir, *TINY_HF_RUN, f"tracking.uri={uri}")
+    (run,) = runs(uri, experiment="lifelong-moe")
+    client = MlflowClient(uri)
+    exported = {a.path for a in client.list_artifacts(run.info.run_id, "hf_export")}
+    assert exported == {"hf_export/exp_1"}
+    files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, "hf_export/exp_1")}
+    assert {"config.json", "model.safetensors", EXPERTS_JSON} <= files
+    record = json.loads(
+        open(client.download_artifacts(run.info.run_id, f"hf_export/exp_1/{EXPERTS_JSON}")).read()
+    )
+    assert record["expert_origin"] == [0] * 8 + [1] * 2
+    assert all(v == {"n_experts": 10, "n_frozen": 8} for v in record["layers"].values())
+    metrics = client.get_metric_history(run.info.run_id, "cost/params_active")
+    assert len({m.value for m in metrics}) == 1  # top-k fixed: active parameters constant
+
+
+def test_cli_export_needs_an_hf_model(workdir):
+    from tests.conftest import run_cli, store_uri
+
+    result = run_cli(
+        workdir, "model=moe_lm", "benchmark=text_domains", "tracking.export=hf",
+        f"tracking.uri={store_uri(workdir)}", check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "tracking.export=hf with model CausalLM: expected model=hf_moe" in result.stderr
+    assert not (workdir / "mlflow.db").exists()

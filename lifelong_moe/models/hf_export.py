@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from lifelong_moe.errors import ConfigError
 from lifelong_moe.models.hf_moe import DTYPES, EXPERTS_JSON, HFMoECausalLM, require_transformers
 
+EXPORT_CHOICES = ("none", "hf")
 # Config attributes that hold the routed-expert count, by family (transformers' own names).
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts")
 
@@ -84,3 +86,17 @@ def export_hf(
     record = model.expert_record(expert_origin)
     (directory / EXPERTS_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return directory
+
+
+def check_export(export: str, model: object) -> None:
+    """tracking.export=hf needs a model=hf_moe backbone; refused before any training."""
+    if export == "hf" and not isinstance(model, HFMoECausalLM):
+        raise ConfigError(
+            f"tracking.export=hf with model {type(model).__name__}: expected model=hf_moe "
+            "(olmoe, qwen2_moe, mixtral); use tracking.export=none"
+        )
+
+
+def export_due(index: int, n_experiences: int, every: int) -> bool:
+    """After every ``every``-th experience, and always after the last one."""
+    return (index + 1) % every == 0 or index == n_experiences - 1

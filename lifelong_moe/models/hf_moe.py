@@ -26,6 +26,7 @@ back in the family's own format.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,11 +38,6 @@ from torch import nn
 
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe import AuxList, MoELayer, MoESettings
-
-try:
-    import transformers
-except ImportError:  # pragma: no cover - depends on the install
-    transformers = None
 
 MISSING_EXTRA = (
     "model=hf_moe needs the [hf] extra (transformers, tokenizers, safetensors): "
@@ -59,9 +55,11 @@ EXPERTS_JSON = "lifelong_moe_experts.json"
 
 
 def require_transformers() -> Any:
-    if transformers is None:
-        raise ConfigError(MISSING_EXTRA)
-    return transformers
+    """transformers, imported on first use: an optional extra, and slow to import."""
+    try:
+        return importlib.import_module("transformers")
+    except ImportError:
+        raise ConfigError(MISSING_EXTRA) from None
 
 
 @dataclass
@@ -251,6 +249,11 @@ def load_hf_model(
             hf_config = tf.AutoConfig.for_model(family, **keys)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model.config for {family}: {err}") from None
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            # The family's default special ids index its own tokenizer, not this vocabulary.
+            token = getattr(hf_config, key, None)
+            if key not in config and isinstance(token, int) and token >= hf_config.vocab_size:
+                setattr(hf_config, key, None)
         model = tf.AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[dtype])
     return model
 
