@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,11 +255,12 @@ def test_cli_grows_olmoe_and_exports_the_last_experience(workdir):
     client = MlflowClient(uri)
     exported = {a.path for a in client.list_artifacts(run.info.run_id, "hf_export")}
     assert exported == {"hf_export/exp_1"}
-    files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, "hf_export/exp_1")}
+    files = {
+        a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, "hf_export/exp_1")
+    }
     assert {"config.json", "model.safetensors", EXPERTS_JSON} <= files
-    record = json.loads(
-        open(client.download_artifacts(run.info.run_id, f"hf_export/exp_1/{EXPERTS_JSON}")).read()
-    )
+    local = client.download_artifacts(run.info.run_id, f"hf_export/exp_1/{EXPERTS_JSON}")
+    record = json.loads(Path(local).read_text())
     assert record["expert_origin"] == [0] * 8 + [1] * 2
     assert all(v == {"n_experts": 10, "n_frozen": 8} for v in record["layers"].values())
     metrics = client.get_metric_history(run.info.run_id, "cost/params_active")
