@@ -148,3 +148,18 @@ def test_fused_refuses_gated_experts_in_one_line() -> None:
         MoESettings(gated=True, dispatch="fused")
     auto = MoELayer(16, 32, 4, 2, gated=True, dispatch="auto")
     assert auto.resolved_dispatch(torch.device("cuda")) == "grouped"
+
+
+def test_router_input_means_is_the_mean_over_every_token() -> None:
+    from lifelong_moe.moe.domain import router_input_means
+
+    torch.manual_seed(0)
+    pre = torch.nn.Linear(16, 16)
+    model = torch.nn.Sequential(pre, _layer("grouped", 0))
+    model.train()
+    batches = [torch.randn(3, 5, 16), torch.randn(2, 5, 16)]
+    means = router_input_means(model, batches, lambda b: model[1](model[0](b)))
+    with torch.no_grad():
+        want = torch.cat([pre(b).reshape(-1, 16) for b in batches]).double().mean(0).float()
+    torch.testing.assert_close(means["1"], want)
+    assert model.training  # the mode is restored
