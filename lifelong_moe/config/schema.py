@@ -219,6 +219,8 @@ TRACKING: dict[str, Check] = {
     "keep_resume_state": checks.boolean,
     "system_metrics": checks.boolean,
     "system_metrics_interval_s": checks.positive,
+    "export": lambda key, value: checks.choice(key, value, ("none", "hf")),
+    "export_every": checks.positive_int,
 }
 # Keys of a _target_ group that a builder consumes beside the target's own parameters:
 # group -> {key: annotation}. The model's flat MoE keys become the backbone's one ``moe``.

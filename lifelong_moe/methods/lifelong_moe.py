@@ -21,6 +21,7 @@ comes from, inferred from per-experience input statistics (see ``inferred_routin
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 
 import lightning as L
@@ -34,8 +35,13 @@ from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.distillation import distillation, router_distillation
 from lifelong_moe.methods.inferred_routing import ExperienceStatistics, routing_bias
 from lifelong_moe.models import moe_layers
-from lifelong_moe.moe.router import BALANCE_SCOPES
+from lifelong_moe.moe.domain import router_input_means
+from lifelong_moe.moe.experts import EXPERT_INITS
+from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS
 from lifelong_moe.stream import Experience
+
+# gate_init=domain: how many of the new experience's inputs the mean router input is taken over.
+DOMAIN_WINDOWS = 1024
 
 
 class LifelongMoE(ContinualMethod):
@@ -82,9 +88,11 @@ class LifelongMoE(ContinualMethod):
         if not moe_layers(model):
             raise ConfigError(
                 f"method=lifelong_moe needs a backbone with MoE layers, got {type(model).__name__} "
-                "without any; use model=moe_mlp, model=moe_vit or model=moe_lm"
+                "without any; use model=moe_mlp, model=moe_vit, model=moe_lm or model=olmoe"
             )
         checks.choice("method.balance_scope", balance_scope, BALANCE_SCOPES)
+        checks.choice("method.expand_init", expand_init, EXPERT_INITS)
+        checks.choice("method.gate_init", gate_init, GATE_INITS)
         if infer_routing and task_aware_routing:
             raise ConfigError(
                 "method.infer_routing=true and method.task_aware_routing=true: choose one "
@@ -145,15 +153,27 @@ class LifelongMoE(ContinualMethod):
         mask_teacher = self.freeze_shared and self.freeze_old
         if self.needs_teacher and not mask_teacher:
             self._set_teacher(self._snapshot_teacher())
-        for layer in self.layers.values():
+        domains = self._domain_embeddings(exp) if self.gate_init == "domain" else {}
+        for name, layer in self.layers.items():
             if self.experts_per_experience:
                 layer.expand(
-                    self.experts_per_experience, init=self.expand_init, gate_init=self.gate_init
+                    self.experts_per_experience,
+                    init=self.expand_init,
+                    gate_init=self.gate_init,
+                    domain=domains.get(name),
                 )
         self.expert_origin += [exp.index] * self.experts_per_experience
         if self.needs_teacher and mask_teacher:
             n_new = next(iter(self.layers.values())).n_experts
             self.teacher_mask = torch.arange(n_new) < n_old
+
+    def _domain_embeddings(self, exp: Experience) -> dict[str, torch.Tensor]:
+        """gate_init=domain: each layer's mean router input over the first DOMAIN_WINDOWS
+        training inputs of the new experience (Nexus / FlexOlmo router embeddings)."""
+        device = next(self.model.parameters()).device
+        loader = DataLoader(exp.train, batch_size=64, shuffle=False)
+        batches = itertools.islice(loader, -(-DOMAIN_WINDOWS // 64))
+        return router_input_means(self.model, batches, lambda b: self.model(b[0].to(device)))
 
     def setup_stream(self, stream) -> None:
         super().setup_stream(stream)

@@ -19,5 +19,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     inactive = 0
     for layer in moe_layers(model).values():
         total += sum(b.numel() for name, b in layer.named_buffers() if "frozen" in name)
-        inactive += (layer.n_experts - layer.top_k) * (2 * layer.d_hidden + 1) * layer.d_model
+        per_expert = layer.experts.w1_width + layer.d_hidden + 1  # w1 columns, w2 rows, gate row
+        inactive += (layer.n_experts - layer.top_k) * per_expert * layer.d_model
     return {"total": total, "trainable": trainable, "active": total - inactive}

@@ -2,6 +2,9 @@
 
 Each expert is a bias-free MLP x -> act(x @ w1[e]) @ w2[e] with w1 [d, h] and w2 [h, d], stored
 stacked as [E, d, h] and [E, h, d]: exactly the layout grouped_mm takes as its right operand.
+A gated (SwiGLU-style) expert keeps the same two banks: w1 holds [gate | up] concatenated on the
+last dim, [E, d, 2h], and the activation becomes ``act(a[..., :h]) * a[..., h:]`` (see ``glu``),
+so every dispatch path stays two grouped GEMMs with one elementwise step between them.
 Frozen weights are persistent buffers, so they are saved and moved with the module but no
 optimizer ever sees them and autograd never computes their gradient.
 """
@@ -9,13 +12,34 @@ optimizer ever sees them and autograd never computes their gradient.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lifelong_moe.errors import ConfigError
 
-EXPERT_INITS = ("random", "copy_most_used")
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+EXPERT_INITS = ("random", "copy_most_used", "upcycle")
+
+
+def glu(
+    activation: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gated form of ``activation`` on a [..., 2h] input holding [gate | up]."""
+
+    def gated(a: torch.Tensor) -> torch.Tensor:
+        gate, up = a.chunk(2, dim=-1)
+        return activation(gate) * up
+
+    return gated
 
 
 def _uniform(n: int, fan_in: int, fan_out: int, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,15 +52,32 @@ def _uniform(n: int, fan_in: int, fan_out: int, like: torch.Tensor | None = None
 class Experts(nn.Module):
     """The expert weights; dispatch.py does the computation."""
 
-    def __init__(self, d_model: int, d_hidden: int, n_experts: int, *, n_frozen: int = 0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        n_experts: int,
+        *,
+        n_frozen: int = 0,
+        gated: bool = False,
+    ) -> None:
         super().__init__()
         self.d_model = d_model
         self.d_hidden = d_hidden
+        self.gated = bool(gated)
         n_trainable = n_experts - n_frozen
-        self.register_buffer("w1_frozen", _uniform(n_frozen, d_model, d_hidden))
+        self.register_buffer("w1_frozen", self._new_w1(n_frozen))
         self.register_buffer("w2_frozen", _uniform(n_frozen, d_hidden, d_model))
-        self.w1 = nn.Parameter(_uniform(n_trainable, d_model, d_hidden))
+        self.w1 = nn.Parameter(self._new_w1(n_trainable))
         self.w2 = nn.Parameter(_uniform(n_trainable, d_hidden, d_model))
+
+    @property
+    def w1_width(self) -> int:
+        """Columns of w1: h, or 2h ([gate | up]) for gated experts."""
+        return 2 * self.d_hidden if self.gated else self.d_hidden
+
+    def _new_w1(self, n: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        return _uniform(n, self.d_model, self.w1_width, like=like)
 
     @property
     def n_frozen(self) -> int:
@@ -68,7 +109,10 @@ class Experts(nn.Module):
 
         "random": fresh nn.Linear-scale weights. "copy_most_used": every new expert is a copy of
         the expert with the largest `usage` (ties -> lowest id) plus N(0, noise_std^2) noise, so
-        new experts start from what already works but can diverge.
+        new experts start from what already works but can diverge. "upcycle" (sparse upcycling,
+        Komatsuzaki et al. 2023): new expert i copies the i-th most used expert (cycling when
+        n_new exceeds the experts there are) and adds noise of noise_std times each weight
+        tensor's own standard deviation, so pretrained experts of any scale are perturbed alike.
         """
         if init not in EXPERT_INITS:
             raise ConfigError(f"expand init={init!r}: expected one of {EXPERT_INITS}")
@@ -80,11 +124,26 @@ class Experts(nn.Module):
             w2_new = w2_src.detach().unsqueeze(0).repeat(n_new, 1, 1)
             w1_new += torch.randn_like(w1_new) * noise_std
             w2_new += torch.randn_like(w2_new) * noise_std
+        elif init == "upcycle" and self.n_experts:
+            ranked = self._ranked(usage)
+            sources = [ranked[i % len(ranked)] for i in range(n_new)]
+            w1_new = torch.stack([self.weights(e)[0].detach() for e in sources]).clone()
+            w2_new = torch.stack([self.weights(e)[1].detach() for e in sources]).clone()
+            for w in (w1_new, w2_new):
+                scale = w.flatten(1).std(dim=1).view(-1, 1, 1) * noise_std
+                w += torch.randn_like(w) * scale
         else:
-            w1_new = _uniform(n_new, self.d_model, self.d_hidden, like=like)
+            w1_new = self._new_w1(n_new, like=like)
             w2_new = _uniform(n_new, self.d_hidden, self.d_model, like=like)
         self.w1 = nn.Parameter(torch.cat([self.w1.detach(), w1_new], dim=0))
         self.w2 = nn.Parameter(torch.cat([self.w2.detach(), w2_new], dim=0))
+
+    def _ranked(self, usage: torch.Tensor | None) -> list[int]:
+        """Expert ids by decreasing usage (ties -> lowest id); id order without usage."""
+        if usage is None:
+            return list(range(self.n_experts))
+        order = sorted(range(self.n_experts), key=lambda e: (-float(usage[e]), e))
+        return order
 
     @torch.no_grad()
     def freeze_existing(self) -> None:

@@ -62,7 +62,15 @@ def runs_on(device: torch.device) -> bool:
     return available() and (device.type == "cuda" or interpreting())
 
 
-def check_shapes(d_model: int, d_hidden: int, activation: str) -> None:
+GATED_REFUSAL = (
+    "dispatch='fused' with gated experts: the Triton kernels implement act(x W1) W2 only; "
+    "use dispatch='grouped' (or 'auto')"
+)
+
+
+def check_shapes(d_model: int, d_hidden: int, activation: str, gated: bool = False) -> None:
+    if gated:
+        raise ConfigError(GATED_REFUSAL)
     for name, value in (("d_model", d_model), ("d_hidden", d_hidden)):
         if value % ALIGN:
             raise ConfigError(

@@ -25,15 +25,10 @@ from lifelong_moe import checks
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe import fused
 from lifelong_moe.moe.dispatch import capacity_for, grouped_experts, loop_experts
-from lifelong_moe.moe.experts import EXPERT_INITS, Experts
-from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS, Router
+from lifelong_moe.moe.experts import ACTIVATIONS, EXPERT_INITS, Experts, glu
+from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS, ROUTER_ORDERS, Router
+from lifelong_moe.moe.shared import SharedExpert
 
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
 DISPATCHES = {"grouped": grouped_experts, "loop": loop_experts}
 # "fused": Triton kernels (moe/fused.py) on CUDA, grouped elsewhere; "auto": fused on CUDA when
 # fused.FUSED_BY_DEFAULT says it is the faster one there, grouped otherwise.
@@ -74,6 +69,10 @@ class MoELayer(nn.Module):
         capacity_factor: float | None = None,
         dispatch: str = "auto",
         n_frozen: int = 0,
+        gated: bool = False,
+        router_order: str = "softmax_topk",
+        shared_hidden: int = 0,
+        shared_gate: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -88,8 +87,10 @@ class MoELayer(nn.Module):
         checks.choice("activation", activation, ACTIVATIONS)
         checks.choice("dispatch", dispatch, DISPATCH_CHOICES)
         checks.choice("balance_scope", balance_scope, BALANCE_SCOPES)
+        checks.choice("router_order", router_order, ROUTER_ORDERS)
+        checks.non_negative_int("shared_hidden", shared_hidden)
         if dispatch == "fused":
-            fused.check_shapes(d_model, d_hidden, activation)
+            fused.check_shapes(d_model, d_hidden, activation, gated)
         if dispatch in ("grouped", "auto"):
             for name, value in (("d_model", d_model), ("d_hidden", d_hidden)):
                 if value % ALIGN:
@@ -114,8 +115,15 @@ class MoELayer(nn.Module):
             normalize_top_k=normalize_top_k,
             balance_scope=balance_scope,
             n_frozen=n_frozen,
+            order=router_order,
         )
-        self.experts = Experts(d_model, d_hidden, n_experts, n_frozen=n_frozen)
+        self.experts = Experts(d_model, d_hidden, n_experts, n_frozen=n_frozen, gated=gated)
+        # Dense always-on branch (Qwen2-MoE's shared expert), optionally behind a sigmoid gate.
+        self.shared = (
+            SharedExpert(d_model, shared_hidden, activation, gated=shared_gate)
+            if shared_hidden
+            else None
+        )
         # Cumulative training assignments per expert, kept on the device (no sync per step).
         self.register_buffer("expert_usage", torch.zeros(n_experts))
 
@@ -151,6 +159,8 @@ class MoELayer(nn.Module):
             run, activation = fused.fused_experts, self.activation
         else:
             run, activation = DISPATCHES[kind], ACTIVATIONS[self.activation]
+            if self.experts.gated:
+                activation = glu(activation)
         y, counts, dropped = run(
             flat,
             routing.expert_ids,
@@ -160,6 +170,8 @@ class MoELayer(nn.Module):
             activation,
             capacity,
         )
+        if self.shared is not None:
+            y = y + self.shared(flat)
         if self.training:
             self.expert_usage.add_(counts.to(self.expert_usage.dtype))
         aux = MoEAux(routing.balance_loss, routing.z_loss, counts, dropped, routing.logits)
@@ -187,8 +199,8 @@ class MoELayer(nn.Module):
     def resolved_dispatch(self, device: torch.device) -> str:
         """The dispatch that runs on `device`: the Triton kernels need CUDA (or the interpreter)
         and 16-aligned widths; everywhere else the grouped_mm path is the reference."""
-        if self.dispatch in ("grouped", "loop"):
-            return self.dispatch
+        if self.dispatch in ("grouped", "loop") or self.experts.gated:
+            return "loop" if self.dispatch == "loop" else "grouped"
         aligned = not (self.d_model % fused.ALIGN or self.d_hidden % fused.ALIGN)
         if self.dispatch == "fused":
             return "fused" if fused.runs_on(device) else "grouped"
@@ -202,6 +214,7 @@ class MoELayer(nn.Module):
         init: str = "random",
         gate_init: str = "mean",
         noise_std: float = 0.01,
+        domain: torch.Tensor | None = None,
     ) -> None:
         """Append n_new trainable experts and gate rows (ids n_experts .. n_experts+n_new-1).
 
@@ -213,7 +226,7 @@ class MoELayer(nn.Module):
         checks.choice("init", init, EXPERT_INITS)
         checks.choice("gate_init", gate_init, GATE_INITS)
         self.experts.expand(n_new, init, noise_std, usage=self.expert_usage)
-        self.router.expand(n_new, gate_init, noise_std)
+        self.router.expand(n_new, gate_init, noise_std, domain=domain)
         self.expert_usage = torch.cat([self.expert_usage, self.expert_usage.new_zeros(n_new)])
 
     @torch.no_grad()
@@ -236,6 +249,10 @@ class MoELayer(nn.Module):
             "capacity_factor": self.capacity_factor,
             "dispatch": self.dispatch,
             "n_frozen": self.n_frozen,
+            "gated": self.experts.gated,
+            "router_order": self.router.order,
+            "shared_hidden": 0 if self.shared is None else self.shared.d_hidden,
+            "shared_gate": self.shared is not None and self.shared.gate is not None,
         }
 
     @classmethod
@@ -289,6 +306,13 @@ class MoESettings:
     router_noise: float = 0.0
     capacity_factor: float | None = None
     dispatch: str = "auto"
+    # Family semantics of real MoE LMs (defaults = the toolkit's own MLP experts):
+    activation: str = "gelu"
+    gated: bool = False  # SwiGLU experts: act(x Wg) * (x Wu) -> Wd
+    normalize_top_k: bool = True  # renormalise the k gates (softmax_topk only)
+    router_order: str = "softmax_topk"  # or topk_softmax (Mixtral), see router.ROUTER_ORDERS
+    shared_hidden: int = 0  # > 0: a shared expert of this width beside the routed ones
+    shared_gate: bool = False  # the shared expert behind a sigmoid gate (Qwen2-MoE)
 
     CONFIG_KEYS: ClassVar[dict[str, str]] = {
         "moe": "enabled",
@@ -298,6 +322,12 @@ class MoESettings:
         "router_noise": "router_noise",
         "capacity_factor": "capacity_factor",
         "dispatch": "dispatch",
+        "activation": "activation",
+        "gated": "gated",
+        "normalize_top_k": "normalize_top_k",
+        "router_order": "router_order",
+        "shared_hidden": "shared_hidden",
+        "shared_gate": "shared_gate",
     }
 
     def __post_init__(self) -> None:
@@ -313,6 +343,14 @@ class MoESettings:
         checks.non_negative("model.router_noise", self.router_noise)
         checks.optional(checks.positive, "model.capacity_factor", self.capacity_factor)
         checks.choice("model.dispatch", self.dispatch, DISPATCH_CHOICES)
+        checks.choice("model.activation", self.activation, ACTIVATIONS)
+        checks.boolean("model.gated", self.gated)
+        checks.boolean("model.normalize_top_k", self.normalize_top_k)
+        checks.choice("model.router_order", self.router_order, ROUTER_ORDERS)
+        checks.non_negative_int("model.shared_hidden", self.shared_hidden)
+        checks.boolean("model.shared_gate", self.shared_gate)
+        if self.gated and self.dispatch == "fused":
+            raise ConfigError(fused.GATED_REFUSAL)
 
     @classmethod
     def split(cls, node: Mapping[str, Any]) -> tuple[MoESettings, dict[str, Any]]:
@@ -361,4 +399,10 @@ class MoESettings:
             router_noise=self.router_noise,
             capacity_factor=self.capacity_factor,
             dispatch=self.dispatch,
+            activation=self.activation,
+            normalize_top_k=self.normalize_top_k,
+            gated=self.gated,
+            router_order=self.router_order,
+            shared_hidden=self.shared_hidden,
+            shared_gate=self.shared_gate,
         )

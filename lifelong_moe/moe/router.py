@@ -16,7 +16,11 @@ from torch import nn
 from lifelong_moe.errors import ConfigError
 
 BALANCE_SCOPES = ("all", "trainable")
-GATE_INITS = ("random", "mean")
+# softmax_topk: softmax over all experts, then the k largest (Switch, OLMoE, Qwen2-MoE; with
+# normalize_top_k the k gates are renormalised to sum to 1). topk_softmax: the k largest logits,
+# then a softmax over those k alone (Mixtral; always sums to 1, normalize_top_k is moot).
+ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
+GATE_INITS = ("random", "mean", "zero", "domain")
 
 
 @dataclass
@@ -51,10 +55,14 @@ class Router(nn.Module):
         normalize_top_k: bool = True,
         balance_scope: str = "all",
         n_frozen: int = 0,
+        order: str = "softmax_topk",
     ) -> None:
         super().__init__()
         if balance_scope not in BALANCE_SCOPES:
             raise ConfigError(f"balance_scope={balance_scope!r}: expected one of {BALANCE_SCOPES}")
+        if order not in ROUTER_ORDERS:
+            raise ConfigError(f"router_order={order!r}: expected one of {ROUTER_ORDERS}")
+        self.order = order
         self.d_model = d_model
         self.top_k = top_k
         self.noise_std = float(noise_std)
@@ -107,8 +115,11 @@ class Router(nn.Module):
         probs = torch.softmax(route_logits, dim=-1)
         # top-k on logits, not probs: a masked expert (-inf) never ties with an underflowed prob.
         top_logits, expert_ids = torch.topk(route_logits, self.top_k, dim=-1)
-        gates = probs.gather(1, expert_ids)
-        if self.normalize_top_k:
+        if self.order == "topk_softmax":
+            gates = torch.softmax(top_logits, dim=-1)
+        else:
+            gates = probs.gather(1, expert_ids)
+        if self.normalize_top_k and self.order == "softmax_topk":
             gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
         valid = None
         if expert_mask is not None:
@@ -155,16 +166,40 @@ class Router(nn.Module):
         return scope.sum() * (f * p_mean).sum()
 
     @torch.no_grad()
-    def expand(self, n_new: int, init: str = "random", noise_std: float = 0.01) -> None:
-        """Append n_new trainable gate rows: random (nn.Linear scale) or the mean of old rows."""
+    def expand(
+        self,
+        n_new: int,
+        init: str = "random",
+        noise_std: float = 0.01,
+        domain: torch.Tensor | None = None,
+    ) -> None:
+        """Append n_new trainable gate rows.
+
+        "random": nn.Linear scale; "mean": the mean of the old rows plus N(0, noise_std^2);
+        "zero": zeros (new experts start at logit 0, ties broken by the old rows' logits);
+        "domain": the mean router input over the new experience's tokens (``domain`` [d], see
+        moe/domain.py) plus N(0, noise_std^2), as Nexus and FlexOlmo initialise the router
+        embeddings of added experts: tokens of the new domain then score them high.
+        """
         if init not in GATE_INITS:
             raise ConfigError(f"gate_init={init!r}: expected one of {GATE_INITS}")
         old = self.full_weight().detach()
-        if init == "mean" and old.shape[0] > 0:
+        like = self.weight
+        if init == "domain":
+            if domain is None or domain.shape != (self.d_model,):
+                raise ConfigError(
+                    f"gate_init='domain': expected the mean router input of shape "
+                    f"({self.d_model},), got {None if domain is None else tuple(domain.shape)}"
+                )
+            new = domain.to(like).expand(n_new, -1).clone()
+            new += torch.randn_like(new) * noise_std
+        elif init == "zero":
+            new = like.new_zeros(n_new, self.d_model)
+        elif init == "mean" and old.shape[0] > 0:
             new = old.mean(dim=0, keepdim=True).expand(n_new, -1).clone()
             new += torch.randn_like(new) * noise_std
         else:
-            new = _uniform_rows(n_new, self.d_model, like=self.weight)
+            new = _uniform_rows(n_new, self.d_model, like=like)
         self.weight = nn.Parameter(torch.cat([self.weight.detach(), new], dim=0))
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ from lifelong_moe.evaluation.evaluator import evaluator_for
 from lifelong_moe.measure.costs import cost_row
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
-from lifelong_moe.models import save_model
+from lifelong_moe.models import hf_export, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
 from lifelong_moe.moe import MoESettings
 from lifelong_moe.run import signals, stop_sync
@@ -103,6 +103,7 @@ def build(cfg: DictConfig) -> Experiment:
     )
     if cfg.trainer.get("compile", False):
         model.compile()  # in place: parameter names, checkpoints and expand() stay as they are
+    hf_export.check_export(cfg.tracking.get("export", "none"), model)
     method = instantiate(cfg.method, "method", model=model)
     method.after_fit = stop_sync.after_fit
     method.set_lr_schedule(LRSchedule.from_trainer(cfg.trainer))
@@ -401,6 +402,15 @@ def record(
                 n_classes=exp.stream.n_classes,
             )
             tracker.log_file(path, names.CHECKPOINTS)
+    track = exp.cfg.tracking
+    if track.get("export", "none") == "hf" and hf_export.export_due(
+        i, len(exp.stream), track.get("export_every", 1)
+    ):
+        with signals.deferred(), tempfile.TemporaryDirectory() as tmp:
+            out = hf_export.export_hf(
+                exp.model, Path(tmp) / f"exp_{i}", exp.method.expert_origins()
+            )
+            tracker.log_file(out, names.HF_EXPORT)
 
 
 def finish(exp: Experiment, h: History, tracker: RunTracker) -> dict[str, Any]:
