@@ -15,7 +15,7 @@ from lifelong_moe.data import corpus, shards
 from lifelong_moe.data.tokenizer import ByteTokenizer
 from lifelong_moe.data.tokens import PackedWindows, split_documents, token_domains
 from lifelong_moe.errors import ConfigError
-from tests.conftest import benchmark_from_yaml, run_cli, runs, store_uri
+from tests.conftest import artifact_json, benchmark_from_yaml, run_cli, runs, store_uri
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ["abc", "bisect", "heapq", "keyword", "glob", "fnmatch", "colorsys", "shlex", "sched"]
@@ -204,17 +204,19 @@ def test_conf_builds_the_stream(text: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_trained_bpe_moe_lm_run_is_recorded(tmp_path: Path) -> None:
+def test_cli_run_is_recorded_and_resumes_mid_experience_bit_identical(tmp_path: Path) -> None:
+    """A trained-BPE moe_lm run on two domains, read back from MLflow; the same run killed at step
+    7 of experience 1 and resumed (from its step-6 checkpoint) ends with the same matrices and
+    losses, bit for bit."""
     from mlflow.tracking import MlflowClient
 
-    text = tmp_path
-    corpora(text / "text", chars=3000)
-    uri = store_uri(text)
-    run_cli(
-        text,
+    from tests.test_checkpoints import metric_steps, run_until, train_losses
+
+    corpora(tmp_path / "text", chars=3000)
+    args = [
         "benchmark=token_domains",
-        f"benchmark.text_dir={text / 'text'}",
-        f"benchmark.cache_dir={text / 'cache'}",
+        f"benchmark.text_dir={tmp_path / 'text'}",
+        f"benchmark.cache_dir={tmp_path / 'cache'}",
         "benchmark.tokenizer=train:300",
         "benchmark.context_length=32",
         "model=moe_lm",
@@ -224,16 +226,36 @@ def test_cli_trained_bpe_moe_lm_run_is_recorded(tmp_path: Path) -> None:
         "model.moe_blocks=[1]",
         "method=lifelong_moe",
         "trainer.max_epochs=1",
-        "trainer.batch_size=64",
+        "trainer.batch_size=16",
+        "trainer.checkpoint_every_n_steps=3",
         "trainer.progress_bar=false",
         "tracking.log_checkpoints=false",
-        f"tracking.uri={uri}",
-    )
-    (run,) = runs(uri)
-    assert run.info.status == "FINISHED"
-    client = MlflowClient(uri)
-    ppl = client.get_metric_history(run.info.run_id, "ppl/final") or []
-    assert run.data.params["benchmark.tokenizer"] == "train:300"
-    inputs = [d.dataset.name for d in client.get_run(run.info.run_id).inputs.dataset_inputs]
-    assert inputs == ["token_domains/code", "token_domains/mail"]
-    assert ppl and 1 < ppl[-1].value < 300
+    ]
+    results = {}
+    for name in ("reference", "killed"):
+        (tmp_path / name).mkdir()
+        uri = store_uri(tmp_path / name)
+        if name == "killed":
+            run_until(tmp_path / name, [f"tracking.uri={uri}", *args], "train_step:1:7")
+            resumed = run_cli(tmp_path / name, f"tracking.uri={uri}", "resume=last")
+            assert "at experience 1, epoch 0, step 6" in resumed.stdout.splitlines()[0]
+        else:
+            run_cli(tmp_path / name, f"tracking.uri={uri}", *args)
+        (run,) = runs(uri)
+        assert run.info.status == "FINISHED"
+        client = MlflowClient(uri)
+        results[name] = {
+            "matrix": artifact_json(uri, run.info.run_id, "accuracy_matrix.json"),
+            "steps": metric_steps(uri, run.info.run_id),
+            "train": train_losses(uri, run.info.run_id),
+            "params": run.data.params,
+            "inputs": [
+                d.dataset.name for d in client.get_run(run.info.run_id).inputs.dataset_inputs
+            ],
+        }
+    reference, resumed = results["reference"], results["killed"]
+    assert reference["params"]["benchmark.tokenizer"] == "train:300"
+    assert reference["inputs"] == ["token_domains/code", "token_domains/mail"]
+    assert len(reference["matrix"]["R"]) == 2
+    for key in ("matrix", "steps", "train"):
+        assert resumed[key] == reference[key], key
