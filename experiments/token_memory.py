@@ -84,7 +84,10 @@ def measure(text_dir: str, cache_dir: str) -> dict:
         "build_s": built,
         "read_s": time.perf_counter() - start - built,
         "n_windows_read": n_windows,
-        "domains": stream.domain_records(),
+        # "where" is a temporary folder: no absolute paths in committed results
+        "domains": [
+            {k: v for k, v in r.items() if k != "where"} for r in stream.domain_records()
+        ],
     }
 
 
