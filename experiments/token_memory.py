@@ -85,9 +85,7 @@ def measure(text_dir: str, cache_dir: str) -> dict:
         "read_s": time.perf_counter() - start - built,
         "n_windows_read": n_windows,
         # "where" is a temporary folder: no absolute paths in committed results
-        "domains": [
-            {k: v for k, v in r.items() if k != "where"} for r in stream.domain_records()
-        ],
+        "domains": [{k: v for k, v in r.items() if k != "where"} for r in stream.domain_records()],
     }
 
 
@@ -148,7 +146,10 @@ def main() -> None:
             f"| {r['peak_rss_mb']:.0f} |"
         )
     verdict = "meets" if ratio <= 1.2 else "misses"
-    lines += ["", f"Ratio {SIZES_MB[-1]} MB / {SIZES_MB[0]} MB: **{ratio:.3f}** ({verdict} <= 1.2)."]
+    lines += [
+        "",
+        f"Ratio {SIZES_MB[-1]} MB / {SIZES_MB[0]} MB: **{ratio:.3f}** ({verdict} <= 1.2).",
+    ]
     (REPO / "results" / "token_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
