@@ -3,7 +3,9 @@
 The loss is the exact mean over all validation bytes of a domain (nats per byte; summed per
 batch, divided once), not a mean of batch means. ``accuracy`` (top-1 next-byte accuracy) fills
 the accuracy row, so the accuracy-matrix metrics work unchanged; the loss row builds the loss
-matrix ``L[i][j]`` for :func:`lifelong_moe.evaluation.metrics.summarize_loss`. Same interface
+matrix ``L[i][j]`` for :func:`lifelong_moe.evaluation.metrics.summarize_loss`. Targets of -100
+(prompt and padding of instruction examples, data/instructions.py) are not scored; a stream whose
+``accuracy_unit`` is ``"example"`` gets exact match per example as its accuracy row. Same interface
 and result type as :func:`lifelong_moe.evaluation.evaluate.evaluate`.
 """
 
@@ -18,6 +20,8 @@ from torch.utils.data import DataLoader
 from lifelong_moe.evaluation.evaluate import Evaluation, ExpertMask, RoutingCounts, forward
 from lifelong_moe.stream import Stream
 
+IGNORE = -100  # targets not scored (prompt and padding of instruction examples)
+
 
 @torch.no_grad()
 def evaluate_lm(
@@ -30,22 +34,29 @@ def evaluate_lm(
     """Validation loss of ``model`` on each domain of the stream (all of them, also future)."""
     was_training = model.training
     model.eval()
+    per_example = getattr(stream, "accuracy_unit", "token") == "example"
     losses, accuracy, routing = [], [], RoutingCounts()
     for exp in stream.experiences:
         total = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
-        n_tokens = 0
+        n_tokens = n_examples = 0
         mask = expert_mask(exp) if expert_mask is not None else None
         for batch in DataLoader(exp.test, batch_size=batch_size):
             x, y = batch[0].to(device), batch[1].to(device)
             logits, aux = forward(model, x, mask)
             flat = logits.reshape(-1, logits.shape[-1]).float()
             total += nn.functional.cross_entropy(flat, y.reshape(-1), reduction="sum")
-            correct += (flat.argmax(-1) == y.reshape(-1)).sum()
-            n_tokens += y.numel()
+            scored = y != IGNORE  # instruction streams score response tokens only
+            right = (logits.argmax(-1) == y) | ~scored
+            if per_example:
+                correct += right.all(-1).sum()
+            else:
+                correct += (right & scored).sum()
+            n_tokens += int(scored.sum())
+            n_examples += len(y)
             routing.add(aux)
         losses.append(total.item() / max(n_tokens, 1))
-        accuracy.append(correct.item() / max(n_tokens, 1))
+        accuracy.append(correct.item() / max(n_examples if per_example else n_tokens, 1))
         routing.end_experience()
     model.train(was_training)
     return Evaluation(

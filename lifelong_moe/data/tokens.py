@@ -1,0 +1,247 @@
+"""``benchmark=token_domains``: lifelong pretraining on your corpora, tokenized once, read from disk.
+
+Each experience is one domain of ``benchmark.text_dir`` (data/corpus.py), tokenized with
+``benchmark.tokenizer`` (data/tokenizer.py) into a cached memory-mapped shard (data/shards.py)
+with EOS after every document.
+
+Split, by document: :func:`split_documents` draws, from ``seed`` and the domain's index, which
+documents are validation (``val_fraction``) and which are test (``test_fraction``), at least one
+document each; the rest train. A document is never cut between splits, so no text is both
+trained and evaluated on. ``Experience.test`` holds the test windows (what the accuracy and loss
+matrices report); the validation windows are ``TokenStream.validation[i]``, for choosing
+settings without touching test.
+
+Windows: the documents of one split are packed in shard order (EOS between them) and cut with
+stride ``context_length``: x = tokens[s : s + L], y = tokens[s + 1 : s + L + 1], so every token
+after the first is a target once. A window is a view into the memory-mapped shard (no copy per
+domain, nothing but the starts of the split's runs of documents in memory); only a window that
+spans a held-out document is stitched from two views. Items are ``(x, y, t)`` int64 tensors,
+the shape the byte-level text benchmark (data/text.py) gives, so the LM models and methods work
+unchanged, with ``n_classes`` = the tokenizer's vocabulary size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lifelong_moe import checks
+from lifelong_moe.data.corpus import find_domains, sample
+from lifelong_moe.data.shards import TokenShard, default_cache_dir, token_shard
+from lifelong_moe.data.tokenizer import TRAIN_PREFIX, Tokenizer, load_tokenizer
+from lifelong_moe.errors import ConfigError
+from lifelong_moe.stream import Experience, Stream
+
+SCENARIO = "language_modeling"
+SPLITS = ("train", "val", "test")
+
+
+def split_documents(
+    n_documents: int, val_fraction: float, test_fraction: float, seed: int, index: int
+) -> dict[str, np.ndarray]:
+    """Sorted document indices of each split (``train``, ``val``, ``test``) of domain ``index``.
+
+    A seeded permutation (``numpy.random.default_rng([seed, index])``): the first
+    ``max(1, round(val_fraction * n))`` documents are validation, the next
+    ``max(1, round(test_fraction * n))`` test (none when a fraction is 0), the rest train.
+    The same seed gives the same split on every machine; the sets are disjoint and cover all.
+    """
+    n_val = max(1, round(val_fraction * n_documents)) if val_fraction > 0 else 0
+    n_test = max(1, round(test_fraction * n_documents)) if test_fraction > 0 else 0
+    if n_documents - n_val - n_test < 1:
+        raise ConfigError(
+            f"a domain has {n_documents} documents: too few to hold out {n_val} validation and "
+            f"{n_test} test documents and train on the rest; split its text into more files or "
+            "jsonl lines"
+        )
+    order = np.random.default_rng([seed, index]).permutation(n_documents)
+    return {
+        "val": np.sort(order[:n_val]),
+        "test": np.sort(order[n_val : n_val + n_test]),
+        "train": np.sort(order[n_val + n_test :]),
+    }
+
+
+def document_runs(offsets: np.ndarray, documents: np.ndarray) -> np.ndarray:
+    """Token ranges [start, stop) of the maximal runs of consecutive ``documents``: int64 [R, 2]."""
+    if len(documents) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(documents) != 1) + 1
+    firsts = documents[np.concatenate([[0], breaks])]
+    lasts = documents[np.concatenate([breaks - 1, [len(documents) - 1]])]
+    return np.stack([offsets[firsts], offsets[lasts + 1]], axis=1).astype(np.int64)
+
+
+class PackedWindows(Dataset):
+    """Windows of ``context_length`` over the packed runs of one split: views into the shard."""
+
+    def __init__(self, shard: TokenShard, runs: np.ndarray, context_length: int, task: int) -> None:
+        self.shard = shard
+        self.runs = runs
+        self.context_length = context_length
+        self.task = task
+        lengths = runs[:, 1] - runs[:, 0]
+        self.ends = np.cumsum(lengths)  # packed position where each run ends
+        self.n_tokens = int(self.ends[-1]) if len(lengths) else 0
+        self.n = max(self.n_tokens - 1, 0) // context_length
+
+    def __len__(self) -> int:
+        return self.n
+
+    def window(self, i: int) -> np.ndarray:
+        """The ``context_length + 1`` tokens of window ``i``: a view of the shard when it lies in
+        one run of documents, else stitched from the views of the runs it spans."""
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        tokens = self.shard.tokens
+        start, left = i * self.context_length, self.context_length + 1
+        run = int(np.searchsorted(self.ends, start, side="right"))
+        parts = []
+        while left > 0:
+            offset = start - (int(self.ends[run - 1]) if run else 0)
+            begin = int(self.runs[run, 0]) + offset
+            take = min(left, int(self.runs[run, 1]) - begin)
+            parts.append(tokens[begin : begin + take])
+            start, left, run = start + take, left - take, run + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = torch.from_numpy(self.window(i).astype(np.int64))
+        return tokens[:-1], tokens[1:], torch.tensor(self.task)
+
+
+@dataclass
+class TokenDomainInfo:
+    """What one experience trained on; ``record()`` is its MLflow dataset-input profile."""
+
+    name: str
+    where: str
+    sha256: str  # the cache key: tokenizer + every file's hash
+    n_bytes: int
+    n_documents: int
+    n_tokens: int
+    tokenizer: str
+    n_windows: dict[str, int] = field(default_factory=dict)
+    n_split_documents: dict[str, int] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "where": self.where,
+            "sha256": self.sha256,
+            "tokenizer": self.tokenizer,
+            "n_bytes": self.n_bytes,
+            "n_documents": self.n_documents,
+            "n_tokens": self.n_tokens,
+            **{f"n_{s}_windows": n for s, n in self.n_windows.items()},
+            **{f"n_{s}_documents": n for s, n in self.n_split_documents.items()},
+        }
+
+
+@dataclass
+class TokenStream(Stream):
+    """The text benchmark's Stream, plus the tokenizer, validation windows and domain records."""
+
+    domains: list[TokenDomainInfo] = field(default_factory=list)
+    validation: list[Dataset] = field(default_factory=list)
+    splits: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+    tokenizer: Tokenizer | None = field(default=None, repr=False)
+
+    def domain_records(self) -> list[dict[str, Any]]:
+        return [d.record() for d in self.domains]
+
+
+def _check(
+    context_length: int, val_fraction: float, test_fraction: float, sample_bytes: int
+) -> None:
+    checks.positive_int("benchmark.context_length", context_length)
+    checks.number("benchmark.val_fraction", val_fraction, low=0, high=1, high_open=True)
+    checks.number(
+        "benchmark.test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True
+    )
+    checks.positive_int("benchmark.tokenizer_sample_bytes", sample_bytes)
+
+
+def token_domains(
+    text_dir: str | None = None,
+    domains: Sequence[str] | None = None,
+    tokenizer: str = "bytes",
+    text_field: str = "text",
+    context_length: int = 64,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    cache_dir: str | None = None,
+    tokenizer_sample_bytes: int = 4_000_000,
+    seed: int = 0,
+    task_labels: bool = False,
+) -> TokenStream:
+    """One experience per domain of ``text_dir``: windows of the domain's cached token shard."""
+    _check(context_length, val_fraction, test_fraction, tokenizer_sample_bytes)
+    found = find_domains(text_dir, domains)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    corpus = None
+    if isinstance(tokenizer, str) and tokenizer.startswith(TRAIN_PREFIX):
+        corpus = sample(found, tokenizer_sample_bytes, text_field)
+    tok = load_tokenizer(tokenizer, corpus, cache)
+    del corpus
+    experiences, infos, validation, splits = [], [], [], []
+    for index, domain in enumerate(found):
+        shard = token_shard(domain, tok, cache, text_field)
+        try:
+            split = split_documents(shard.n_documents, val_fraction, test_fraction, seed, index)
+        except ConfigError as error:
+            raise ConfigError(f"benchmark domain {domain.name!r}: {error}") from None
+        task = index if task_labels else 0
+        windows = {
+            s: PackedWindows(shard, document_runs(shard.documents, split[s]), context_length, task)
+            for s in SPLITS
+        }
+        for s in ("train", "test") + (("val",) if val_fraction > 0 else ()):
+            if len(windows[s]) == 0:
+                raise ConfigError(
+                    f"benchmark domain {domain.name!r} is shorter than one window: its {s} "
+                    f"documents hold {windows[s].n_tokens} tokens, one window needs "
+                    f"context_length + 1 = {context_length + 1}"
+                )
+        infos.append(
+            TokenDomainInfo(
+                name=domain.name,
+                where=str(domain.root),
+                sha256=shard.meta["key"],
+                n_bytes=shard.meta["n_bytes"],
+                n_documents=shard.n_documents,
+                n_tokens=shard.meta["n_tokens"],
+                tokenizer=tok.fingerprint,
+                n_windows={s: len(w) for s, w in windows.items()},
+                n_split_documents={s: len(d) for s, d in split.items()},
+            )
+        )
+        experiences.append(
+            Experience(
+                index=index,
+                train=windows["train"],
+                test=windows["test"],
+                classes=list(range(tok.vocab_size)),
+                task_id=task,
+            )
+        )
+        validation.append(windows["val"])
+        splits.append(split)
+    return TokenStream(
+        name="token_domains",
+        experiences=experiences,
+        n_classes=tok.vocab_size,
+        input_shape=(context_length,),
+        scenario=SCENARIO,
+        task_labels=bool(task_labels),
+        domains=infos,
+        validation=validation,
+        splits=splits,
+        tokenizer=tok,
+    )
