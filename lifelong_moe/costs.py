@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lifelong_moe.models import count_parameters
+from lifelong_moe.models import count_parameters, moe_layers
 from lifelong_moe.throughput import throughput_metrics
 from lifelong_moe.tracking import names
 
@@ -48,4 +48,7 @@ def cost_row(
     row[names.COST_EVAL_S] = eval_s
     row |= throughput_metrics(model, data, epochs, train_s, device, precision, n_devices)
     row[names.COST_PEAK_MB] = peak_memory_mb(device)
+    row[names.COST_FROZEN_BYTES] = float(
+        sum(layer.experts.frozen_bytes() for layer in moe_layers(model).values())
+    )
     return row

@@ -35,6 +35,7 @@ from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.distillation import distillation, router_distillation
 from lifelong_moe.methods.inferred_routing import ExperienceStatistics, routing_bias
 from lifelong_moe.models import moe_layers
+from lifelong_moe.moe.quant import check_frozen_dtype
 from lifelong_moe.moe.router import BALANCE_SCOPES
 
 
@@ -61,6 +62,7 @@ class LifelongMoE(ContinualMethod):
         infer_routing: bool = False,
         infer_bonus: float = 0.0,
         infer_restrict: bool = True,
+        frozen_dtype: str = "fp32",
     ) -> None:
         super().__init__(
             model,
@@ -85,6 +87,10 @@ class LifelongMoE(ContinualMethod):
                 "without any; use model=moe_mlp, model=moe_vit or model=moe_lm"
             )
         checks.choice("method.balance_scope", balance_scope, BALANCE_SCOPES)
+        # How frozen expert banks are stored (moe/quant.py); freeze_existing() converts to it.
+        self.frozen_dtype = check_frozen_dtype("method.frozen_dtype", frozen_dtype)
+        for layer in moe_layers(model).values():
+            layer.experts.set_frozen_dtype(self.frozen_dtype)
         if infer_routing and task_aware_routing:
             raise ConfigError(
                 "method.infer_routing=true and method.task_aware_routing=true: choose one "

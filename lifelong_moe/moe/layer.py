@@ -74,6 +74,7 @@ class MoELayer(nn.Module):
         capacity_factor: float | None = None,
         dispatch: str = "auto",
         n_frozen: int = 0,
+        frozen_dtype: str = "fp32",
     ) -> None:
         super().__init__()
         for name, value in (
@@ -115,7 +116,9 @@ class MoELayer(nn.Module):
             balance_scope=balance_scope,
             n_frozen=n_frozen,
         )
-        self.experts = Experts(d_model, d_hidden, n_experts, n_frozen=n_frozen)
+        self.experts = Experts(
+            d_model, d_hidden, n_experts, n_frozen=n_frozen, frozen_dtype=frozen_dtype
+        )
         # Cumulative training assignments per expert, kept on the device (no sync per step).
         self.register_buffer("expert_usage", torch.zeros(n_experts))
 
@@ -236,6 +239,7 @@ class MoELayer(nn.Module):
             "capacity_factor": self.capacity_factor,
             "dispatch": self.dispatch,
             "n_frozen": self.n_frozen,
+            "frozen_dtype": self.experts.frozen_dtype,
         }
 
     @classmethod
