@@ -181,12 +181,13 @@ def render(data: dict) -> str:
             f"{len(base)} seeds)",
             "",
             "Change against fp32 with the same seed: mean [paired 95 % CI]; "
-            "ppl/final as a relative change in %.",
+            "ppl/final as a relative change in %. Frozen bytes after the last experience; "
+            "peak RSS is the run process's high-water mark (torch + data dominate it).",
             "",
-            "| format | frozen bytes | x fp32 | "
+            "| format | frozen bytes | x fp32 | peak RSS (MiB) | "
             + " | ".join(f"Δ {m}" + (" (%)" if METRICS[m] == "percent" else "") for m in metrics)
             + " | mean fp32 value → format |",
-            "|---" * (4 + len(metrics)) + "|",
+            "|---" * (5 + len(metrics)) + "|",
         ]
         for fmt in FORMATS:
             mine = {r["seed"]: r for r in rows if r["format"] == fmt}
@@ -207,8 +208,9 @@ def render(data: dict) -> str:
                 f"{main}: {statistics.fmean(base[s][main] for s in seeds):.4f} → "
                 f"{statistics.fmean(mine[s][main] for s in seeds):.4f}"
             )
+            peak = statistics.fmean(mine[s]["cost/peak_mb"] for s in seeds)
             lines.append(
-                f"| {fmt} | {stored / 2**20:.3f} MiB | {stored / ref:.3f} | "
+                f"| {fmt} | {stored / 2**20:.3f} MiB | {stored / ref:.3f} | {peak:.0f} | "
                 + " | ".join(cells)
                 + f" | {values} |"
             )
