@@ -5,7 +5,9 @@ small function (or a name) here and nowhere else; tests/test_compat.py fails lou
 attribute, when an upgrade removes one. pyproject.toml caps those packages below the next minor
 version for the same reason.
 
-Checked on: Lightning 2.6.6, Hydra 1.3.8, MLflow 3.17.2.
+Checked on: Lightning 2.6.6, Hydra 1.3.8, MLflow 3.17.2, torch 2.14.1. Each dependency is
+imported where it is used, so that the MoE core (plain torch) and the light commands (compare)
+do not pay for importing Lightning or Hydra.
 """
 
 from __future__ import annotations
@@ -13,36 +15,37 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra._internal.utils import _locate, get_args_parser
-
 if TYPE_CHECKING:
     import lightning as L
+    import torch
 
-CHECKED = {"lightning": "2.6", "hydra-core": "1.3", "mlflow": "3.17"}
+CHECKED = {"lightning": "2.6", "hydra-core": "1.3", "mlflow": "3.17", "torch": "2.14"}
 
 # -- Hydra 1.3 --------------------------------------------------------------------------------
 
 
 def hydra_locate(path: str) -> Any:
     """The object a dotted path names (``hydra.utils.get_object`` without its error log)."""
+    from hydra._internal.utils import _locate
+
     return _locate(path)
 
 
 def hydra_args_parser() -> Any:
     """Hydra's own command-line parser, so we read argv exactly as the app will."""
+    from hydra._internal.utils import get_args_parser
+
     return get_args_parser()
 
 
 def split_sweep(overrides: list) -> list[list[str]]:
     """The jobs Hydra's basic sweeper makes of parsed overrides, in one batch."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
     return BasicSweeper.split_arguments(overrides, None)
 
 
 # -- Lightning 2.6 ----------------------------------------------------------------------------
-
-# Lightning is imported where it is used, so that the light commands (compare, config checks of
-# a sweep) do not pay for importing it.
 
 
 def precision_input() -> Any:
@@ -97,3 +100,16 @@ def restore_loader_position(trainer: L.Trainer) -> None:
 def monitor_has_published(monitor: Any) -> bool:
     """Whether MLflow's system-metrics monitor has published a sample yet."""
     return monitor._logging_step > 0
+
+
+# -- torch 2.14 -------------------------------------------------------------------------------
+
+
+def all_to_all_single_autograd(
+    tensor: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int], group: Any
+) -> torch.Tensor:
+    """The autograd-aware all-to-all with variable splits (torch.distributed's functional
+    collectives; the public ``torch.distributed.nn.functional.all_to_all_single`` is deprecated)."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd as a2a
+
+    return a2a(tensor, output_split_sizes, input_split_sizes, group)

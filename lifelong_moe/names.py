@@ -80,6 +80,9 @@ COST_PARAMS_ACTIVE = cost_params("active")
 COST_TRAIN_S = f"{COST}/train_s"  # wall time of one experience's fit
 COST_EVAL_S = f"{COST}/eval_s"  # wall time of evaluating on every test experience
 COST_PEAK_MB = f"{COST}/peak_mb"  # peak memory (CUDA allocator, or process max RSS on CPU)
+COST_FROZEN_BYTES = f"{COST}/frozen_bytes"  # frozen expert banks as stored, scales included
+# expert weights held by one rank under expert parallelism (all MoE layers, frozen + trainable)
+COST_EXPERT_PARAMS_PER_RANK = f"{COST}/expert_params_per_rank"
 COST_TRAIN_TOTAL_S = f"{COST}/train_total_s"  # sum of cost/train_s over the stream
 COST_CHECKPOINT_S = f"{COST}/checkpoint_s"  # training waited for checkpoints, part of train_s
 # serialising and writing checkpoints in the background writer thread (overlaps training)

@@ -61,8 +61,8 @@ def test_loop_dispatch_accepts_unaligned_sizes_and_bad_expand_args_raise() -> No
     assert layer(torch.randn(3, 12))[0].shape == (3, 12)
     with pytest.raises(ConfigError, match="init='clone'"):
         layer.expand(1, init="clone")
-    with pytest.raises(ConfigError, match="gate_init='zero'"):
-        layer.expand(1, gate_init="zero")
+    with pytest.raises(ConfigError, match="gate_init='ones'"):
+        layer.expand(1, gate_init="ones")
     with pytest.raises(ConfigError, match="n_new=0"):
         layer.expand(0)
     with pytest.raises(ConfigError, match="expert_mask"):

@@ -13,7 +13,7 @@ from torch import nn
 
 from lifelong_moe import names
 from lifelong_moe.measure.throughput import throughput_metrics
-from lifelong_moe.models import count_parameters
+from lifelong_moe.models import count_parameters, moe_layers
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -48,4 +48,7 @@ def cost_row(
     row[names.COST_EVAL_S] = eval_s
     row |= throughput_metrics(model, data, epochs, train_s, device, precision, n_devices)
     row[names.COST_PEAK_MB] = peak_memory_mb(device)
+    row[names.COST_FROZEN_BYTES] = float(
+        sum(layer.experts.frozen_bytes() for layer in moe_layers(model).values())
+    )
     return row

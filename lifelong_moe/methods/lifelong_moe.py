@@ -37,6 +37,7 @@ from lifelong_moe.methods.inferred_routing import ExperienceStatistics, routing_
 from lifelong_moe.models import moe_layers
 from lifelong_moe.moe.domain import router_input_means
 from lifelong_moe.moe.experts import EXPERT_INITS
+from lifelong_moe.moe.quant import check_frozen_dtype
 from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS
 from lifelong_moe.stream import Experience
 
@@ -67,6 +68,7 @@ class LifelongMoE(ContinualMethod):
         infer_routing: bool = False,
         infer_bonus: float = 0.0,
         infer_restrict: bool = True,
+        frozen_dtype: str = "fp32",
     ) -> None:
         super().__init__(
             model,
@@ -93,6 +95,10 @@ class LifelongMoE(ContinualMethod):
         checks.choice("method.balance_scope", balance_scope, BALANCE_SCOPES)
         checks.choice("method.expand_init", expand_init, EXPERT_INITS)
         checks.choice("method.gate_init", gate_init, GATE_INITS)
+        # How frozen expert banks are stored (moe/quant.py); freeze_existing() converts to it.
+        self.frozen_dtype = check_frozen_dtype("method.frozen_dtype", frozen_dtype)
+        for layer in moe_layers(model).values():
+            layer.experts.set_frozen_dtype(self.frozen_dtype)
         if infer_routing and task_aware_routing:
             raise ConfigError(
                 "method.infer_routing=true and method.task_aware_routing=true: choose one "

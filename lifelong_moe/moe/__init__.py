@@ -9,6 +9,8 @@ From a backbone to the grouped GEMM:
 - experts.py   stacked expert weights [E, d, h] in a frozen and a trainable bank
 - dispatch.py  sort tokens by expert -> ``grouped_mm`` -> unsort -> weighted combine
 - fused.py     the same dispatch as Triton kernels (CUDA; ``dispatch: fused``)
+- quant.py     storage of frozen banks: fp32 | bf16 | int8 | fp8 (``method.frozen_dtype``)
+- expert_parallel.py  experts sharded over the "ep" dim of a (dp, ep) DeviceMesh, all-to-all
 """
 
 from lifelong_moe.moe.layer import AuxList, DenseMLP, MoEAux, MoELayer, MoESettings

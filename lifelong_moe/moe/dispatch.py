@@ -14,6 +14,10 @@ spends a FLOP on frozen weight gradients, yet the forward is still one GEMM, one
 one gather. The concat costs one copy of the weights per call; it is skipped when a bank is
 empty.
 
+Stored frozen banks (bf16, int8, fp8; see quant.py) are dequantized straight into that concat,
+per GEMM call, so they add no transient beyond the fp32 path's; the backward then rebuilds the
+concat from the stored bank instead of keeping a full-precision copy alive between the passes.
+
 `dispatch="loop"` (`loop_experts`) is the plain per-expert reference the tests compare against.
 """
 
@@ -25,6 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from lifelong_moe.moe import quant
 from lifelong_moe.moe.experts import Experts
 
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -63,12 +68,23 @@ class _GatherRows(torch.autograd.Function):
         return g, None, None, None
 
 
-def _bank_weights(w_train: torch.Tensor, w_frozen: torch.Tensor) -> torch.Tensor:
+def _stored_as_is(w_frozen: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    return scale is None and w_frozen.dtype == dtype
+
+
+def _bank_weights(
+    w_train: torch.Tensor, w_frozen: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """[w_train; w_frozen] in `dtype`, the frozen bank dequantized into its rows."""
     if w_frozen.shape[0] == 0:
         return w_train
-    if w_train.shape[0] == 0:
-        return w_frozen
-    return torch.cat([w_train, w_frozen], dim=0)
+    if _stored_as_is(w_frozen, scale, dtype):
+        return w_frozen if w_train.shape[0] == 0 else torch.cat([w_train, w_frozen], dim=0)
+    n_train = w_train.shape[0]
+    w = w_train.new_empty((n_train + w_frozen.shape[0], *w_frozen.shape[1:]), dtype=dtype)
+    w[:n_train].copy_(w_train)
+    quant.dequantize_into(w[n_train:], w_frozen, scale)
+    return w
 
 
 def _zero_rows_past(t: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
@@ -78,22 +94,35 @@ def _zero_rows_past(t: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
 
 
 class _BankedGroupedMM(torch.autograd.Function):
-    """grouped_mm(x, [w_train; w_frozen], offs) with a weight gradient for w_train only."""
+    """grouped_mm(x, [w_train; w_frozen], offs) with a weight gradient for w_train only.
+
+    w_frozen is the bank as stored, scale its per-channel scales (None: bf16/fp32).
+    """
 
     @staticmethod
-    def forward(ctx, x, w_train, w_frozen, offs, zero_tail):
-        w = _bank_weights(w_train, w_frozen)
+    def forward(ctx, x, w_train, w_frozen, scale, offs, zero_tail):
+        dtype = w_train.dtype
+        w = _bank_weights(w_train, w_frozen, scale, dtype)
         out = _grouped_mm(x, w, offs=offs)
         if zero_tail:
             out = _zero_rows_past(out, offs[-1])
-        ctx.save_for_backward(x, w, offs)
+        ctx.rebuild = not _stored_as_is(w_frozen, scale, dtype)
+        if ctx.rebuild:  # keep the stored bank, not its widened copy, until the backward
+            ctx.save_for_backward(x, w_train, w_frozen, scale, offs)
+        else:
+            ctx.save_for_backward(x, w, offs)
+        ctx.dtype = dtype
         ctx.n_train = w_train.shape[0]
         ctx.zero_tail = zero_tail
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, offs = ctx.saved_tensors
+        if ctx.rebuild:
+            x, w_train, w_frozen, scale, offs = ctx.saved_tensors
+            w = _bank_weights(w_train, w_frozen, scale, ctx.dtype)
+        else:
+            x, w, offs = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -103,7 +132,7 @@ class _BankedGroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[1] and ctx.n_train > 0:
             # 2D x 2D form: groups split the contraction dim; only the trainable prefix is run.
             grad_w = _grouped_mm(x.t(), grad, offs=offs[: ctx.n_train])
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def sort_assignments(
@@ -161,16 +190,17 @@ def grouped_experts(
     )
     inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(n, device=perm.device))
     zero_tail = valid is not None or capacity is not None
-    w1, w1_frozen, w2, w2_frozen = experts.w1, experts.w1_frozen, experts.w2, experts.w2_frozen
+    w1, w2 = experts.w1, experts.w2
     if torch.is_autocast_enabled(x.device.type):
         # Custom Functions bypass autocast: cast here so bf16-mixed training takes the bf16
-        # grouped_mm path (gradients flow back to the fp32 master weights through .to()).
+        # grouped_mm path (gradients flow back to the fp32 master weights through .to()); the
+        # frozen banks are dequantized to w1's dtype inside _BankedGroupedMM.
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, w1, w1_frozen, w2, w2_frozen = (t.to(dtype) for t in (x, w1, w1_frozen, w2, w2_frozen))
+        x, w1, w2 = (t.to(dtype) for t in (x, w1, w2))
     xs = _GatherRows.apply(x, perm // top_k, inverse, top_k)
-    h = _BankedGroupedMM.apply(xs, w1, w1_frozen, offs, zero_tail)
+    h = _BankedGroupedMM.apply(xs, w1, experts.w1_frozen, experts.w1_frozen_scale, offs, zero_tail)
     h = activation(h)
-    ys = _BankedGroupedMM.apply(h, w2, w2_frozen, offs, zero_tail)
+    ys = _BankedGroupedMM.apply(h, w2, experts.w2_frozen, experts.w2_frozen_scale, offs, zero_tail)
     y = _GatherRows.apply(ys, inverse, perm, 1)
     return combine(y, gates), counts, dropped
 

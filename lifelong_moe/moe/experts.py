@@ -6,7 +6,9 @@ A gated (SwiGLU-style) expert keeps the same two banks: w1 holds [gate | up] con
 last dim, [E, d, 2h], and the activation becomes ``act(a[..., :h]) * a[..., h:]`` (see ``glu``),
 so every dispatch path stays two grouped GEMMs with one elementwise step between them.
 Frozen weights are persistent buffers, so they are saved and moved with the module but no
-optimizer ever sees them and autograd never computes their gradient.
+optimizer ever sees them and autograd never computes their gradient. They are stored in
+``frozen_dtype`` (quant.py: fp32, bf16, or int8/fp8 with per-output-channel scales in the
+buffers ``w1_frozen_scale``, ``w2_frozen_scale``); ``frozen_weight`` widens them again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.moe import quant
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -60,14 +63,21 @@ class Experts(nn.Module):
         *,
         n_frozen: int = 0,
         gated: bool = False,
+        frozen_dtype: str = "fp32",
     ) -> None:
         super().__init__()
         self.d_model = d_model
         self.d_hidden = d_hidden
         self.gated = bool(gated)
+        self.frozen_dtype = quant.check_frozen_dtype("frozen_dtype", frozen_dtype)
         n_trainable = n_experts - n_frozen
-        self.register_buffer("w1_frozen", self._new_w1(n_frozen))
-        self.register_buffer("w2_frozen", _uniform(n_frozen, d_hidden, d_model))
+        for name, w in (
+            ("w1", self._new_w1(n_frozen)),
+            ("w2", _uniform(n_frozen, d_hidden, d_model)),
+        ):
+            q, scale = quant.quantize(w, self.frozen_dtype)
+            self.register_buffer(f"{name}_frozen", q)
+            self.register_buffer(f"{name}_frozen_scale", scale)  # None: not in the state dict
         self.w1 = nn.Parameter(self._new_w1(n_trainable))
         self.w2 = nn.Parameter(_uniform(n_trainable, d_hidden, d_model))
 
@@ -91,10 +101,27 @@ class Experts(nn.Module):
     def n_experts(self) -> int:
         return self.n_frozen + self.n_trainable
 
+    def frozen_weight(
+        self, name: str, dtype: torch.dtype | None = None, experts: slice = slice(None)
+    ) -> torch.Tensor:
+        """Frozen bank ``name`` ("w1" or "w2"), rows `experts`, widened to `dtype` (default: the
+        trainable bank's); a new tensor unless the bank is already stored in `dtype`."""
+        q, scale = getattr(self, f"{name}_frozen"), getattr(self, f"{name}_frozen_scale")
+        scale = None if scale is None else scale[experts]
+        return quant.dequantize(q[experts], scale, self.w1.dtype if dtype is None else dtype)
+
+    def frozen_bytes(self) -> int:
+        """Bytes the frozen banks occupy as stored (scales included)."""
+        return quant.stored_bytes(
+            self.w1_frozen, self.w2_frozen, self.w1_frozen_scale, self.w2_frozen_scale
+        )
+
     def weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w1, w2) of one expert by its id; used by the loop reference and by expand()."""
         if expert < self.n_frozen:
-            return self.w1_frozen[expert], self.w2_frozen[expert]
+            one = slice(expert, expert + 1)
+            w1, w2 = (self.frozen_weight(name, experts=one)[0] for name in ("w1", "w2"))
+            return w1, w2
         return self.w1[expert - self.n_frozen], self.w2[expert - self.n_frozen]
 
     @torch.no_grad()
@@ -147,8 +174,30 @@ class Experts(nn.Module):
 
     @torch.no_grad()
     def freeze_existing(self) -> None:
-        """Move every expert into the frozen bank; the trainable bank becomes empty."""
-        self.w1_frozen = torch.cat([self.w1_frozen, self.w1.detach()], dim=0)
-        self.w2_frozen = torch.cat([self.w2_frozen, self.w2.detach()], dim=0)
+        """Move every expert into the frozen bank, stored in ``frozen_dtype``; the trainable
+        bank becomes empty. Experts frozen earlier keep their stored values (no requantizing)."""
+        for name in ("w1", "w2"):
+            q, scale = quant.quantize(getattr(self, name), self.frozen_dtype)
+            old_q, old_scale = (
+                getattr(self, f"{name}_frozen"),
+                getattr(self, f"{name}_frozen_scale"),
+            )
+            setattr(self, f"{name}_frozen", torch.cat([old_q, q.to(old_q.device)], dim=0))
+            if scale is not None:
+                setattr(self, f"{name}_frozen_scale", torch.cat([old_scale, scale], dim=0))
         self.w1 = nn.Parameter(self.w1.detach()[:0].clone())
         self.w2 = nn.Parameter(self.w2.detach()[:0].clone())
+
+    @torch.no_grad()
+    def set_frozen_dtype(self, fmt: str) -> None:
+        """Store the frozen banks in `fmt` from now on (what is frozen already is converted)."""
+        fmt = quant.check_frozen_dtype("frozen_dtype", fmt)
+        if fmt == self.frozen_dtype:
+            return
+        for name in ("w1", "w2"):
+            q, scale = quant.quantize(self.frozen_weight(name, torch.float32), fmt)
+            device = getattr(self, f"{name}_frozen").device
+            setattr(self, f"{name}_frozen", q.to(device))
+            # Assigning None to a registered buffer keeps it registered and out of the state dict.
+            setattr(self, f"{name}_frozen_scale", None if scale is None else scale.to(device))
+        self.frozen_dtype = fmt

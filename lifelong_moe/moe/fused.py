@@ -578,7 +578,9 @@ def fused_experts(
     perm, tok, table, bounds, counts, dropped = plan(
         expert_ids, valid, experts.n_frozen, experts.n_experts, capacity, _blocks(x.device)[0]
     )
-    w1, w1_frozen, w2, w2_frozen = experts.w1, experts.w1_frozen, experts.w2, experts.w2_frozen
+    # A stored (bf16/int8/fp8) frozen bank is widened here, a transient copy per call.
+    w1_frozen, w2_frozen = experts.frozen_weight("w1"), experts.frozen_weight("w2")
+    w1, w2 = experts.w1, experts.w2
     if torch.is_autocast_enabled(x.device.type):
         # Custom ops bypass autocast: cast here (gradients reach the fp32 weights through .to()).
         dtype = torch.get_autocast_dtype(x.device.type)

@@ -73,6 +73,7 @@ class MoELayer(nn.Module):
         router_order: str = "softmax_topk",
         shared_hidden: int = 0,
         shared_gate: bool = False,
+        frozen_dtype: str = "fp32",
     ) -> None:
         super().__init__()
         for name, value in (
@@ -117,7 +118,9 @@ class MoELayer(nn.Module):
             n_frozen=n_frozen,
             order=router_order,
         )
-        self.experts = Experts(d_model, d_hidden, n_experts, n_frozen=n_frozen, gated=gated)
+        self.experts = Experts(
+            d_model, d_hidden, n_experts, n_frozen=n_frozen, gated=gated, frozen_dtype=frozen_dtype
+        )
         # Dense always-on branch (Qwen2-MoE's shared expert), optionally behind a sigmoid gate.
         self.shared = (
             SharedExpert(d_model, shared_hidden, activation, gated=shared_gate)
@@ -253,6 +256,7 @@ class MoELayer(nn.Module):
             "router_order": self.router.order,
             "shared_hidden": 0 if self.shared is None else self.shared.d_hidden,
             "shared_gate": self.shared is not None and self.shared.gate is not None,
+            "frozen_dtype": self.experts.frozen_dtype,
         }
 
     @classmethod
