@@ -17,7 +17,7 @@ from hydra.errors import CompactHydraException  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from lifelong_moe import names  # noqa: E402
+from lifelong_moe import log, names  # noqa: E402
 from lifelong_moe.config.files import (  # noqa: E402
     CONF_DIR,
     GROUPS,
@@ -78,6 +78,7 @@ def app(cfg: DictConfig) -> float | None:
         if cfg.tracking.get("sweep_id") is None:
             cfg.tracking.sweep_id = sweep_id()
     signals.install()  # again: a launcher (submitit) may run this job in a process of its own
+    log.to_job_log()  # what the console shows goes to this job's log under outputs/ too
     sources = HydraConfig.get().runtime.config_sources  # the user's --config-dir, searchpath
     importable(Path(s.path) for s in sources if s.schema == "file" and s.provider != "main")
     try:

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from lifelong_moe import names
+from lifelong_moe.log import LOGGER
 from lifelong_moe.tracking import comparison, queries, store
 from lifelong_moe.tracking.comparison_plots import plot_matrices, write_plots
 from lifelong_moe.tracking.store import check_store
@@ -209,7 +210,7 @@ def open_parent(config: DictConfig) -> SweepParent | None:
     """
     split = [k for k in swept_keys(config) if k in SPLITTING]
     if split:
-        print(f"note: {', '.join(split)} is swept, so this sweep gets no parent run", flush=True)
+        LOGGER.info(f"note: {', '.join(split)} is swept, so this sweep gets no parent run")
         return None
     tracking = config.tracking
     check_store(tracking.uri)
