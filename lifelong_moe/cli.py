@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from lifelong_moe.run import signals
@@ -15,22 +17,30 @@ from hydra.errors import CompactHydraException  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from lifelong_moe import names  # noqa: E402
-from lifelong_moe.config.files import CONF_DIR, GROUPS, choices  # noqa: E402
+from lifelong_moe import log, names  # noqa: E402
+from lifelong_moe.config.files import (  # noqa: E402
+    CONF_DIR,
+    GROUPS,
+    choices,
+    importable,
+    user_config_dirs,
+)
 from lifelong_moe.errors import ConfigError, NonFiniteLossError  # noqa: E402
 
 
-def check_choices(args: list[str]) -> None:
-    """Reject ``group=unknown`` in one line, before Hydra composes (its message spans many lines)."""
+def check_choices(args: list[str], extra_dirs: Sequence[Path] = ()) -> None:
+    """Reject ``group=unknown`` in one line, before Hydra composes (its message spans many lines).
+
+    The options are the packaged ones and those in the user's config directories.
+    """
     for arg in args:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or key not in GROUPS:
             continue
         for option in value.split(","):
-            if option and option != "null" and option not in choices(key):
-                raise ConfigError(
-                    f"unknown {key} '{option}'; choose one of: {', '.join(choices(key))}"
-                )
+            known = choices(key, extra_dirs)
+            if option and option != "null" and option not in known:
+                raise ConfigError(f"unknown {key} '{option}'; choose one of: {', '.join(known)}")
 
 
 def sweep_id() -> str | None:
@@ -68,6 +78,9 @@ def app(cfg: DictConfig) -> float | None:
         if cfg.tracking.get("sweep_id") is None:
             cfg.tracking.sweep_id = sweep_id()
     signals.install()  # again: a launcher (submitit) may run this job in a process of its own
+    log.to_job_log()  # what the console shows goes to this job's log under outputs/ too
+    sources = HydraConfig.get().runtime.config_sources  # the user's --config-dir, searchpath
+    importable(Path(s.path) for s in sources if s.schema == "file" and s.provider != "main")
     try:
         summary = run(cfg)
     except signals.Interrupted as stop:  # Ctrl-C stops a whole sweep: SystemExit, not a failure
@@ -89,10 +102,13 @@ def main() -> None:
     from lifelong_moe.tracking.hydra_callback import close_open_parents
 
     try:
-        check_choices(sys.argv[1:])
+        args = sys.argv[1:]
+        user_dirs = user_config_dirs(args)
+        importable(user_dirs)  # _target_: my_method.MyMethod beside the user's configs
+        check_choices(args, user_dirs)
         # Every job's config, composed and checked before Hydra runs any: a misspelt key or a
         # bad value is one line here, not Hydra's multi-line refusal or a failed sweep.
-        check_command_line(sys.argv[1:], CONF_DIR)
+        check_command_line(args, CONF_DIR, extra_dirs=user_dirs)
         app()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -23,7 +23,7 @@ import functools
 import inspect
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -332,11 +332,21 @@ def _one_line(error: Exception) -> str:
     return first
 
 
-def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
-    """The job's config as Hydra composes it; a key Hydra refuses becomes ``unknown_key``."""
+def _compose(
+    config_dir: Path, config_name: str, overrides: list[str], extra_dirs: Sequence[Path] = ()
+) -> DictConfig:
+    """The job's config as Hydra composes it; a key Hydra refuses becomes ``unknown_key``.
+
+    ``extra_dirs`` (the user's ``--config-dir`` and ``hydra.searchpath``) come after conf/ in
+    the search path, as Hydra puts them: one ``hydra.searchpath`` override stands for both.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
+    if extra_dirs:
+        searchpath = ",".join(f"'file://{d}'" for d in extra_dirs)
+        overrides = [o for o in overrides if _override_key(o) != "hydra.searchpath"]
+        overrides = [*overrides, f"hydra.searchpath=[{searchpath}]"]
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:
             return compose(config_name, overrides)
@@ -387,15 +397,22 @@ def jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     return compat.split_sweep(discrete)[0]
 
 
-def check_command_line(args: list[str], config_dir: Path, config_name: str = "config") -> None:
+def check_command_line(
+    args: list[str],
+    config_dir: Path,
+    config_name: str = "config",
+    extra_dirs: Sequence[Path] = (),
+) -> None:
     """Compose and check the config of every job the command would run, before Hydra runs any.
 
+    ``extra_dirs`` are the user's config directories (``config.files.user_config_dirs``).
     Skipped for Hydra's informational flags (--help, --cfg, --info, ...) and when the command
-    changes where configs come from (--config-dir/--config-path): runner.build checks then.
+    moves the primary config (--config-path): runner.build checks then.
     """
     parsed = compat.hydra_args_parser().parse_args(args)
     informational = parsed.help or parsed.hydra_help or parsed.cfg or parsed.info
-    if informational or parsed.shell_completion or parsed.config_dir or parsed.config_path:
+    if informational or parsed.shell_completion or parsed.config_path:
         return
+    name = parsed.config_name or config_name
     for overrides in jobs(parsed.overrides, parsed.multirun):
-        check_config(_compose(config_dir, parsed.config_name or config_name, overrides))
+        check_config(_compose(config_dir, name, overrides, extra_dirs))

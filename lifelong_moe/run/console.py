@@ -1,4 +1,5 @@
-"""What a run prints: one line per experience, the accuracy matrix and the final metrics."""
+"""What a run shows (through ``lifelong_moe.log``): one line per experience, the accuracy matrix
+and the final metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lifelong_moe import names
+from lifelong_moe.log import LOGGER
 
 
 def experience_line(
@@ -28,11 +30,11 @@ def print_report(summary: Mapping[str, Any]) -> None:
     """The accuracy matrix and the end-of-stream metrics as a markdown table."""
     R = summary["R"]
     T = len(R)
-    print("\nAccuracy matrix R[i][j] (row: after training on i, column: test experience j)")
-    print("      " + "".join(f"  exp{j:<3}" for j in range(T)))
+    lines = ["\nAccuracy matrix R[i][j] (row: after training on i, column: test experience j)"]
+    lines.append("      " + "".join(f"  exp{j:<3}" for j in range(T)))
     for i, row in enumerate(R):
-        print(f"after {i}" + "".join(f"  {v:6.3f}" for v in row))
-    print("b     " + "".join(f"  {v:6.3f}" for v in summary["b"]))
-    print("\n| metric | value |\n|---|---|")
-    for key, value in summary["metrics"].items():
-        print(f"| {key} | {value:.4f} |")
+        lines.append(f"after {i}" + "".join(f"  {v:6.3f}" for v in row))
+    lines.append("b     " + "".join(f"  {v:6.3f}" for v in summary["b"]))
+    lines.append("\n| metric | value |\n|---|---|")
+    lines += [f"| {key} | {value:.4f} |" for key, value in summary["metrics"].items()]
+    LOGGER.info("\n".join(lines))

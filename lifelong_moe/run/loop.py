@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import signal
-import sys
 import tempfile
 import time
 import warnings
@@ -28,6 +27,7 @@ from lifelong_moe import names
 from lifelong_moe.config.schema import check_config
 from lifelong_moe.evaluation import rows
 from lifelong_moe.evaluation.evaluator import evaluator_for
+from lifelong_moe.log import LOGGER
 from lifelong_moe.measure.costs import cost_row
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
@@ -139,7 +139,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             ckpt = found[-1]
             at = describe(ckpt)
             where = f"at experience {at['experience']}, epoch {at['epoch']}, step {at['step']}"
-        print(f"resuming run {resume_id} {where}", flush=True)
+        LOGGER.info(f"resuming run {resume_id} {where}")
         with signals.deferred():
             tracker.reopen(resume_id)
     else:
@@ -161,11 +161,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.stop_system_metrics()
         tracker.finish("KILLED")
         if tracker.writes:  # on several machines, rank 0 speaks for all
-            print(
+            LOGGER.warning(
                 f"interrupted: run {tracker.run_id} marked KILLED at {signals.where()}; "
-                f"continue with resume={tracker.run_id}",
-                file=sys.stderr,
-                flush=True,
+                f"continue with resume={tracker.run_id}"
             )
         if stop.requeue:
             requeue(tracker.run_id)
@@ -173,9 +171,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
         tracker.stop_system_metrics()
         tracker.finish("KILLED")
-        print(
-            f"interrupted: run {tracker.run_id} marked KILLED; continue it with resume={tracker.run_id}",
-            file=sys.stderr,
+        LOGGER.warning(
+            f"interrupted: run {tracker.run_id} marked KILLED; continue it with resume={tracker.run_id}"
         )
         raise
     except BaseException:
@@ -191,12 +188,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tracker.delete_artifacts(names.RESUME_FOLDER)
         except Exception as error:  # a store that cannot delete keeps it; the run is done
             first = (str(error).splitlines() or [type(error).__name__])[0][:200]
-            print(f"note: could not delete {names.RESUME_FOLDER}/ of the run: {first}", flush=True)
+            LOGGER.info(f"note: could not delete {names.RESUME_FOLDER}/ of the run: {first}")
     if tracker.writes:
         remove(folder)
     signals.STATE.deferred = 0
     if tracker.writes:
-        print(f"\nSee this run: {tracker.ui_command()}   (run id {tracker.run_id})", flush=True)
+        LOGGER.info(f"\nSee this run: {tracker.ui_command()}   (run id {tracker.run_id})")
     return summary
 
 
@@ -238,7 +235,7 @@ def start_run(exp: Experiment, tracker: RunTracker) -> None:
     tracker.describe(report.running_description(tags, len(stream)))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), names.CONFIG)
     tracker.log_inputs(report.dataset_inputs(resolved["benchmark"], stream))
-    print(f"run {run_id} ({run_name}): {len(stream)} experiences of {stream.name}", flush=True)
+    LOGGER.info(f"run {run_id} ({run_name}): {len(stream)} experiences of {stream.name}")
 
 
 def restore(exp: Experiment, saved: dict[str, Any], tracker: RunTracker) -> History:
@@ -330,11 +327,10 @@ def _loop(
         if method.lightning_loop:
             row[names.TRAIN_REPLAYED] = len(data) - len(experience.train)
         record(exp, tracker, h, i, row)
-        print(
+        LOGGER.info(
             experience_line(
                 i, len(stream), type(method).__name__, row, h.train_seconds[-1], eval_seconds
-            ),
-            flush=True,
+            )
         )
     # Held until run() marks the run FINISHED: a signal now lets the run complete (exit 0).
     signals.STATE.deferred += 1

@@ -19,7 +19,6 @@ import os
 import pickle
 import random
 import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -30,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lifelong_moe import names
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.log import LOGGER
 from lifelong_moe.targets import check_own_targets
 from lifelong_moe.tracking import queries, store
 
@@ -142,7 +142,7 @@ def check_run(uri: str, experiment: str, run_id: str, commit: str, force: bool) 
         message = f"run {run_id} was recorded by git commit {recorded}, this is {commit}"
         if not force:
             raise ConfigError(f"{message}; resuming could mix code versions: add resume_force=true")
-        print(f"warning: {message}; resuming anyway (resume_force=true)", file=sys.stderr)
+        LOGGER.warning(f"warning: {message}; resuming anyway (resume_force=true)")
 
 
 def load_state(uri: str, run_id: str) -> dict[str, Any] | None:
@@ -231,7 +231,7 @@ def requeue(run_id: str) -> None:
     """``scontrol requeue`` this job (after SIGUSR1/SIGUSR2): it restarts and resumes ``run_id``."""
     job = slurm_job()
     if job is None:
-        print(f"not a SLURM job: nothing requeued; continue with resume={run_id}", file=sys.stderr)
+        LOGGER.warning(f"not a SLURM job: nothing requeued; continue with resume={run_id}")
         return
     try:
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
@@ -240,6 +240,6 @@ def requeue(run_id: str) -> None:
     except OSError as error:
         ok, why = False, str(error)
     if ok:
-        print(f"requeued SLURM job {job}: it will resume run {run_id}", file=sys.stderr)
+        LOGGER.warning(f"requeued SLURM job {job}: it will resume run {run_id}")
     else:
-        print(f"requeue of SLURM job {job} failed ({why}); resume={run_id}", file=sys.stderr)
+        LOGGER.warning(f"requeue of SLURM job {job} failed ({why}); resume={run_id}")

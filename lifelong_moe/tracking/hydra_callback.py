@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.log import LOGGER
 
 _OPEN: list[SweepParentCallback] = []
 
@@ -43,7 +44,7 @@ class SweepParentCallback(Callback):
             _OPEN.append(self)
             # Downloads need threads, which atexit no longer has: prefer close_open_parents().
             atexit.register(self.close)
-            print(f"sweep {self.parent.sweep_id}: parent run {self.parent.run_id}", flush=True)
+            LOGGER.info(f"sweep {self.parent.sweep_id}: parent run {self.parent.run_id}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.close()
@@ -55,5 +56,5 @@ class SweepParentCallback(Callback):
             return
         status = parent.close()
         finished = parent.client.get_run(parent.run_id).data.tags.get("sweep.runs_finished")
-        print(f"\nSweep {parent.sweep_id}: {finished} runs finished, parent run {status}.")
-        print(f"See the sweep (its comparison): {parent.hint()}", flush=True)
+        LOGGER.info(f"\nSweep {parent.sweep_id}: {finished} runs finished, parent run {status}.")
+        LOGGER.info(f"See the sweep (its comparison): {parent.hint()}")

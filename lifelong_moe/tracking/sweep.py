@@ -5,7 +5,7 @@ opens the parent (``kind=sweep``, RUNNING) before the launcher starts a job, so 
 one per sweep whatever the launcher (basic, joblib, submitit) or store (sqlite, http, PostgreSQL);
 jobs find it by their ``sweep_id`` tag and nest under it. When the sweep ends, or the launching
 process exits because a job failed, the parent is finished with what ``lifelong-moe-compare``
-computes for its runs (:func:`lifelong_moe.compare.record`) and a status that says whether every
+computes for its runs (:func:`lifelong_moe.tracking.comparison.record`) and a status that says whether every
 job finished.
 """
 
@@ -22,8 +22,10 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from lifelong_moe import compare, compat, names
-from lifelong_moe.tracking import queries, store
+from lifelong_moe import compat, names
+from lifelong_moe.log import LOGGER
+from lifelong_moe.tracking import comparison, queries, store
+from lifelong_moe.tracking.comparison_plots import plot_matrices, write_plots
 from lifelong_moe.tracking.store import check_store
 
 GROUP_BY = [names.TAG_METHOD, names.TAG_BENCHMARK]
@@ -64,22 +66,23 @@ def parent_metric(metric: str, label: str) -> str:
     return f"{PARENT_PREFIX}/{metric}/{UNSAFE.sub('_', label)}"
 
 
-def parent_metrics(client: MlflowClient, groups: Sequence[compare.Group]) -> list[Metric]:
+def parent_metrics(client: MlflowClient, groups: Sequence[comparison.Group]) -> list[Metric]:
     """Per group (method, or method.benchmark when the sweep has several): the mean over its
     runs of the final and forgetting metrics (step 0) and of the seen-so-far curve (step =
     experience). Without them a collapsed sweep leaves the UI's chart view empty."""
     now = int(time.time() * 1000)
     several = len({g.key[1:] for g in groups}) > 1
+    table = comparison.summary(groups)
     found = []
-    for g in groups:
-        if g.matrix not in compare.CURVE:
+    for i, g in enumerate(groups):
+        if g.matrix not in comparison.CURVE:
             continue
         label = ".".join(g.key) if several else g.key[0]
-        for metric in (compare.QUALITY[g.matrix][0], compare.BARS[g.matrix]):
-            mean, _, n = g.stats(metric)
+        for metric in (comparison.QUALITY[g.matrix][0], comparison.BARS[g.matrix]):
+            mean, _, n = comparison.stats(table, i, metric)
             if n:
                 found.append(Metric(parent_metric(metric, label), mean, now, 0))
-        curve = compare.CURVE[g.matrix]
+        curve = comparison.CURVE[g.matrix]
         histories = [queries.metric_history(client, r.run_id, curve) for r in g.runs]
         for step in range(max(map(len, histories), default=0)):
             values = [h[step] for h in histories if step < len(h) and not math.isnan(h[step])]
@@ -167,13 +170,8 @@ class SweepParent:
             summary += f" (status {status}: the table covers the finished runs only)"
         summary += ".\n"
         if done:
-            records = [
-                compare.RunRecord(
-                    r.info.run_id, r.data.tags, r.data.params, names.modernize(r.data.metrics)
-                )
-                for r in done
-            ]
-            groups = compare.group_runs(records, GROUP_BY)
+            records = [comparison.record_of(r) for r in done]
+            groups = comparison.group_runs(records, GROUP_BY)
             summary += (
                 f"Charts: `{PARENT_PREFIX}/<metric>/<method>`, each method's mean over its seeds.\n"
             )
@@ -185,9 +183,9 @@ class SweepParent:
                 "n_runs": len(records),
             }
             with tempfile.TemporaryDirectory() as tmp:
-                plots = compare.write_plots(self.client, groups, Path(tmp))
-                plots += compare.plot_matrices(self.client, groups, Path(tmp))
-                compare.record(self.client, self.run_id, groups, GROUP_BY, meta, plots, summary)
+                plots = write_plots(self.client, groups, Path(tmp))
+                plots += plot_matrices(self.client, groups, Path(tmp))
+                comparison.record(self.client, self.run_id, groups, GROUP_BY, meta, plots, summary)
             metrics = parent_metrics(self.client, groups)
             for i in range(0, len(metrics), 500):
                 self.client.log_batch(self.run_id, metrics=metrics[i : i + 500])
@@ -211,7 +209,7 @@ def open_parent(config: DictConfig) -> SweepParent | None:
     """
     split = [k for k in swept_keys(config) if k in SPLITTING]
     if split:
-        print(f"note: {', '.join(split)} is swept, so this sweep gets no parent run", flush=True)
+        LOGGER.info(f"note: {', '.join(split)} is swept, so this sweep gets no parent run")
         return None
     tracking = config.tracking
     check_store(tracking.uri)
