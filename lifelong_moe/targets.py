@@ -22,19 +22,38 @@ from lifelong_moe.errors import ConfigError
 
 @functools.cache
 def parameters(target: str) -> dict[str, Any]:
-    """(name -> annotation) of the target's keyword parameters; {"**": Any} if it takes **kwargs."""
+    """(name -> annotation) of the target's keyword parameters; {"**": Any} if it takes **kwargs.
+
+    A class whose ``__init__`` passes ``**kwargs`` on to its base (a method's common arguments:
+    ``def __init__(self, model, strength=1.0, **base)``) has its bases' parameters too, so the
+    config is checked against everything the class really accepts."""
     try:
         obj = compat.hydra_locate(target)
     except Exception as error:
         why = error.__cause__ or (str(error).splitlines() or [type(error).__name__])[0]
         raise ConfigError(f"_target_={target!r}: expected an importable class ({why})") from None
-    function = obj.__init__ if inspect.isclass(obj) else obj
+    if not inspect.isclass(obj):
+        return _signature(obj)
+    found: dict[str, Any] = {}
+    for cls in obj.__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        own = _signature(cls.__init__)
+        found.update({k: v for k, v in own.items() if k not in found and k != "**"})
+        if "**" not in own:  # this one takes no **kwargs: the chain ends here
+            return found
+    return {**found, "**": Any}
+
+
+def _signature(function: Any) -> dict[str, Any]:
     try:
         hints = typing.get_type_hints(function)
     except Exception:  # an annotation that does not resolve: check the names only
         hints = {}
     found: dict[str, Any] = {}
-    for name, p in inspect.signature(obj).parameters.items():
+    for name, p in inspect.signature(function).parameters.items():
+        if name == "self":
+            continue
         if p.kind is p.VAR_KEYWORD:
             found["**"] = Any
         elif p.kind is not p.VAR_POSITIONAL:

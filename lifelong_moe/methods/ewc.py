@@ -33,21 +33,12 @@ class EWC(ContinualMethod):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        replay_buffer_size: int = 0,
-        replay_fraction: float = 0.0,
         lambda_ewc: float = 1e4,
         gamma: float = 1.0,
         fisher_batch_size: int = 32,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            model,
-            lr=lr,
-            weight_decay=weight_decay,
-            replay_buffer_size=replay_buffer_size,
-            replay_fraction=replay_fraction,
-        )
+        super().__init__(model, **base)  # lr, weight_decay, replay: ContinualMethod's
         checks.non_negative("method.lambda_ewc", lambda_ewc)
         checks.number("method.gamma", gamma, low=0, high=1, low_open=True)
         checks.positive_int("method.fisher_batch_size", fisher_batch_size)

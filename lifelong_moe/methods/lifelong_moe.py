@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import itertools
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -49,8 +50,6 @@ class LifelongMoE(ContinualMethod):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
         experts_per_experience: int = 2,
         freeze_old: bool = True,
         freeze_shared: bool = False,
@@ -60,8 +59,6 @@ class LifelongMoE(ContinualMethod):
         lambda_z: float = 0.0,
         expand_init: str = "random",
         gate_init: str = "mean",
-        replay_buffer_size: int = 0,
-        replay_fraction: float = 0.0,
         task_aware_routing: bool = False,
         lambda_router: float = 0.0,
         balance_scope: str = "all",
@@ -69,14 +66,9 @@ class LifelongMoE(ContinualMethod):
         infer_bonus: float = 0.0,
         infer_restrict: bool = True,
         frozen_dtype: str = "fp32",
+        **base: Any,
     ) -> None:
-        super().__init__(
-            model,
-            lr=lr,
-            weight_decay=weight_decay,
-            replay_buffer_size=replay_buffer_size,
-            replay_fraction=replay_fraction,
-        )
+        super().__init__(model, **base)  # lr, weight_decay, replay: ContinualMethod's
         checks.non_negative_int("method.experts_per_experience", experts_per_experience)
         for key, value in (
             ("lambda_kd", lambda_kd),

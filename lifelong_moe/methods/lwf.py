@@ -14,6 +14,7 @@ freezing: the architecture stays fixed.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,20 +29,11 @@ class LwF(ContinualMethod):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        replay_buffer_size: int = 0,
-        replay_fraction: float = 0.0,
         lambda_kd: float = 1.0,
         temperature: float = 2.0,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            model,
-            lr=lr,
-            weight_decay=weight_decay,
-            replay_buffer_size=replay_buffer_size,
-            replay_fraction=replay_fraction,
-        )
+        super().__init__(model, **base)  # lr, weight_decay, replay: ContinualMethod's
         checks.non_negative("method.lambda_kd", lambda_kd)
         checks.positive("method.temperature", temperature)
         self.lambda_kd = lambda_kd

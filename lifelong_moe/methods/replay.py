@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from lifelong_moe import checks
@@ -15,19 +17,11 @@ class Replay(ContinualMethod):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
         replay_buffer_size: int = 200,
-        replay_fraction: float = 0.0,
+        **base: Any,
     ) -> None:
         try:
             checks.positive_int("method.replay_buffer_size", replay_buffer_size)
         except ConfigError as error:
             raise ConfigError(f"{error} (method=replay without a buffer is method=naive)") from None
-        super().__init__(
-            model,
-            lr=lr,
-            weight_decay=weight_decay,
-            replay_buffer_size=replay_buffer_size,
-            replay_fraction=replay_fraction,
-        )
+        super().__init__(model, replay_buffer_size=replay_buffer_size, **base)
