@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import importlib.abc
-import os
 import json
+import os
 import re
 import runpy
 import sys
@@ -76,7 +76,9 @@ class Hide(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001 - importlib protocol
         if fullname.partition(".")[0] in self.hidden:
-            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden: not on the GPU machine)")
+            raise ModuleNotFoundError(
+                f"No module named {fullname!r} (hidden: not on the GPU machine)"
+            )
         return None
 
 
