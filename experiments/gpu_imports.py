@@ -53,19 +53,27 @@ def listed(path: Path) -> dict[str, str]:
     return out
 
 
-def imported_distributions() -> dict[str, str]:
-    """Distribution -> version for every imported top-level module that one installed owns."""
+def imported_modules() -> dict[str, list[str]]:
+    """Imported top-level module -> the installed distributions that own it (several share
+    namespaces: google.* belongs to protobuf and google-auth; mlflow to mlflow and -skinny)."""
     owners = metadata.packages_distributions()
-    found: dict[str, str] = {}
-    for module in list(sys.modules):
-        for dist in owners.get(module.partition(".")[0], []):
-            name = canonical(dist)
-            if name not in OURS and name not in found:
-                try:
-                    found[name] = metadata.version(dist)
-                except metadata.PackageNotFoundError:
-                    found[name] = ""
+    found = {}
+    for top in {module.partition(".")[0] for module in list(sys.modules)}:
+        dists = sorted({canonical(d) for d in owners.get(top, [])} - OURS)
+        in_checkout = (REPO / top).exists() or (REPO / f"{top}.py").exists()
+        if dists and not in_checkout:
+            found[top] = dists
     return dict(sorted(found.items()))
+
+
+def versions(dists: set[str]) -> dict[str, str]:
+    out = {}
+    for dist in sorted(dists):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = ""
+    return out
 
 
 class Hide(importlib.abc.MetaPathFinder):
@@ -99,7 +107,11 @@ def trace(out: Path, target: list[str]) -> None:
         sys.meta_path.insert(0, Hide(machine_view_hidden_modules()))
 
     def write() -> None:
-        out.write_text(json.dumps({"argv": target, "distributions": imported_distributions()}))
+        modules = imported_modules()
+        dists = {d for owners in modules.values() for d in owners}
+        out.write_text(
+            json.dumps({"argv": target, "modules": modules, "distributions": versions(dists)})
+        )
 
     atexit.register(write)
     if target[0] == "-m":
@@ -112,18 +124,21 @@ def trace(out: Path, target: list[str]) -> None:
 
 def check(traces: list[Path]) -> dict:
     """Distributions imported by the traces that neither the machine nor the wheels provide."""
-    machine, wheels = listed(MACHINE_PACKAGES), listed(WHEELS)
-    imported: dict[str, str] = {}
+    machine, wheels = set(listed(MACHINE_PACKAGES)), set(listed(WHEELS))
+    covered = machine | wheels | VERSION_SKEW
+    modules: dict[str, list[str]] = {}
     for path in traces:
-        imported |= json.loads(path.read_text())["distributions"]
-    missing = sorted(set(imported) - set(machine) - set(wheels) - VERSION_SKEW)
-    unused = sorted(set(wheels) - set(imported))
+        modules |= json.loads(path.read_text())["modules"]
+    used = {top: [d for d in owners if d in covered] for top, owners in modules.items()}
+    from_machine = {d for owners in used.values() for d in owners if d in machine}
+    from_wheels = {d for owners in used.values() for d in owners if d in wheels}
+    missing = {top: owners for top, owners in modules.items() if not used[top]}
     return {
-        "imported": imported,
-        "from_machine": sorted(set(imported) & set(machine)),
-        "from_wheels": sorted(set(imported) & set(wheels)),
-        "missing": missing,
-        "wheels_not_imported": unused,
+        "modules": modules,
+        "from_machine": sorted(from_machine),
+        "from_wheels": sorted(from_wheels),
+        "missing": missing,  # module -> its owners, none of which the machine or wheels provide
+        "wheels_not_imported": sorted(wheels - from_wheels),
         "ok": not missing,
     }
 
@@ -150,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if report["wheels_not_imported"]:
         print(f"wheels nothing imported (drop them?): {', '.join(report['wheels_not_imported'])}")
     if report["missing"]:
-        print(f"MISSING (neither on the machine nor in the wheels): {', '.join(report['missing'])}")
+        gone = ", ".join(f"{m} ({'/'.join(o)})" for m, o in report["missing"].items())
+        print(f"MISSING (neither on the machine nor in the wheels): {gone}")
     return 0 if report["ok"] else 1
 
 
