@@ -58,8 +58,10 @@ step() {
   cmd=${cmd//$OUT/OUTDIR}
   cmd=${cmd//$WORK/WORK}
   cmd=${cmd//$REPO\//}
+  local json_cmd=${cmd//\\/\\\\}  # JSON string: backslashes, then quotes, escaped
+  json_cmd=${json_cmd//\"/\\\"}
   if [ $left -lt 15 ]; then
-    printf '{"step": "%s", "skipped": "budget", "command": "%s"}\n' "$name" "${cmd//\"/\\\"}" >>"$STEPS"
+    printf '{"step": "%s", "skipped": "budget", "command": "%s"}\n' "$name" "$json_cmd" >>"$STEPS"
     return
   fi
   [ "$limit" -gt $left ] && limit=$left
@@ -68,7 +70,7 @@ step() {
   timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
   printf '{"step": "%s", "rc": %d, "seconds": %d, "timeout_s": %d, "command": "%s"}\n' \
-    "$name" $rc $((SECONDS - t0)) "$limit" "${cmd//\"/\\\"}" >>"$STEPS"
+    "$name" $rc $((SECONDS - t0)) "$limit" "$json_cmd" >>"$STEPS"
 }
 traced() {  # traced NAME ARGS...: python with the import trace named NAME
   local name=$1
