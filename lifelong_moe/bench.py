@@ -32,6 +32,17 @@ from lifelong_moe.moe import MoELayer, fused
 from lifelong_moe.moe.layer import ACTIVATIONS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# What --cases selects; dense-active always runs (every ratio is against it). frozen-step is the
+# pair of training steps (all trainable, --frozen-fraction frozen), for each dispatch that runs.
+CASE_KINDS = (
+    "dense-active",
+    "moe-grouped",
+    "moe-fused",
+    "moe-loop",
+    "frozen-step",
+    "gshard-einsum",
+    "all-experts-dense",
+)
 EINSUM_CAPACITY_FACTOR = 1.25
 
 
@@ -153,6 +164,7 @@ class Timer:
 @dataclass
 class Case:
     name: str
+    kind: str  # one of CASE_KINDS
     forward: Callable[[torch.Tensor], torch.Tensor]
     params: list[torch.nn.Parameter]
     cost: float  # estimated fwd+bwd time relative to dense-active (for the skip rule)
@@ -208,6 +220,7 @@ def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device,
     n_frozen = int(n_experts * args.frozen_fraction)  # floor: at least one stays trainable
     step_none = split_banks(layer, 0).to(device, dtype)
     step_frozen = split_banks(layer, n_frozen).to(device, dtype)
+    steps = {"": (step_none, step_frozen)}
     dense = DenseFFN(d, k * h, args.activation).to(device, dtype)
     fusable = fused.runs_on(device) and not (d % fused.ALIGN or h % fused.ALIGN)
     fused_layer = None
@@ -215,15 +228,25 @@ def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device,
         fused_layer = MoELayer.from_config({**layer.get_config(), "dispatch": "fused"})
         fused_layer = fused_layer.to(device, dtype)
         fused_layer.load_state_dict(layer.state_dict())
+        steps["fused-"] = tuple(  # the same two steps through the fused kernels
+            MoELayer.from_config({**step.get_config(), "dispatch": "fused"}).to(device, dtype)
+            for step in steps[""]
+        )
+        for step, twin in zip(steps[""], steps["fused-"], strict=True):
+            twin.load_state_dict(step.state_dict())
     forwards = {
         "dense": dense,
         "grouped": _moe_forward(layer),
         **({"fused": _moe_forward(fused_layer)} if fused_layer is not None else {}),
-        "none": _moe_forward(step_none),
-        "frozen": _moe_forward(step_frozen),
     }
+    for prefix, (none, frozen) in steps.items():
+        forwards[f"{prefix}none"] = _moe_forward(none)
+        forwards[f"{prefix}frozen"] = _moe_forward(frozen)
     if args.compile:  # fullgraph: a graph break inside the layer is an error, not a slowdown
-        forwards = {key: torch.compile(fn, fullgraph=True) for key, fn in forwards.items()}
+        forwards = {
+            key: torch.compile(fn, fullgraph=True, backend=args.compile_backend)
+            for key, fn in forwards.items()
+        }
     capacity = math.ceil(EINSUM_CAPACITY_FACTOR * n_tokens * k / n_experts)
     onehot = n_tokens * n_experts * capacity
     # one-hot einsums: ~5 T*E*C*d MACs over fwd+bwd vs 6 T*d*k*h for dense; measured on CPU
@@ -232,22 +255,41 @@ def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device,
     mem = 8 * n_tokens * k * h * nbytes / 2**30
     fused_case = []
     if fused_layer is not None:
-        fused_case = [Case("moe-fused", forwards["fused"], _trainable(fused_layer), 1.2, mem)]
-    return [
-        Case("dense-active", forwards["dense"], _trainable(dense), 1.0, mem),
-        Case("moe-grouped", forwards["grouped"], _trainable(layer), 1.2, mem),
+        fused_case = [
+            Case("moe-fused", "moe-fused", forwards["fused"], _trainable(fused_layer), 1.2, mem)
+        ]
+    step_cases = []
+    for prefix, (none, frozen) in steps.items():
+        for name, module, key in (
+            (f"{prefix}step-0-frozen", none, "none"),
+            (f"{prefix}step-{n_frozen}/{n_experts}-frozen", frozen, "frozen"),
+        ):
+            step_cases.append(
+                Case(
+                    name,
+                    "frozen-step",
+                    forwards[f"{prefix}{key}"],
+                    _trainable(module),
+                    1.3,
+                    mem,
+                    train_step=True,
+                )  # fmt: skip
+            )
+    cases = [
+        Case("dense-active", "dense-active", forwards["dense"], _trainable(dense), 1.0, mem),
+        Case("moe-grouped", "moe-grouped", forwards["grouped"], _trainable(layer), 1.2, mem),
         *fused_case,
-        Case("moe-loop", _moe_forward(loop), _trainable(loop), 2.0 + n_experts / 16, mem),
-        Case("step-0-frozen", forwards["none"], _trainable(step_none), 1.3, mem, train_step=True),
         Case(
-            f"step-{n_frozen}/{n_experts}-frozen",
-            forwards["frozen"],
-            _trainable(step_frozen),
-            1.3,
+            "moe-loop",
+            "moe-loop",
+            _moe_forward(loop),
+            _trainable(loop),
+            2.0 + n_experts / 16,
             mem,
-            train_step=True,
         ),
+        *step_cases,
         Case(
+            "gshard-einsum",
             "gshard-einsum",
             GShardEinsum(layer),
             _trainable(layer),
@@ -257,6 +299,7 @@ def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device,
         ),
         Case(
             "all-experts-dense",
+            "all-experts-dense",
             AllExpertsDense(layer),
             _trainable(layer),
             n_experts / k,
@@ -264,6 +307,8 @@ def build_cases(args: argparse.Namespace, n_experts: int, n_tokens: int, device,
             heavy=True,
         ),
     ]
+    wanted = set(args.cases) | {"dense-active"}
+    return [case for case in cases if case.kind in wanted]
 
 
 def peak_activation_mb(fn: Callable[[], None], device: torch.device) -> float | None:
@@ -342,6 +387,7 @@ def bench_one(args: argparse.Namespace, n_experts: int, n_tokens: int, device, d
         "cases": [
             {
                 "name": c.name,
+                "kind": c.kind,
                 "train_step": c.train_step,
                 "skipped": c.skipped,
                 "fwd_ms": c.fwd_ms,
@@ -362,6 +408,18 @@ def _fmt(value: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def frozen_step_ratio(result: dict, prefix: str = "") -> float | None:
+    """Median fwd+bwd+AdamW time of the frozen step over the all-trainable one (prefix: the
+    dispatch, "" for grouped, "fused-"), None where either did not run."""
+    med = {c["name"]: c["fwdbwd"]["median_ms"] for c in result["cases"]}
+    frozen = [n for n in med if n.startswith(f"{prefix}step-") and n != f"{prefix}step-0-frozen"]
+    return _ratio(med[frozen[0]], med.get(f"{prefix}step-0-frozen")) if frozen else None
+
+
 def markdown(results: list[dict], shapes: dict | None = None) -> str:
     d, h, k = (
         (shapes or {}).get("d_model"),
@@ -370,8 +428,8 @@ def markdown(results: list[dict], shapes: dict | None = None) -> str:
     )
     lines = [
         "| E | T | impl | fwd ms | fwd / dense | fwd+bwd ms | fwd+bwd / dense | fwd+bwd min ms "
-        "| fwd+bwd TFLOP/s | peak MB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| fwd+bwd TFLOP/s | peak MB | peak / dense |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         head = f"| {res['n_experts']} | {res['n_tokens']} |"
@@ -379,34 +437,35 @@ def markdown(results: list[dict], shapes: dict | None = None) -> str:
         for c in res["cases"]:
             label = c["name"] + (" (fwd+bwd+AdamW)" if c["train_step"] else "")
             if c["skipped"]:
-                lines.append(f"{head} {label} | {c['skipped']} ||||||||")
+                lines.append(f"{head} {label} | {c['skipped']} |||||||||")
                 continue
             f, fb = c["fwd"]["median_ms"], c["fwdbwd"]["median_ms"]
             rf = f / dense["fwd"]["median_ms"] if f is not None else None
             rfb = fb / dense["fwdbwd"]["median_ms"]
             tf = tflops(res["n_tokens"], d, h, k, fb, True) if d else None
+            peak, dense_peak = c.get("peak_mb"), dense.get("peak_mb")
+            rpeak = peak / dense_peak if peak is not None and dense_peak else None
             lines.append(
                 f"{head} {label} | {_fmt(f)} | {_fmt(rf, '{:.2f}')} | {_fmt(fb)} | "
                 f"{_fmt(rfb, '{:.2f}')} | {_fmt(c['fwdbwd']['min_ms'])} | "
-                f"{_fmt(tf, '{:.2f}')} | {_fmt(c.get('peak_mb'), '{:.0f}')} |"
+                f"{_fmt(tf, '{:.2f}')} | {_fmt(peak, '{:.0f}')} | {_fmt(rpeak, '{:.2f}')} |"
             )
     lines += [
         "",
         "| E | T | grouped fwd+bwd: x faster than loop | x faster than einsum | "
-        "frozen step / none frozen | fused fwd+bwd / grouped |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "frozen step / none frozen | fused frozen step / none frozen | fused fwd+bwd / grouped |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         med = {c["name"]: c["fwdbwd"]["median_ms"] for c in res["cases"]}
-        grouped = med["moe-grouped"]
-        none, frozen = (c["fwdbwd"]["median_ms"] for c in res["cases"] if c["train_step"])
-        loop = med["moe-loop"] / grouped if med["moe-loop"] else None
-        einsum = med["gshard-einsum"] / grouped if med["gshard-einsum"] else None
-        ratio = frozen / none if frozen and none else None
-        fused_ratio = med["moe-fused"] / grouped if med.get("moe-fused") else None
+        grouped = med.get("moe-grouped")
+        loop = _ratio(med.get("moe-loop"), grouped)
+        einsum = _ratio(med.get("gshard-einsum"), grouped)
+        fused_ratio = _ratio(med.get("moe-fused"), grouped)
         lines.append(
             f"| {res['n_experts']} | {res['n_tokens']} | {_fmt(loop, '{:.2f}')} | "
-            f"{_fmt(einsum, '{:.2f}')} | {_fmt(ratio, '{:.2f}')} | {_fmt(fused_ratio, '{:.2f}')} |"
+            f"{_fmt(einsum, '{:.2f}')} | {_fmt(frozen_step_ratio(res, ''), '{:.2f}')} | "
+            f"{_fmt(frozen_step_ratio(res, 'fused-'), '{:.2f}')} | {_fmt(fused_ratio, '{:.2f}')} |"
         )
     return "\n".join(lines)
 
@@ -443,6 +502,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--frozen-fraction", type=float, default=0.875)
     p.add_argument(
         "--compile", action="store_true", help="torch.compile dense, grouped and fused MoE"
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (eager: trace without code generation, for dry runs)",
+    )
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        choices=CASE_KINDS,
+        default=list(CASE_KINDS),
+        help="which cases to time (dense-active always)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -526,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "compile": args.compile,
+        "compile_backend": args.compile_backend if args.compile else None,
+        "cases": args.cases,
         "shapes": {
             "d_model": args.d_model,
             "d_hidden": args.d_hidden,
