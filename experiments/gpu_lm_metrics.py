@@ -11,7 +11,7 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from lifelong_moe.tracking import names
+from lifelong_moe import names
 
 METRICS = [
     names.COST_TOKENS_PER_S,

@@ -16,8 +16,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from lifelong_moe import names
 from lifelong_moe.bench import frozen_step_ratio, tflops
-from lifelong_moe.tracking import names
 
 # (label, target, "<=" or ">=") of issue 26
 TARGETS = {
