@@ -129,7 +129,9 @@ def _text_file(path: Path) -> Iterator[Piece]:
         yield Piece(carry, last=True, n_bytes=len(carry.encode("utf-8")))
 
 
-def _jsonl(path: Path, field: str) -> Iterator[Piece]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict, int]]:
+    """(line number, object, bytes of the line) of every non-empty line; a line that is not a
+    JSON object is one error naming file:line."""
     with path.open("r", encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -138,15 +140,22 @@ def _jsonl(path: Path, field: str) -> Iterator[Piece]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ConfigError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                raise ConfigError(
-                    f"{path}:{number}: no {field!r} field; expected one JSON object per line "
-                    f"with the text in benchmark.text_field={field!r}"
-                )
-            text = record[field]
-            if not isinstance(text, str):
-                raise ConfigError(f"{path}:{number}: field {field!r} is not a string")
-            yield Piece(text, n_bytes=len(line.encode("utf-8")))
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path}:{number}: not a JSON object")
+            yield number, record, len(line.encode("utf-8"))
+
+
+def _jsonl(path: Path, field: str) -> Iterator[Piece]:
+    for number, record, n_bytes in jsonl_records(path):
+        if field not in record:
+            raise ConfigError(
+                f"{path}:{number}: no {field!r} field; expected one JSON object per line "
+                f"with the text in benchmark.text_field={field!r}"
+            )
+        text = record[field]
+        if not isinstance(text, str):
+            raise ConfigError(f"{path}:{number}: field {field!r} is not a string")
+        yield Piece(text, n_bytes=n_bytes)
 
 
 def _parquet(path: Path, field: str) -> Iterator[Piece]:

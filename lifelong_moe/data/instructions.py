@@ -20,7 +20,6 @@ row is the mean loss per response token.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
-from lifelong_moe.data.corpus import Domain, find_domains
+from lifelong_moe.data.corpus import Domain, find_domains, jsonl_records
 from lifelong_moe.data.shards import default_cache_dir
 from lifelong_moe.data.tokenizer import (
     TRAIN_PREFIX,
@@ -49,22 +48,13 @@ def read_examples(domain: Domain) -> list[tuple[str, str]]:
     """(prompt, response) of every line of the domain's jsonl files; bad lines name file:line."""
     examples = []
     for path in domain.files:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ConfigError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-                if not isinstance(record, dict) or not all(
-                    isinstance(record.get(k), str) for k in ("prompt", "response")
-                ):
-                    raise ConfigError(
-                        f"{path}:{number}: expected a JSON object with string fields 'prompt' "
-                        "and 'response'"
-                    )
-                examples.append((record["prompt"], record["response"]))
+        for number, record, _ in jsonl_records(path):
+            if not all(isinstance(record.get(k), str) for k in ("prompt", "response")):
+                raise ConfigError(
+                    f"{path}:{number}: expected a JSON object with string fields 'prompt' "
+                    "and 'response'"
+                )
+            examples.append((record["prompt"], record["response"]))
     if not examples:
         raise ConfigError(
             f"benchmark domain {domain.name!r} is empty: no examples in {domain.root}"

@@ -116,18 +116,29 @@ def _check_sources(sources: list[LabelledSource]) -> None:
             )
 
 
-def _domain_stream(
-    name: str,
-    sources: list[LabelledSource],
-    codes: dict,
-    *,
-    unused: dict,
-    seed: int,
-    test_fraction: float,
-    task_labels: bool,
-    normalize: bool,
-    channel_axis: int | None,
-) -> Stream:
+@dataclass(frozen=True)
+class StreamSpec:
+    """How labelled sources become a stream: the benchmark's keys, read once by every step."""
+
+    name: str
+    scenario: str
+    n_experiences: int | None
+    classes_per_experience: int | None
+    class_order: Sequence | None
+    order_type: type  # what a class_order entry is: int (npz labels) or str (folder names)
+    seed: int
+    test_fraction: float
+    task_labels: bool
+    normalize: bool
+    channel_axis: int | None  # standardise per channel along this axis; None: one scalar
+
+
+def _domain_stream(sources: list[LabelledSource], codes: dict, spec: StreamSpec) -> Stream:
+    unused = {
+        "n_experiences": spec.n_experiences,
+        "classes_per_experience": spec.classes_per_experience,
+        "class_order": spec.class_order,
+    }
     for key, value in unused.items():
         if value is not None and not (key == "n_experiences" and value == len(sources)):
             raise ConfigError(
@@ -141,104 +152,55 @@ def _domain_stream(
                 f"{s.where} lacks classes {missing[:5]}: in a domain-incremental stream "
                 f"every source holds all {len(codes)} classes"
             )
-    parts = [_to_tensors(s, codes, seed, test_fraction) for s in sources]
-    if normalize:
+    parts = [_to_tensors(s, codes, spec.seed, spec.test_fraction) for s in sources]
+    if spec.normalize:
         first, normed = parts[0][0], []
         for x_tr, y_tr, x_te, y_te in parts:
-            _, x_tr, x_te = standardize(first, x_tr, x_te, channel_axis=channel_axis)
+            _, x_tr, x_te = standardize(first, x_tr, x_te, channel_axis=spec.channel_axis)
             normed.append((x_tr, y_tr, x_te, y_te))
         parts = normed
-    return domain_incremental(name, parts, task_labels=task_labels, n_classes=len(codes))
+    return domain_incremental(spec.name, parts, task_labels=spec.task_labels, n_classes=len(codes))
 
 
-def _class_stream(
-    name: str,
-    source: LabelledSource,
-    codes: dict,
-    *,
-    n_experiences: int | None,
-    classes_per_experience: int | None,
-    class_order: Sequence | None,
-    order_type: type,
-    seed: int,
-    test_fraction: float,
-    task_labels: bool,
-    normalize: bool,
-    channel_axis: int | None,
-) -> Stream:
+def _class_stream(source: LabelledSource, codes: dict, spec: StreamSpec) -> Stream:
     n_classes = len(codes)
-    count = _count_experiences(n_experiences, classes_per_experience, n_classes)
+    count = _count_experiences(spec.n_experiences, spec.classes_per_experience, n_classes)
     order = None
-    if class_order is not None:
+    if spec.class_order is not None:
         try:
-            values = [order_type(c) for c in class_order]
+            values = [spec.order_type(c) for c in spec.class_order]
         except (TypeError, ValueError):
-            values = list(class_order)
+            values = list(spec.class_order)
         unknown = [v for v in values if v not in codes]
         if unknown:
             raise ConfigError(
-                f"benchmark.class_order={list(class_order)}: {unknown[:3]} not among the "
+                f"benchmark.class_order={list(spec.class_order)}: {unknown[:3]} not among the "
                 f"classes {list(codes)[:20]}"
             )
         order = check_class_order([codes[v] for v in values], n_classes, "class_order")
-    x_tr, y_tr, x_te, y_te = _to_tensors(source, codes, seed, test_fraction)
-    if normalize:
-        x_tr, x_te = standardize(x_tr, x_te, channel_axis=channel_axis)
+    x_tr, y_tr, x_te, y_te = _to_tensors(source, codes, spec.seed, spec.test_fraction)
+    if spec.normalize:
+        x_tr, x_te = standardize(x_tr, x_te, channel_axis=spec.channel_axis)
     return class_incremental(
-        name,
+        spec.name,
         (x_tr, y_tr, x_te, y_te),
         n_experiences=count,
-        seed=seed,
+        seed=spec.seed,
         class_order=order,
-        task_labels=task_labels,
+        task_labels=spec.task_labels,
         n_classes=n_classes,
     )
 
 
-def _stream(
-    name: str,
-    sources: list[LabelledSource],
-    *,
-    scenario: str,
-    n_experiences: int | None,
-    classes_per_experience: int | None,
-    class_order: Sequence | None,
-    order_type: type,
-    seed: int,
-    test_fraction: float,
-    task_labels: bool,
-    normalize: bool,
-    channel_axis: int | None,
-) -> Stream:
+def _stream(sources: list[LabelledSource], spec: StreamSpec) -> Stream:
     """Labelled sources -> Stream; labels are renumbered in sorted order of their values."""
-    check_fraction(test_fraction)
+    check_fraction(spec.test_fraction)
     _check_sources(sources)
     labels = sorted(set().union(*(np.unique(s.y).tolist() for s in sources)))
     codes = {value: i for i, value in enumerate(labels)}
-    common = dict(
-        seed=seed,
-        test_fraction=test_fraction,
-        task_labels=task_labels,
-        normalize=normalize,
-        channel_axis=channel_axis,
-    )
-    if scenario == "domain_incremental":
-        unused = {
-            "n_experiences": n_experiences,
-            "classes_per_experience": classes_per_experience,
-            "class_order": class_order,
-        }
-        return _domain_stream(name, sources, codes, unused=unused, **common)
-    return _class_stream(
-        name,
-        sources[0],
-        codes,
-        n_experiences=n_experiences,
-        classes_per_experience=classes_per_experience,
-        class_order=class_order,
-        order_type=order_type,
-        **common,
-    )
+    if spec.scenario == "domain_incremental":
+        return _domain_stream(sources, codes, spec)
+    return _class_stream(sources[0], codes, spec)
 
 
 def _sources(
@@ -337,13 +299,12 @@ def npz(
     standardises with one scalar mean/std, which is right for any array layout."""
     entries = _sources(scenario, path, paths, "path", "FILE.npz")
     sources = [_read_npz(key, p) for key, p in entries]
-    return _stream(
+    spec = StreamSpec(
         "npz",
-        sources,
-        scenario=scenario,
-        n_experiences=n_experiences,
-        classes_per_experience=classes_per_experience,
-        class_order=class_order,
+        scenario,
+        n_experiences,
+        classes_per_experience,
+        class_order,
         order_type=int,
         seed=seed,
         test_fraction=test_fraction,
@@ -351,6 +312,7 @@ def npz(
         normalize=bool(normalize),
         channel_axis=None,
     )
+    return _stream(sources, spec)
 
 
 # ---------------------------------------------------------------- image folders
@@ -450,13 +412,12 @@ def image_folder(
                 test_where, Path(test[1]).expanduser(), size, mode
             )
         sources.append(source)
-    return _stream(
+    spec = StreamSpec(
         "image_folder",
-        sources,
-        scenario=scenario,
-        n_experiences=n_experiences,
-        classes_per_experience=classes_per_experience,
-        class_order=class_order,
+        scenario,
+        n_experiences,
+        classes_per_experience,
+        class_order,
         order_type=str,
         seed=seed,
         test_fraction=test_fraction,
@@ -464,3 +425,4 @@ def image_folder(
         normalize=bool(normalize),
         channel_axis=1,
     )
+    return _stream(sources, spec)

@@ -56,6 +56,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
+from lifelong_moe.data.corpus import find_domains
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Experience, Stream
 
@@ -170,33 +171,14 @@ SOURCES = {
 DEFAULT_DOMAINS = ("english", "python", "cpp", "yaml")
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def user_sources(text_dir: str | Path) -> dict[str, DomainSource]:
     """One domain per non-hidden entry of ``text_dir``: a sub-folder (its files) or a file."""
-    root = Path(text_dir).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"benchmark.text_dir={str(text_dir)!r} is not a directory")
     sources: dict[str, DomainSource] = {}
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        name = entry.name if entry.is_dir() else entry.stem
-        if name in sources:
-            raise ConfigError(
-                f"benchmark.text_dir={str(text_dir)!r}: two entries give the domain name {name!r}"
-            )
-        if entry.is_dir():
-            files = sorted(p for p in entry.rglob("*") if p.is_file() and not _is_hidden(p, entry))
-            sources[name] = DomainSource(
-                str(entry), lambda files=files, root=entry: _files(files, root)
-            )
-        else:
-            sources[name] = DomainSource(str(entry), lambda e=entry: _files([e], e.parent))
-    if not sources:
-        raise ConfigError(f"benchmark.text_dir={str(text_dir)!r} holds no files or folders")
+    for domain in find_domains(text_dir):
+        root = domain.root if domain.root.is_dir() else domain.root.parent
+        sources[domain.name] = DomainSource(
+            str(domain.root), lambda files=domain.files, root=root: _files(files, root)
+        )
     return sources
 
 
