@@ -81,3 +81,9 @@ def test_wheel_carries_conf_and_runs_from_an_empty_directory(tmp_path):
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "[1/1]" in ran.stdout
+    # lifelong-moe-bench loop composes conf/ too: from the wheel it must find the packaged one.
+    bench = [str(target / "bin" / "lifelong-moe-bench"), "loop", "benchmark=split_digits"]
+    bench += ["benchmark.n_experiences=1", "--epochs", "1", "--repeats", "1", "--threads", "1"]
+    timed = subprocess.run(bench, cwd=empty, env=env, capture_output=True, text=True, timeout=300)
+    assert timed.returncode == 0, timed.stderr[-3000:]
+    assert "runner / bare" in timed.stdout

@@ -21,7 +21,6 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import Dataset
 
 from lifelong_moe import names
 from lifelong_moe.config.schema import check_config
@@ -31,18 +30,14 @@ from lifelong_moe.log import LOGGER
 from lifelong_moe.measure.costs import cost_row
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
-from lifelong_moe.models import hf_export, save_model
+from lifelong_moe.models import build_model, hf_export, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
-from lifelong_moe.moe import MoESettings
 from lifelong_moe.run import signals, stop_sync
 from lifelong_moe.run.checkpoints import (
     EARLIER_TRAIN_S,
-    StepCheckpoint,
-    checkpoint_writer,
     checkpoints,
     describe,
     fit_costs,
-    make_loader,
     remove,
 )
 from lifelong_moe.run.console import experience_line, print_report
@@ -57,18 +52,15 @@ from lifelong_moe.run.resume import (
     slurm_job,
     state,
 )
-from lifelong_moe.run.stop_sync import StopSync, forwarder
-from lifelong_moe.run.trainer import make_trainer
-from lifelong_moe.stream import Experience, Stream
+from lifelong_moe.run.trainer import fit
+from lifelong_moe.stream import Stream
 from lifelong_moe.targets import instantiate
-from lifelong_moe.tracking import report
 from lifelong_moe.tracking.mlflow_run import (
     RunTracker,
-    flatten,
     git_commit,
-    library_versions,
     tracker_for_rank,
 )
+from lifelong_moe.tracking.recorder import RunRecorder, run_tags
 from lifelong_moe.tracking.results import log_results
 from lifelong_moe.tracking.store import check_store, is_local
 
@@ -96,11 +88,7 @@ def build(cfg: DictConfig) -> Experiment:
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stream = instantiate(cfg.benchmark, "benchmark")
-    # The flat MoE keys of the model config travel as one MoESettings (moe/layer.py).
-    moe, backbone = MoESettings.split(OmegaConf.to_container(cfg.model, resolve=True))
-    model = instantiate(
-        backbone, "model", input_shape=list(stream.input_shape), n_classes=stream.n_classes, moe=moe
-    )
+    model = build_model(cfg.model, stream.input_shape, stream.n_classes)
     if cfg.trainer.get("compile", False):
         model.compile()  # in place: parameter names, checkpoints and expand() stay as they are
     hf_export.check_export(cfg.tracking.get("export", "none"), model)
@@ -113,88 +101,80 @@ def build(cfg: DictConfig) -> Experiment:
     return Experiment(cfg, stream, method.model, method)
 
 
+def checkpoint_root(cfg: DictConfig) -> Path:
+    return Path(cfg.trainer.get("checkpoint_dir", "checkpoints"))
+
+
 def checkpoint_folder(cfg: DictConfig, run_id: str) -> Path:
     """``<trainer.checkpoint_dir>/<run_id>``, absolute (also recorded as the run's tag)."""
-    return (Path(cfg.trainer.get("checkpoint_dir", "checkpoints")) / run_id).resolve()
+    return (checkpoint_root(cfg) / run_id).resolve()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment end to end; returns the summary that is also logged as summary.json."""
-    uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
-    check_store(uri)
+    check_store(cfg.tracking.uri)
     signals.point("startup")
     resume_id, cfg = resume_target(cfg, git_commit())
     exp = build(cfg)
-    tracker = tracker_for_rank(uri, experiment)
-    saved, ckpt = None, None
-    if resume_id:
-        # Everything is read and checked before the run is touched: a refusal changes nothing.
-        saved = load_state(uri, resume_id)
-        done = saved["next"] if saved else 0
-        exp.method.trust_pickles = is_local(uri) or bool(cfg.get("resume_trust"))
-        folder = Path(checkpoint_dir(uri, resume_id) or checkpoint_folder(cfg, resume_id))
-        found = checkpoints(folder, done)
-        where = f"after {done} of {len(exp.stream)} experiences"
-        if found and done < len(exp.stream):
-            ckpt = found[-1]
-            at = describe(ckpt)
-            where = f"at experience {at['experience']}, epoch {at['epoch']}, step {at['step']}"
-        LOGGER.info(f"resuming run {resume_id} {where}")
-        with signals.deferred():
-            tracker.reopen(resume_id)
-    else:
-        with signals.deferred():
-            start_run(exp, tracker)
-        folder = checkpoint_folder(cfg, tracker.run_id)
-    signals.STATE.run_id = tracker.run_id
-    if cfg.tracking.get("system_metrics", True):
-        interval = float(cfg.tracking.get("system_metrics_interval_s", 2.0))
-        tracker.start_system_metrics(interval, resume=bool(resume_id))
+    recorder = RunRecorder(tracker_for_rank(cfg.tracking.uri, cfg.tracking.experiment), cfg)
+    saved, ckpt, folder = open_run(exp, recorder, resume_id)
+    signals.STATE.run_id = recorder.run_id
+    writes = recorder.tracker.writes  # on several machines, rank 0 speaks for all
     try:
-        summary = _loop(exp, tracker, saved, ckpt, folder)
-    except (signals.Interrupted, SIGTERMException) as error:
-        # SIGTERMException: Lightning's own SIGTERM stop at an epoch end, had ours not come first.
-        stop = (
-            error if isinstance(error, signals.Interrupted) else signals.Interrupted(signal.SIGTERM)
-        )
-        # A second signal from here on exits at once (signals._handler).
-        tracker.stop_system_metrics()
-        tracker.finish("KILLED")
-        if tracker.writes:  # on several machines, rank 0 speaks for all
+        with recorder:
+            try:
+                summary = _loop(exp, recorder, saved, ckpt, folder)
+            except SIGTERMException:  # Lightning's own SIGTERM stop, had ours not come first
+                raise signals.Interrupted(signal.SIGTERM) from None
+    except signals.Interrupted as stop:  # a second signal from here on exits at once
+        if writes:
             LOGGER.warning(
-                f"interrupted: run {tracker.run_id} marked KILLED at {signals.where()}; "
-                f"continue with resume={tracker.run_id}"
+                f"interrupted: run {recorder.run_id} marked KILLED at {signals.where()}; "
+                f"continue with resume={recorder.run_id}"
             )
         if stop.requeue:
-            requeue(tracker.run_id)
-        raise stop from None
+            requeue(recorder.run_id)
+        raise
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
-        tracker.stop_system_metrics()
-        tracker.finish("KILLED")
         LOGGER.warning(
-            f"interrupted: run {tracker.run_id} marked KILLED; continue it with resume={tracker.run_id}"
+            f"interrupted: run {recorder.run_id} marked KILLED; "
+            f"continue it with resume={recorder.run_id}"
         )
         raise
-    except BaseException:
-        tracker.stop_system_metrics()
-        tracker.finish("FAILED")
-        raise
-    tracker.stop_system_metrics()
-    tracker.finish("FINISHED")
-    # After FINISHED, not before: a crash in between leaves a finished run with a spare state,
-    # never an unfinished run without one.
-    if not cfg.tracking.get("keep_resume_state", False):
-        try:
-            tracker.delete_artifacts(names.RESUME_FOLDER)
-        except Exception as error:  # a store that cannot delete keeps it; the run is done
-            first = (str(error).splitlines() or [type(error).__name__])[0][:200]
-            LOGGER.info(f"note: could not delete {names.RESUME_FOLDER}/ of the run: {first}")
-    if tracker.writes:
-        remove(folder)
     signals.STATE.deferred = 0
-    if tracker.writes:
-        LOGGER.info(f"\nSee this run: {tracker.ui_command()}   (run id {tracker.run_id})")
+    if writes:
+        remove(folder)
+        LOGGER.info(f"\nSee this run: {recorder.tracker.ui_command()}   (run id {recorder.run_id})")
     return summary
+
+
+def open_run(
+    exp: Experiment, recorder: RunRecorder, resume_id: str | None
+) -> tuple[dict[str, Any] | None, Path | None, Path]:
+    """Start the run, or reopen it: (resume state, step checkpoint to continue, checkpoints folder).
+
+    On a resume everything is read and checked before the run is touched: a refusal changes
+    nothing."""
+    cfg, uri = exp.cfg, exp.cfg.tracking.uri
+    if not resume_id:
+        tags = run_tags(cfg, exp.stream, run_identity(exp), slurm_job())
+        with signals.deferred():
+            run_id = recorder.start(exp.stream, tags, checkpoint_root(cfg))
+        return None, None, checkpoint_folder(cfg, run_id)
+    saved = load_state(uri, resume_id)
+    done = saved["next"] if saved else 0
+    exp.method.trust_pickles = is_local(uri) or bool(cfg.get("resume_trust"))
+    folder = Path(checkpoint_dir(uri, resume_id) or checkpoint_folder(cfg, resume_id))
+    found, ckpt = checkpoints(folder, done), None
+    where = f"after {done} of {len(exp.stream)} experiences"
+    if found and done < len(exp.stream):
+        ckpt = found[-1]
+        at = describe(ckpt)
+        where = f"at experience {at['experience']}, epoch {at['epoch']}, step {at['step']}"
+    LOGGER.info(f"resuming run {resume_id} {where}")
+    with signals.deferred():
+        recorder.reopen(resume_id)
+    return saved, ckpt, folder
 
 
 def run_identity(exp: Experiment) -> dict[str, str]:
@@ -206,36 +186,6 @@ def run_identity(exp: Experiment) -> dict[str, str]:
         names.TAG_MODEL: cfg.model.get("name", type(exp.model).__name__),
         names.TAG_SEED: str(cfg.seed),
     }
-
-
-def start_run(exp: Experiment, tracker: RunTracker) -> None:
-    cfg, stream = exp.cfg, exp.stream
-    language = stream.scenario == "language_modeling"
-    tags = {
-        **run_identity(exp),
-        names.TAG_KIND: names.KIND_EXPERIMENT,
-        names.TAG_MATRIX: names.MATRIX_PERPLEXITY if language else names.MATRIX_ACCURACY,
-        names.TAG_SCENARIO: stream.scenario,
-        names.TAG_GIT_COMMIT: git_commit(),
-        **library_versions(),
-    }
-    if slurm_job():
-        tags[names.TAG_SLURM_JOB] = slurm_job()
-    if cfg.tracking.get("sweep_id"):
-        tags[names.TAG_SWEEP_ID] = str(cfg.tracking.sweep_id)
-        # Nests the sweep's runs under one parent run in the MLflow UI.
-        parent = tracker.sweep_parent(tags[names.TAG_SWEEP_ID])
-        if parent:
-            tags[names.TAG_PARENT] = parent
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    method, benchmark = tags[names.TAG_METHOD], tags[names.TAG_BENCHMARK]
-    run_name = cfg.tracking.run_name or f"{method}-{benchmark}-s{cfg.seed}"
-    run_id = tracker.start(run_name, tags, flatten(resolved))
-    tracker.set_tags({names.TAG_CHECKPOINT_DIR: str(checkpoint_folder(cfg, run_id))})
-    tracker.describe(report.running_description(tags, len(stream)))
-    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), names.CONFIG)
-    tracker.log_inputs(report.dataset_inputs(resolved["benchmark"], stream))
-    LOGGER.info(f"run {run_id} ({run_name}): {len(stream)} experiences of {stream.name}")
 
 
 def restore(exp: Experiment, saved: dict[str, Any], tracker: RunTracker) -> History:
@@ -264,13 +214,13 @@ def device_of(cfg: DictConfig) -> torch.device:
 
 def _loop(
     exp: Experiment,
-    tracker: RunTracker,
+    recorder: RunRecorder,
     saved: dict[str, Any] | None,
-    ckpt: Path | None = None,
-    folder: Path | None = None,
+    ckpt: Path | None,
+    folder: Path,
 ) -> dict[str, Any]:
     """before -> fit -> evaluate -> after -> record, for every experience not done yet."""
-    cfg, stream, method = exp.cfg, exp.stream, exp.method
+    cfg, stream, method, tracker = exp.cfg, exp.stream, exp.method, recorder.tracker
     device = device_of(cfg)
     evaluator = evaluator_for(stream)
     evaluate = functools.partial(evaluator, batch_size=cfg.trainer.eval_batch_size, device=device)
@@ -279,7 +229,6 @@ def _loop(
     else:
         base = evaluate(exp.model.to(device), stream, expert_mask=method.expert_mask)
         h = History(b=base.accuracy, b_task=base.accuracy_task or [], b_loss=base.loss or [])
-    folder = folder or checkpoint_folder(cfg, tracker.run_id)
     for i in range(len(h.R), len(stream)):
         experience = stream.experiences[i]
         signals.STATE.experience, signals.STATE.step = i, None
@@ -288,7 +237,7 @@ def _loop(
         data = method.train_dataset(experience)
 
         start = time.perf_counter()
-        trainer = fit(exp, experience, data, folder, ckpt)
+        trainer = fit(cfg, method, experience, data, folder, ckpt)
         ckpt = None  # only the experience the run was in continues from a checkpoint
         costs = fit_costs(trainer)
         h.train_seconds.append(time.perf_counter() - start + costs.pop(EARLIER_TRAIN_S))
@@ -334,42 +283,7 @@ def _loop(
         )
     # Held until run() marks the run FINISHED: a signal now lets the run complete (exit 0).
     signals.STATE.deferred += 1
-    return finish(exp, h, tracker)
-
-
-def fit(
-    exp: Experiment,
-    experience: Experience,
-    data: Dataset,
-    folder: Path,
-    ckpt: Path | None,
-) -> L.Trainer:
-    """Train on one experience with a fresh Trainer, writing training checkpoints as it goes."""
-    cfg, i = exp.cfg, experience.index
-    loader = make_loader(
-        data, cfg.trainer.batch_size, cfg.trainer.num_workers, seed=cfg.seed * 1_000 + i
-    )
-    writer = checkpoint_writer(
-        keep=cfg.trainer.get("checkpoint_keep", 2),
-        background=cfg.trainer.get("checkpoint_async", "auto"),
-        accelerator=cfg.trainer.accelerator,
-    )
-    saver = StepCheckpoint(
-        folder,
-        i,
-        every_n_steps=cfg.trainer.get("checkpoint_every_n_steps", 0),
-        writer=writer,
-        sampler=loader.sampler,
-    )
-    trainer = make_trainer(cfg, callbacks=[saver, StopSync()], checkpoint_io=writer)
-    if exp.method.lightning_loop:
-        # A signal stops at the next step boundary, DDP workers included (stop_sync.py).
-        with signals.training(forward=forwarder(trainer)):
-            exp.method.fit_experience(experience, loader, trainer, ckpt_path=ckpt)
-    else:
-        exp.method.fit_experience(experience, loader, trainer)
-    saver.apply_pending_rng()
-    return trainer
+    return finish(exp, h, recorder)
 
 
 def record(
@@ -409,9 +323,9 @@ def record(
             tracker.log_file(out, names.HF_EXPORT)
 
 
-def finish(exp: Experiment, h: History, tracker: RunTracker) -> dict[str, Any]:
+def finish(exp: Experiment, h: History, recorder: RunRecorder) -> dict[str, Any]:
     """End-of-stream metrics and artifacts; returns the summary (also logged as summary.json)."""
-    cfg, stream = exp.cfg, exp.stream
+    cfg, stream, tracker = exp.cfg, exp.stream, recorder.tracker
     final = rows.final_metrics(h.R, h.b, h.R_task, h.b_task, h.L)
     final[names.COST_TRAIN_TOTAL_S] = float(sum(h.train_seconds))
     # forgetting and bwt of the last step are already logged with the row: log each step once.
@@ -440,6 +354,6 @@ def finish(exp: Experiment, h: History, tracker: RunTracker) -> dict[str, Any]:
         "R": h.R,
         "b": h.b,
     }
-    tracker.log_json(report.rounded(summary), names.SUMMARY)
+    recorder.summary(summary)
     print_report(summary)
     return summary

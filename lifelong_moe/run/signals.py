@@ -41,6 +41,8 @@ TEST_HOOK = "LIFELONG_MOE_SIGNAL_AT"
 class Interrupted(BaseException):
     """A signal stopped the run (BaseException: nothing catches it by accident)."""
 
+    kills_run = True  # the run recorder ends the MLflow run KILLED, not FAILED
+
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum

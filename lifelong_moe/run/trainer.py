@@ -1,4 +1,5 @@
-"""The Lightning edge of the loop: one fresh ``Trainer`` per experience, set up the same way.
+"""The Lightning edge of the loop: one fresh ``Trainer`` per experience, set up the same way,
+and ``fit``, which wires it to the step checkpoints and the stop decision for one experience.
 
 Strategy choice on one machine (fork/spawn instead of re-running the command per rank), a
 progress bar that does not redraw at every step, Lightning's external-callback discovery
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,8 +19,14 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
+from torch.utils.data import Dataset
 
 from lifelong_moe import compat, names
+from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.run import signals
+from lifelong_moe.run.checkpoints import StepCheckpoint, checkpoint_writer, make_loader
+from lifelong_moe.run.stop_sync import StopSync, forwarder
+from lifelong_moe.stream import Experience
 
 PROGRESS_REFRESH_STEPS = 10
 
@@ -86,6 +94,43 @@ def make_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+
+
+def fit(
+    cfg: DictConfig,
+    method: ContinualMethod,
+    experience: Experience,
+    data: Dataset,
+    folder: Path,
+    ckpt: Path | None,
+) -> L.Trainer:
+    """Train on one experience with a fresh Trainer, writing step checkpoints as it goes, and
+    stopping at a step boundary on a signal (DDP workers included: stop_sync.py)."""
+    i = experience.index
+    loader = make_loader(
+        data, cfg.trainer.batch_size, cfg.trainer.num_workers, seed=cfg.seed * 1_000 + i
+    )
+    writer = checkpoint_writer(
+        keep=cfg.trainer.get("checkpoint_keep", 2),
+        background=cfg.trainer.get("checkpoint_async", "auto"),
+        accelerator=cfg.trainer.accelerator,
+    )
+    saver = StepCheckpoint(
+        folder,
+        i,
+        every_n_steps=cfg.trainer.get("checkpoint_every_n_steps", 0),
+        writer=writer,
+        sampler=loader.sampler,
+    )
+    trainer = make_trainer(cfg, callbacks=[saver, StopSync()], checkpoint_io=writer)
+    if method.lightning_loop:
+        # A signal stops at the next step boundary, DDP workers included (stop_sync.py).
+        with signals.training(forward=forwarder(trainer)):
+            method.fit_experience(experience, loader, trainer, ckpt_path=ckpt)
+    else:
+        method.fit_experience(experience, loader, trainer)
+    saver.apply_pending_rng()
+    return trainer
 
 
 class LRTrace(L.Callback):
