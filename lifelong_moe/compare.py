@@ -43,7 +43,17 @@ QUALITY = {
     names.MATRIX_PERPLEXITY: [names.PPL_FINAL, names.PPL_FORGETTING, names.LOSS_BWT],
 }
 # Routing metrics (MoE runs only; "-" elsewhere), beside the forgetting they may explain.
-ROUTING = [names.ROUTING_SPECIALIZATION, names.ROUTING_DRIFT, names.ROUTING_MAX_IMBALANCE]
+# routing/max_imbalance is the pooled pre-issue-24 metric: shown under its own name for old runs,
+# never merged with the per-distribution MRI (routing/mri_max).
+ROUTING = [
+    names.ROUTING_SPECIALIZATION,
+    names.ROUTING_SPECIALIZATION_CORRECTED,
+    names.ROUTING_DRIFT,
+    names.ROUTING_TOKEN_DRIFT,
+    names.ROUTING_MRI_MAX,
+    names.ROUTING_INFERENCE_ACC,
+    names.ROUTING_MAX_IMBALANCE,
+]
 COSTS = [
     names.COST_PARAMS_TOTAL,
     names.COST_PARAMS_TRAINABLE,

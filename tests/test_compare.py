@@ -154,7 +154,15 @@ def test_perplexity_runs_get_their_own_table(store, capsys):
     assert ppl["metrics"]["ppl/final"]["std"] == 0.0
 
 
-ROUTING_KEYS = ("routing/specialization", "routing/drift", "routing/max_imbalance")
+ROUTING_KEYS = (
+    "routing/specialization",
+    "routing/specialization_corrected",
+    "routing/drift",
+    "routing/token_drift",
+    "routing/mri_max",
+    "routing/inference_acc",
+    "routing/max_imbalance",
+)
 COST_KEYS = (
     "cost/params_total",
     "cost/params_trainable",
