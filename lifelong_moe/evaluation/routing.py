@@ -154,7 +154,9 @@ def drift(history: Sequence[Shares], t: int) -> float:
 def changed_share(before: Sequence[Sequence[int]], after: Sequence[Sequence[int]]) -> float:
     """Share of tokens whose (sorted) top-k set differs; both lists cover the same tokens."""
     if len(before) != len(after):
-        raise ValueError(f"top-k sets of {len(before)} and {len(after)} tokens: not the same tokens")
+        raise ValueError(
+            f"top-k sets of {len(before)} and {len(after)} tokens: not the same tokens"
+        )
     if not before:
         return float("nan")
     return float(np.mean([list(a) != list(b) for a, b in zip(before, after, strict=True)]))
@@ -166,7 +168,9 @@ def token_drift(history: Sequence[Sequence[RoutingStats]], t: int) -> float:
     ``history[i][j]`` is the layer's statistics of test experience j after experience i."""
     if t == 0:
         return float("nan")
-    return float(np.mean([changed_share(history[j][j]["topk"], history[t][j]["topk"]) for j in range(t)]))
+    return float(
+        np.mean([changed_share(history[j][j]["topk"], history[t][j]["topk"]) for j in range(t)])
+    )
 
 
 def token_change(history: Sequence[Sequence[RoutingStats]], t: int) -> float:
