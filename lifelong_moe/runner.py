@@ -310,6 +310,7 @@ def _loop(
         row = rows.quality_row(
             i, h.R, h.R_task, h.L, h.routing, method.expert_origins(), h.routing_stats
         )
+        row |= method.evaluation_metrics(i)
         row |= cost_row(
             exp.model,
             data,

@@ -148,3 +148,4 @@ def test_cli_option_runs_and_logs_routing_metrics(workdir, option):
     if option == "method.infer_routing=true":
         # permuted digits are told apart by their pixel statistics: near-perfect specialization
         assert run.data.metrics["routing/specialization"] > 0.9
+        assert 0.9 < run.data.metrics["routing/inference_acc"] <= 1.0

@@ -36,6 +36,7 @@ from lifelong_moe.methods.distillation import distillation, router_distillation
 from lifelong_moe.methods.inferred_routing import ExperienceStatistics, routing_bias
 from lifelong_moe.models import moe_layers
 from lifelong_moe.moe.router import BALANCE_SCOPES
+from lifelong_moe.tracking import names
 
 
 class LifelongMoE(ContinualMethod):
@@ -207,6 +208,34 @@ class LifelongMoE(ContinualMethod):
         origin = torch.tensor(self.expert_origin, device=x.device)
         return routing_bias(experience, origin, self.infer_bonus, self.infer_restrict)
 
+    def teacher_bias(self, x: torch.Tensor, n_experts: int) -> torch.Tensor | None:
+        """The routing the evaluated model had after the previous experience: the bias of
+        inferred routing (eval mode) from the statistics of the experiences before this one
+        (this experience's are added only after its fit), over the ``n_old`` experts that
+        existed then; experts grown since are disabled (-inf) for a teacher of ``n_experts``."""
+        if not self.infer_routing or len(self.statistics) == 0:
+            return None
+        n_old = sum(o < self.experience.index for o in self.expert_origin)
+        origin = torch.tensor(self.expert_origin[:n_old], device=x.device)
+        bias = routing_bias(self.statistics.infer(x), origin, self.infer_bonus, self.infer_restrict)
+        hidden = bias.new_full((*bias.shape[:-1], n_experts - n_old), float("-inf"))
+        return torch.cat([bias, hidden], dim=-1)
+
+    def evaluation_metrics(self, t: int) -> dict[str, float]:
+        """Inferred routing: ``routing/inference_acc`` = mean over seen test experiences j <= t
+        of the share of j's test inputs (positions, for text) whose inferred experience is j;
+        ``routing/inference_acc/exp_j`` per experience."""
+        if not self.infer_routing or self.stream is None or len(self.statistics) == 0:
+            return {}
+        out = {
+            names.exp_metric(names.ROUTING_INFERENCE_ACC, j): self.statistics.accuracy(
+                self.stream.experiences[j].test, j
+            )
+            for j in range(min(t + 1, len(self.statistics)))
+        }
+        out[names.ROUTING_INFERENCE_ACC] = sum(out.values()) / len(out)
+        return out
+
     def method_state(self) -> dict:
         return super().method_state() | {
             "expert_origin": self.expert_origin,
@@ -250,12 +279,17 @@ class LifelongMoE(ContinualMethod):
                 if self.teacher_device != x.device:
                     self.teacher.to(x.device)  # once per experience: not a submodule (see above)
                     self.teacher_device = x.device
-                return self.teacher(x)
+                n_experts = next(iter(moe_layers(self.teacher).values())).n_experts
+                bias = self.teacher_bias(x, n_experts)
+                return self.teacher(x) if bias is None else self.teacher(x, expert_mask=bias)
             if self.teacher_mask is not None:
                 was_training = self.model.training
                 self.model.eval()
                 self.teacher_mask = self.teacher_mask.to(x.device)  # once, not every step
-                out = self.model(x, expert_mask=self.teacher_mask)
+                mask = self.teacher_bias(x, len(self.teacher_mask))
+                if mask is None:
+                    mask = self.teacher_mask
+                out = self.model(x, expert_mask=mask)
                 self.model.train(was_training)
                 return out
         return None

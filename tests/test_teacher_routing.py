@@ -1,0 +1,70 @@
+"""The distillation target is the model that was evaluated after the previous experience,
+routed the same way (issue 24: the teacher of inferred routing used to run without its bias)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_lifelong_moe import fit, make
+
+
+def evaluated(method, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and per-layer top-k ids of the model as the runner evaluates it (eval mode)."""
+    was_training = method.model.training
+    method.model.eval()
+    with torch.no_grad():
+        logits, aux = method.model(x)
+    method.model.train(was_training)
+    return logits, [a.expert_ids.sort(dim=1).values for a in aux]
+
+
+@pytest.mark.parametrize("freeze_shared", [False, True], ids=["snapshot", "masked_student"])
+def test_teacher_is_routed_exactly_as_the_evaluated_model(freeze_shared):
+    method, stream = make(
+        experts_per_experience=2,
+        infer_routing=True,
+        infer_bonus=2.0,
+        freeze_shared=freeze_shared,
+        lambda_router=1.0,
+    )
+    # After two experiences (each with its own experts), as fit_experience leaves it.
+    for exp in stream.experiences[:2]:
+        method.before_experience(exp)
+        fit(method, exp)
+        method.statistics.add(exp.train)
+    x = torch.cat([e.test.tensors[0] for e in stream.experiences])
+    logits, ids = evaluated(method, x)
+
+    method.before_experience(stream.experiences[2])
+    method.model.train()  # the teacher runs inside training_step
+    teacher_logits, aux = method.teacher_outputs(x)
+    torch.testing.assert_close(teacher_logits, logits, rtol=0, atol=0)
+    for before, a in zip(ids, aux, strict=True):
+        assert torch.equal(a.expert_ids.sort(dim=1).values, before)
+    # Without the bias (what the teacher did before the fix) the routing differs: the test
+    # above could fail.
+    if method.teacher is not None:
+        plain = method.teacher(x)
+    else:
+        plain = method.model(x, expert_mask=method.teacher_mask)
+    assert any(
+        not torch.equal(a.expert_ids.sort(dim=1).values, b)
+        for a, b in zip(plain[1], ids, strict=True)
+    )
+
+
+def test_inference_accuracy_is_logged_per_seen_experience_and_their_mean():
+    method, stream = make(experts_per_experience=2, infer_routing=True)
+    assert method.evaluation_metrics(0) == {}  # nothing learned yet
+    for exp in stream.experiences[:2]:
+        method.before_experience(exp)
+        method.statistics.add(exp.train)
+    out = method.evaluation_metrics(1)
+    accs = [method.statistics.accuracy(stream.experiences[j].test, j) for j in (0, 1)]
+    expected = {"routing/inference_acc/exp_0": accs[0], "routing/inference_acc/exp_1": accs[1]}
+    assert out == expected | {"routing/inference_acc": pytest.approx(sum(accs) / 2)}
+    # by hand on the first experience: inferred == 0 on its test inputs
+    x0 = stream.experiences[0].test.tensors[0]
+    assert accs[0] == pytest.approx((method.statistics.infer(x0) == 0).float().mean().item())
+    assert make(experts_per_experience=2)[0].evaluation_metrics(1) == {}
