@@ -20,4 +20,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     for layer in moe_layers(model).values():
         total += sum(b.numel() for name, b in layer.named_buffers() if "frozen" in name)
         inactive += (layer.n_experts - layer.top_k) * (2 * layer.d_hidden + 1) * layer.d_model
-    return {"total": total, "trainable": trainable, "active": total - inactive}
+    active = total - inactive
+    # An ensemble that runs only some of its members per input states its own count (SEED).
+    if hasattr(model, "active_parameters"):
+        active = model.active_parameters()
+    return {"total": total, "trainable": trainable, "active": active}
