@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lifelong_moe.methods.inferred_routing import routing_bias
 from tests.test_lifelong_moe import fit, make
 
 
@@ -19,14 +20,19 @@ def evaluated(method, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]
     return logits, [a.expert_ids.sort(dim=1).values for a in aux]
 
 
-@pytest.mark.parametrize("freeze_shared", [False, True], ids=["snapshot", "masked_student"])
-def test_teacher_is_routed_exactly_as_the_evaluated_model(freeze_shared):
+@pytest.mark.parametrize(
+    ("freeze_shared", "source"),
+    [(False, "statistics"), (True, "statistics"), (False, "shuffled")],
+    ids=["snapshot", "masked_student", "shuffled_labels"],
+)
+def test_teacher_is_routed_exactly_as_the_evaluated_model(freeze_shared, source):
     method, stream = make(
         experts_per_experience=2,
         infer_routing=True,
         infer_bonus=2.0,
         freeze_shared=freeze_shared,
         lambda_router=1.0,
+        infer_source=source,
     )
     # After two experiences (each with its own experts), as fit_experience leaves it.
     for exp in stream.experiences[:2]:
@@ -68,3 +74,25 @@ def test_inference_accuracy_is_logged_per_seen_experience_and_their_mean():
     x0 = stream.experiences[0].test.tensors[0]
     assert accs[0] == pytest.approx((method.statistics.infer(x0) == 0).float().mean().item())
     assert make(experts_per_experience=2)[0].evaluation_metrics(1) == {}
+
+
+def test_oracle_routes_each_test_experience_by_its_true_label_and_shuffled_by_a_wrong_one():
+    method, stream = make(experts_per_experience=2, infer_routing=True, infer_source="oracle")
+    for exp in stream.experiences[:2]:
+        method.before_experience(exp)
+        method.statistics.add(exp.train)
+    method.model.eval()
+    origin = torch.tensor(method.expert_origin)  # [0, 0, 0, 0, 1, 1]
+    for exp, label in zip(stream.experiences, (0, 1, 1), strict=True):  # future: latest learned
+        bias = method.expert_mask(exp)
+        expected = routing_bias(torch.tensor(label), origin, 0.0, True)
+        assert torch.equal(bias, expected)
+    method.model.train()
+    assert method.expert_mask(stream.experiences[0]) is None  # training knows its experience
+    shuffled, _ = make(experts_per_experience=2, infer_routing=True, infer_source="shuffled")
+    for exp in stream.experiences[:2]:
+        shuffled.before_experience(exp)
+        shuffled.statistics.add(exp.train)
+    x = stream.experiences[0].test.tensors[0]
+    inferred = shuffled.statistics.infer(x)
+    assert torch.equal(shuffled.inferred_experience(x, oracle=1), (inferred + 1) % 2)

@@ -38,6 +38,11 @@ from lifelong_moe.models import moe_layers
 from lifelong_moe.moe.router import BALANCE_SCOPES
 from lifelong_moe.tracking import names
 
+# Where inferred routing takes an input's experience from at test time (ablations, issue 24):
+# the input statistics; the true experience (an oracle: the latest learned one for a future
+# experience); or the statistics' answer rotated by one (j -> j+1 mod n), wrong for every input.
+INFER_SOURCES = ("statistics", "oracle", "shuffled")
+
 
 class LifelongMoE(ContinualMethod):
     def __init__(
@@ -62,6 +67,7 @@ class LifelongMoE(ContinualMethod):
         infer_routing: bool = False,
         infer_bonus: float = 0.0,
         infer_restrict: bool = True,
+        infer_source: str = "statistics",
     ) -> None:
         super().__init__(
             model,
@@ -100,6 +106,8 @@ class LifelongMoE(ContinualMethod):
         self.infer_routing = infer_routing
         self.infer_bonus = float(infer_bonus)
         self.infer_restrict = infer_restrict
+        checks.choice("method.infer_source", infer_source, INFER_SOURCES)
+        self.infer_source = infer_source
         self.statistics = ExperienceStatistics()
         if infer_routing:
             model.register_forward_pre_hook(_InferredRoutingHook(self), with_kwargs=True)
@@ -173,7 +181,23 @@ class LifelongMoE(ContinualMethod):
         return torch.tensor([origin == task for origin in self.expert_origin])
 
     def expert_mask(self, exp: Experience) -> torch.Tensor | None:
+        if self.infer_routing and self.infer_source == "oracle" and not self.model.training:
+            if len(self.statistics) == 0:
+                return None
+            experience = torch.tensor(min(exp.index, len(self.statistics) - 1))
+            origin = torch.tensor(self.expert_origin)
+            return routing_bias(experience, origin, self.infer_bonus, self.infer_restrict)
         return self.task_mask(exp.task_id)
+
+    def inferred_experience(self, x: torch.Tensor, oracle: int) -> torch.Tensor:
+        """The experience inferred routing uses for x at test time (``infer_source``); ``oracle``
+        is the true one, clamped to the experiences learned so far."""
+        inferred = self.statistics.infer(x)
+        if self.infer_source == "oracle":
+            return torch.full_like(inferred, oracle)
+        if self.infer_source == "shuffled":
+            return (inferred + 1) % len(self.statistics)
+        return inferred
 
     def expert_origins(self) -> list[int]:
         return list(self.expert_origin)
@@ -203,8 +227,8 @@ class LifelongMoE(ContinualMethod):
             )
         elif len(self.statistics) == 0:
             return None
-        else:
-            experience = self.statistics.infer(x)
+        else:  # the oracle comes through expert_mask, which knows the test experience
+            experience = self.inferred_experience(x, oracle=len(self.statistics) - 1)
         origin = torch.tensor(self.expert_origin, device=x.device)
         return routing_bias(experience, origin, self.infer_bonus, self.infer_restrict)
 
@@ -217,7 +241,9 @@ class LifelongMoE(ContinualMethod):
             return None
         n_old = sum(o < self.experience.index for o in self.expert_origin)
         origin = torch.tensor(self.expert_origin[:n_old], device=x.device)
-        bias = routing_bias(self.statistics.infer(x), origin, self.infer_bonus, self.infer_restrict)
+        # The batch is experience t's; the model after t-1 knew t-1 as its latest experience.
+        experience = self.inferred_experience(x, oracle=len(self.statistics) - 1)
+        bias = routing_bias(experience, origin, self.infer_bonus, self.infer_restrict)
         hidden = bias.new_full((*bias.shape[:-1], n_experts - n_old), float("-inf"))
         return torch.cat([bias, hidden], dim=-1)
 
