@@ -14,6 +14,8 @@ results/**/*.md; ``text`` is replaced by what KIND renders from results/STUDY/co
 - ``value STUDY METHOD BENCHMARK METRIC``: one cell, ``mean ± std`` (the mean alone for n = 1)
 - ``mean STUDY METHOD BENCHMARK METRIC``: the mean alone
 - ``ratio STUDY METHOD OTHER BENCHMARK METRIC``: mean(METHOD) / mean(OTHER), ``1.7x``
+- ``paired STUDY``: each method's paired difference from the study's reference method over seeds
+  (95 % paired t intervals, ``lifelong-moe-compare --reference``)
 - ``wall STUDY``: the study's total wall time in seconds
 - ``seeds STUDY``: the number of seeds (runs per group; one number, or ``min-max``)
 
@@ -32,7 +34,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lifelong_moe.compare import _fmt
+from lifelong_moe.compare import _fmt, paired_markdown
 from lifelong_moe.tracking import names
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,6 +127,11 @@ def _ratio(study: str, method: str, other: str, benchmark: str, metric: str) -> 
     return f"{a / b:.1f}x"
 
 
+def _paired(study: str) -> str:
+    data = load(study)
+    return "\n" + paired_markdown(data["paired"], GROUP_BY, data["reference"])
+
+
 def _wall(study: str) -> str:
     return f"{load(study)['wall_s']:.0f} s"
 
@@ -141,6 +148,7 @@ KINDS: dict[str, Callable[..., str]] = {
     "value": _value,
     "mean": _mean,
     "ratio": _ratio,
+    "paired": _paired,
     "wall": _wall,
     "seeds": _seeds,
 }
