@@ -38,6 +38,7 @@ from lifelong_moe.compare import _fmt, paired_markdown
 from lifelong_moe.tracking import names
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "results"  # where results/STUDY/comparison.json are read (a smoke run: elsewhere)
 COMPARISON = "comparison.json"
 GROUP_BY = ["method", "benchmark"]
 BLOCK = re.compile(r"<!-- render:(?P<spec>[^>]*?) -->(?P<body>.*?)<!-- /render -->", re.S)
@@ -51,9 +52,9 @@ class RenderError(ValueError):
 
 
 def load(study: str) -> dict:
-    path = REPO / "results" / study / COMPARISON
+    path = RESULTS / study / COMPARISON
     if not path.exists():
-        raise RenderError(f"{path.relative_to(REPO)} does not exist")
+        raise RenderError(f"{path} does not exist")
     return json.loads(path.read_text())
 
 

@@ -277,10 +277,21 @@ def main() -> None:
         "--fresh", action="store_true", help="delete the study's store first (default: resume)"
     )
     parser.add_argument("--seeds", default=SEEDS, help="seed override (default: %(default)s)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seed 0, 1 epoch, into outputs/<study>-smoke/ (results too): checks the pipeline",
+    )
     options = parser.parse_args()
     study = STUDIES[options.study]
     name = f"study_{options.study}"
     store, results = REPO / "outputs" / name, REPO / "results" / name
+    extra = []
+    if options.smoke:
+        store = REPO / "outputs" / f"{name}-smoke"
+        render.RESULTS = store / "results"
+        results = render.RESULTS / name
+        options.seeds, extra = "seed=0", ["trainer.max_epochs=1"]
     uri = f"sqlite:///{store / 'mlflow.db'}"
     if options.fresh and not options.tables_only:
         shutil.rmtree(store, ignore_errors=True)
@@ -299,7 +310,9 @@ def main() -> None:
     common = [o if not o.startswith("seed=") else options.seeds for o in COMMON]
     for i, (label, overrides) in enumerate(study["sweeps"].items()):
         args = ["-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={N_JOBS}", *overrides]
-        args += common
+        # a smoke run's overrides replace the sweep's own values of the same keys
+        keys = {o.partition("=")[0] for o in extra}
+        args = [a for a in args if a.partition("=")[0] not in keys] + common + extra
         args += [
             f"tracking.uri={uri}",
             f"tracking.experiment={name}",

@@ -67,9 +67,19 @@ def test_inference_accuracy_is_logged_per_seen_experience_and_their_mean():
         method.before_experience(exp)
         method.statistics.add(exp.train)
     out = method.evaluation_metrics(1)
-    accs = [method.statistics.accuracy(stream.experiences[j].test, j) for j in (0, 1)]
+    accs = [
+        (method.statistics.infer(stream.experiences[j].test.tensors[0]) == j).float().mean().item()
+        for j in (0, 1)
+    ]
     expected = {"routing/inference_acc/exp_0": accs[0], "routing/inference_acc/exp_1": accs[1]}
-    assert out == expected | {"routing/inference_acc": pytest.approx(sum(accs) / 2)}
+    assert out == pytest.approx(expected | {"routing/inference_acc": sum(accs) / 2})
+    shuffled, _ = make(experts_per_experience=2, infer_routing=True, infer_source="shuffled")
+    for exp in stream.experiences[:2]:
+        shuffled.before_experience(exp)
+        shuffled.statistics.add(exp.train)
+    # routed with a wrong experience wherever the statistics were right: 1 - accuracy
+    wrong = shuffled.evaluation_metrics(1)["routing/inference_acc"]
+    assert wrong == pytest.approx(1 - sum(accs) / 2)
     # by hand on the first experience: inferred == 0 on its test inputs
     x0 = stream.experiences[0].test.tensors[0]
     assert accs[0] == pytest.approx((method.statistics.infer(x0) == 0).float().mean().item())

@@ -125,16 +125,6 @@ class ExperienceStatistics:
         """Most likely experience (uniform prior): long [B, L] for tokens, [B] otherwise."""
         return self.log_likelihood(x).argmax(dim=0)
 
-    @torch.no_grad()
-    def accuracy(self, data: Dataset, experience: int, batch_size: int = 1024) -> float:
-        """Share of ``data``'s inputs (positions, for token sequences) inferred as ``experience``."""
-        right, total = 0, 0
-        for batch in DataLoader(data, batch_size=batch_size):
-            inferred = self.infer(batch[0])
-            right += int((inferred == experience).sum())
-            total += inferred.numel()
-        return right / max(total, 1)
-
     def state_dict(self) -> dict:
         return {"vocab_size": self.vocab_size, "stats": self.stats}
 
