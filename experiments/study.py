@@ -129,6 +129,9 @@ def routing_ablations(base: list[str], n_experts_at_end: int) -> dict[str, list[
 
 DIGITS = "benchmark=split_digits,permuted_digits"
 DIGITS_EPOCHS = "trainer.max_epochs=10"
+# Held out of the training part (stratified, seeded): settings are chosen with --split
+# validation, the study reports test; the training data is the same in both.
+DIGITS_VALIDATION = "benchmark.validation_fraction=0.2"
 # Avalanche's EWC penalty is lambda * sum(F * (p - p_old)^2) with F a mean of squared batch
 # gradients, which is small: a decade grid from routing_digits' 0.4 up to where it stops learning,
 # finer between 4000 and 400000, where a first pass of the decades found the trade-off.
@@ -218,7 +221,9 @@ STUDIES = {
     "ablations_digits": {
         "title": "Issue 24's ablations on permuted digits (10 epochs): routing source, capacity",
         # 5 experiences, 4 experts + 2 per later experience: 12 at the end
-        "sweeps": routing_ablations(["benchmark=permuted_digits", DIGITS_EPOCHS], 12),
+        "sweeps": routing_ablations(
+            ["benchmark=permuted_digits", DIGITS_EPOCHS, DIGITS_VALIDATION], 12
+        ),
         "routing": ("lifelong_moe_specialized", "permuted_digits"),
         "reference": "lifelong_moe",
     },
@@ -282,9 +287,16 @@ def main() -> None:
         action="store_true",
         help="seed 0, 1 epoch, into outputs/<study>-smoke/ (results too): checks the pipeline",
     )
+    parser.add_argument(
+        "--split",
+        choices=["test", "validation"],
+        default="test",
+        help="held-out set to evaluate (validation: for choosing settings; into study_<name>"
+        "_validation) (default: %(default)s)",
+    )
     options = parser.parse_args()
     study = STUDIES[options.study]
-    name = f"study_{options.study}"
+    name = f"study_{options.study}" + ("_validation" if options.split == "validation" else "")
     store, results = REPO / "outputs" / name, REPO / "results" / name
     extra = []
     if options.smoke:
@@ -292,6 +304,8 @@ def main() -> None:
         render.RESULTS = store / "results"
         results = render.RESULTS / name
         options.seeds, extra = "seed=0", ["trainer.max_epochs=1"]
+    if options.split == "validation":
+        extra.append("benchmark.split=validation")
     uri = f"sqlite:///{store / 'mlflow.db'}"
     if options.fresh and not options.tables_only:
         shutil.rmtree(store, ignore_errors=True)
@@ -310,7 +324,7 @@ def main() -> None:
     common = [o if not o.startswith("seed=") else options.seeds for o in COMMON]
     for i, (label, overrides) in enumerate(study["sweeps"].items()):
         args = ["-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={N_JOBS}", *overrides]
-        # a smoke run's overrides replace the sweep's own values of the same keys
+        # smoke and split overrides replace the sweep's own values of the same keys
         keys = {o.partition("=")[0] for o in extra}
         args = [a for a in args if a.partition("=")[0] not in keys] + common + extra
         args += [

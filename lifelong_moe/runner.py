@@ -212,6 +212,7 @@ def start_run(exp: Experiment, tracker: RunTracker) -> None:
     language = stream.scenario == "language_modeling"
     tags = {
         **run_identity(exp),
+        names.TAG_SPLIT: cfg.benchmark.get("split", "test"),  # the held-out set evaluated
         names.TAG_KIND: names.KIND_EXPERIMENT,
         names.TAG_MATRIX: names.MATRIX_PERPLEXITY if language else names.MATRIX_ACCURACY,
         names.TAG_SCENARIO: stream.scenario,

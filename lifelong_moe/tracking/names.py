@@ -179,6 +179,7 @@ TAG_BENCHMARK = "benchmark"
 TAG_MODEL = "model"
 TAG_SEED = "seed"
 TAG_SCENARIO = "scenario"
+TAG_SPLIT = "split"  # the held-out set evaluated: test (reported) or validation (for choosing)
 TAG_GIT_COMMIT = "git_commit"
 TAG_SWEEP_ID = "sweep_id"
 TAG_SLURM_JOB = "slurm_job"  # a requeued SLURM job finds its own run by it
