@@ -1,4 +1,4 @@
-"""Reproducible studies: one command each, 3 seeds, compared over seeds into results/<study>/.
+"""Reproducible studies: one command each, 5 seeds, compared over seeds into results/<study>/.
 
     .venv/bin/python experiments/study.py digits   # issue 4: split + permuted digits, 6 methods
     .venv/bin/python experiments/study.py lm       # issue 7: 4 text domains, lifelong LM pretraining
@@ -6,10 +6,15 @@
     .venv/bin/python experiments/study.py routing_lm_long   # issue 12: the same, 3 epochs per domain
     .venv/bin/python experiments/study.py routing_digits    # issue 12: baselines and peers, digits
     .venv/bin/python experiments/study.py ewc_lambda        # issue 12: Avalanche's EWC over lambda
+    .venv/bin/python experiments/study.py ablations_digits  # issue 24: the reviewer's ablations
+    .venv/bin/python experiments/study.py ablations_lm      # issue 24: the same on text
 
 Each study runs Hydra sweeps in parallel (joblib, 2 jobs) into its own MLflow store under
 outputs/study_<name>/, then lifelong-moe-compare writes the table and plots; the routing heatmap
-of Lifelong-MoE (seed 0) is copied beside them. README.md records the commands and wall times.
+of Lifelong-MoE (seed 0) is copied beside them. README.md records the commands and wall times;
+comparison.json holds the table's numbers, which experiments/render.py renders into README.md
+and the findings. A study resumes: a (method, benchmark, seed) run already FINISHED in the
+study's store is not run again (``--fresh`` starts over), so a long study can span sittings.
 Each of the N_JOBS parallel jobs gets its share of the cores (OMP_NUM_THREADS): two jobs with
 torch's default threads oversubscribe a 2-core machine several times over.
 """
@@ -17,6 +22,9 @@ torch's default threads oversubscribe a 2-core machine several times over.
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,15 +32,23 @@ import sys
 import time
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from lifelong_moe import names
+from lifelong_moe.evaluation.metrics import mean_std
+from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.tracking import queries
 from lifelong_moe.tracking import store as tracking_store
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import render  # noqa: E402  (experiments/render.py, beside this file)
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-COMMON = ["trainer.progress_bar=false", "tracking.log_checkpoints=false", "seed=0,1,2"]
+SEEDS = "seed=0,1,2,3,4"  # headline rows: >= 5 seeds, paired CIs (compare --reference)
+COMMON = ["trainer.progress_bar=false", "tracking.log_checkpoints=false", SEEDS]
 N_JOBS = 2
 # Issue 12's LM methods; the Thérien recipe (Thérien et al., TMLR 2025): learning-rate re-warming
 # and re-decaying at every experience plus a little replay of earlier domains.
@@ -56,8 +72,67 @@ def lm_sweeps(epochs: int) -> dict[str, list[str]]:
     }
 
 
+# The recipe's learning-rate area: cosine_rewarm with 20 warm-up steps in an experience of
+# LM_STEPS steps (lm_cpu, 1 epoch: 58 optimizer steps per domain, results/study_routing_lm) has
+# mean factor ~0.52 of constant LR; the area-matched peer scales method.lr by its inverse.
+LM_STEPS = 58
+LM_LR = 1e-3  # conf/method/*.yaml lr
+
+
+def lr_area(schedule: LRSchedule, steps: int, experience: int = 1) -> float:
+    """Mean LR factor over one experience's optimizer steps (1.0 = constant LR)."""
+    return sum(schedule.factor(i, steps, experience) for i in range(steps)) / steps
+
+
+AREA_MATCHED_LR = LM_LR / lr_area(LRSchedule("cosine_rewarm", warmup_steps=20), LM_STEPS)
+# The infinite schedule (Ibrahim et al. 2024): warm-up and cool-down to a constant level on the
+# first domain only, then constant, the last steps of each domain annealed to the floor.
+INFINITE = [
+    "trainer.lr_schedule=infinite",
+    "trainer.warmup_steps=20",
+    "trainer.cooldown_steps=20",
+    "trainer.anneal_steps=10",
+    "method.replay_fraction=0.05",
+]
+
+
+def routing_ablations(base: list[str], n_experts_at_end: int) -> dict[str, list[str]]:
+    """Issue 24's reviewer ablations on one benchmark (``base``: its overrides):
+    Lifelong-MoE with task inference and masking against oracle routing (the true experience)
+    and shuffled labels (each inferred experience rotated to a wrong one), the paper-faithful
+    lifelong_moe, and moe_finetune with as many experts from the start as Lifelong-MoE ends with
+    (capacity-matched). Not here yet: a dense model with per-experience heads chosen by the same
+    inferred experience (no such method exists yet)."""
+    specialized = [*base, "method=lifelong_moe_specialized"]
+    return {
+        "lifelong_moe (paper) and + task inference": [
+            *base,
+            "method=lifelong_moe,lifelong_moe_specialized",
+        ],
+        "+ task inference, oracle routing": [
+            *specialized,
+            "method.infer_source=oracle",
+            "method.name=lifelong_moe_specialized_oracle",
+        ],
+        "+ task inference, shuffled labels": [
+            *specialized,
+            "method.infer_source=shuffled",
+            "method.name=lifelong_moe_specialized_shuffled",
+        ],
+        "moe_finetune, capacity-matched": [
+            *base,
+            "method=moe_finetune",
+            f"model.n_experts={n_experts_at_end}",
+            f"method.name=moe_finetune_{n_experts_at_end}experts",
+        ],
+    }
+
+
 DIGITS = "benchmark=split_digits,permuted_digits"
 DIGITS_EPOCHS = "trainer.max_epochs=10"
+# Held out of the training part (stratified, seeded): settings are chosen with --split
+# validation, the study reports test; the training data is the same in both.
+DIGITS_VALIDATION = "benchmark.validation_fraction=0.2"
 # Avalanche's EWC penalty is lambda * sum(F * (p - p_old)^2) with F a mean of squared batch
 # gradients, which is small: a decade grid from routing_digits' 0.4 up to where it stops learning,
 # finer between 4000 and 400000, where a first pass of the decades found the trade-off.
@@ -144,6 +219,40 @@ STUDIES = {
         "plots": {b: [f"benchmark={b}"] for b in ("split_digits", "permuted_digits")},
         "routing": ("lifelong_moe_specialized", "permuted_digits"),
     },
+    "ablations_digits": {
+        "title": "Issue 24's ablations on permuted digits (10 epochs): routing source, capacity",
+        # 5 experiences, 4 experts + 2 per later experience: 12 at the end
+        "sweeps": routing_ablations(
+            ["benchmark=permuted_digits", DIGITS_EPOCHS, DIGITS_VALIDATION], 12
+        ),
+        "routing": ("lifelong_moe_specialized", "permuted_digits"),
+        "reference": "lifelong_moe",
+    },
+    "ablations_lm": {
+        "title": "Issue 24's ablations on 4 text domains (lm_cpu, 1 epoch): routing, capacity, "
+        "the recipe with LR area matched and with the infinite schedule",
+        "sweeps": {
+            # 4 domains, 4 experts + 2 per later domain: 10 at the end
+            **routing_ablations(["experiment=lm_cpu", "trainer.max_epochs=1"], 10),
+            "moe_finetune + Thérien, LR area matched": [
+                "experiment=lm_cpu",
+                "trainer.max_epochs=1",
+                "method=moe_finetune",
+                *THERIEN,
+                f"method.lr={AREA_MATCHED_LR:.6g}",
+                "method.name=moe_finetune_therien_area",
+            ],
+            "moe_finetune + infinite schedule": [
+                "experiment=lm_cpu",
+                "trainer.max_epochs=1",
+                "method=moe_finetune",
+                *INFINITE,
+                "method.name=moe_finetune_infinite",
+            ],
+        },
+        "routing": ("lifelong_moe_specialized", "text_domains"),
+        "reference": "lifelong_moe",
+    },
     "ewc_lambda": {
         "title": "Avalanche's EWC on permuted digits over ewc_lambda (routing_digits' settings)",
         "sweeps": {
@@ -170,12 +279,36 @@ def main() -> None:
     parser.add_argument(
         "--tables-only", action="store_true", help="reuse the runs already in the study's store"
     )
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete the study's store first (default: resume)"
+    )
+    parser.add_argument("--seeds", default=SEEDS, help="seed override (default: %(default)s)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seed 0, 1 epoch, into outputs/<study>-smoke/ (results too): checks the pipeline",
+    )
+    parser.add_argument(
+        "--split",
+        choices=["test", "validation"],
+        default="test",
+        help="held-out set to evaluate (validation: for choosing settings; into study_<name>"
+        "_validation) (default: %(default)s)",
+    )
     options = parser.parse_args()
     study = STUDIES[options.study]
-    name = f"study_{options.study}"
+    name = f"study_{options.study}" + ("_validation" if options.split == "validation" else "")
     store, results = REPO / "outputs" / name, REPO / "results" / name
+    extra = []
+    if options.smoke:
+        store = REPO / "outputs" / f"{name}-smoke"
+        render.RESULTS = store / "results"
+        results = render.RESULTS / name
+        options.seeds, extra = "seed=0", ["trainer.max_epochs=1"]
+    if options.split == "validation":
+        extra.append("benchmark.split=validation")
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    if not options.tables_only:
+    if options.fresh and not options.tables_only:
         shutil.rmtree(store, ignore_errors=True)
     store.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
@@ -189,9 +322,12 @@ def main() -> None:
     total = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // N_JOBS))}
     plot_sets = study.get("plots")
+    common = [o if not o.startswith("seed=") else options.seeds for o in COMMON]
     for i, (label, overrides) in enumerate(study["sweeps"].items()):
         args = ["-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={N_JOBS}", *overrides]
-        args += COMMON
+        # smoke and split overrides replace the sweep's own values of the same keys
+        keys = {o.partition("=")[0] for o in extra}
+        args = [a for a in args if a.partition("=")[0] not in keys] + common + extra
         args += [
             f"tracking.uri={uri}",
             f"tracking.experiment={name}",
@@ -199,14 +335,17 @@ def main() -> None:
         ]
         start = time.perf_counter()
         if not options.tables_only:
-            print(f"[{i + 1}/{len(study['sweeps'])}] {label}: lifelong-moe {' '.join(args)}")
-            subprocess.run(
-                [str(BIN / "lifelong-moe"), *args],
-                cwd=store,
-                check=True,
-                capture_output=True,
-                env=env,
-            )
+            todo = unfinished(args, finished_runs(uri, name))
+            print(f"[{i + 1}/{len(study['sweeps'])}] {label}: {len(todo)} sweep(s) to run")
+            for sweep in todo:
+                print(f"  lifelong-moe {' '.join(sweep)}")
+                subprocess.run(
+                    [str(BIN / "lifelong-moe"), *sweep],
+                    cwd=store,
+                    check=True,
+                    capture_output=True,
+                    env=env,
+                )
         took = "" if options.tables_only else f" ({time.perf_counter() - start:.0f} s)"
         lines += [f"- `lifelong-moe {' '.join(quoted(args))}`{took}"]
         if plot_sets is None:
@@ -215,16 +354,42 @@ def main() -> None:
     for label, filters in (plot_sets or {}).items():
         plots += plot_set(uri, name, label, filters, results / label)
     args = [f"--tracking-uri={uri}", f"--experiment={name}"]
-    table = compare(args)
-    lines += [f"- `lifelong-moe-compare {' '.join(quoted(args))}`", ""]
+    reference = study.get("reference")
+    paired = [f"--reference={reference}"] if reference else []
+    table = json.loads(compare([*args, "--format=json", *paired]))
+    lines += [f"- `lifelong-moe-compare {' '.join(quoted(args + paired))}`", ""]
+    wall_s = time.perf_counter() - total
     if not options.tables_only:
-        lines += [f"Total wall time on a 2-core CPU: {time.perf_counter() - total:.0f} s.", ""]
-    lines += ["## Results (mean ± std over 3 seeds)", "", table.strip(), ""]
-    lines += [study["note"], ""] if "note" in study else []
-    lines += plots
+        lines += [f"Total wall time on a 2-core CPU: {wall_s:.0f} s.", ""]
     client = tracking_store.client(uri)
     experiment_id = queries.experiment_id(client, name)
-    lines += per_experience_table(client, experiment_id)
+    columns = [c for c in table["rows"][0]["metrics"]] if table["rows"] else []
+    data = {
+        "source": "lifelong-moe-compare --format json over the study's store",
+        "columns": columns,
+        "rows": table["rows"],
+        "per_experience": per_experience_rows(client, experiment_id),
+        **({"wall_s": wall_s} if not options.tables_only else {}),
+        **({"reference": reference, "paired": table["paired"]} if reference else {}),
+    }
+    (results / render.COMPARISON).write_text(json.dumps(data, indent=1) + "\n")
+    lines += [
+        f"## Results (mean ± std over {render.KINDS['seeds'](name)} seeds)",
+        "",
+        f"<!-- render:results {name} -->x<!-- /render -->",
+        "",
+    ]
+    if reference:
+        lines += [f"<!-- render:paired {name} -->x<!-- /render -->", ""]
+    lines += [study["note"], ""] if "note" in study else []
+    lines += plots
+    if data["per_experience"]:
+        lines += [
+            "## Final accuracy (perplexity) on each experience (mean ± std over seeds)",
+            "",
+            f"<!-- render:per_experience {name} -->x<!-- /render -->",
+            "",
+        ]
     # The routing heatmap of one MoE run, for studies that have one.
     method, benchmark = study.get("routing", (None, None))
     found = method and queries.search_runs(
@@ -245,13 +410,14 @@ def main() -> None:
     lines += ["What it shows: [findings.md](findings.md) (written from these numbers by hand)."]
     # Committed files carry no path of this machine: the store is shown relative to the repo.
     text = "\n".join(lines).replace(f"{REPO}/", "")
-    (results / "README.md").write_text(text + "\n")
+    (results / "README.md").write_text(render.render_text(text + "\n"))
     print(f"wrote {results / 'README.md'}")
 
 
-def per_experience_table(client: MlflowClient, experiment_id: str) -> list[str]:
+def per_experience_rows(client: MlflowClient, experiment_id: str) -> list[dict]:
     """Final perplexity (or accuracy) on each experience, per method and benchmark: the
-    earlier-domain numbers behind ppl/forgetting, which the comparison table averages away."""
+    earlier-domain numbers behind ppl/forgetting, which the comparison table averages away.
+    Rows shaped like lifelong-moe-compare's JSON rows (mean, sample std, n per metric)."""
     groups: dict[tuple[str, str], list[dict[str, float]]] = {}
     finished = f"{queries.EXPERIMENT_RUNS} and attributes.status = 'FINISHED'"
     for run in queries.search_runs(client, [experiment_id], finished):
@@ -269,24 +435,68 @@ def per_experience_table(client: MlflowClient, experiment_id: str) -> list[str]:
         for k in m
         if k.startswith(names.exp_metric(prefix, ""))
     )
-    columns = [names.exp_metric(prefix, j) for j in range(n)]
-    header = ["method", "benchmark", "n", *columns]
-    out = [
-        f"## Final {'perplexity' if language else 'accuracy'} on each experience "
-        "(mean ± std over seeds)",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|---|---|" + "---:|" * (len(header) - 2),
-    ]
+    rows = []
     for (method, benchmark), runs in sorted(groups.items()):
-        cells = [method, benchmark, str(len(runs))]
-        for column in columns:
-            values = [m[column] for m in runs if column in m]
-            mean = sum(values) / len(values)
-            std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
-            cells.append(f"{mean:.3f} ± {std:.3f}")
-        out.append("| " + " | ".join(cells) + " |")
-    return [*out, ""]
+        metrics = {}
+        for column in (names.exp_metric(prefix, j) for j in range(n)):
+            mean, std, count = mean_std([m.get(column, math.nan) for m in runs])
+            metrics[column] = {"mean": None if count == 0 else mean, "std": std, "n": count}
+        rows.append({"method": method, "benchmark": benchmark, "n": len(runs), "metrics": metrics})
+    return rows
+
+
+def sweep_values(override: str) -> list[str]:
+    """The alternatives of one override (``key=a,b``); a value in braces or brackets is one."""
+    key, _, value = override.partition("=")
+    if not _ or value[:1] in "{[" or "," not in value or key.startswith("hydra"):
+        return [override]
+    return [f"{key}={v}" for v in value.split(",")]
+
+
+def identity(overrides: list[str]) -> tuple[str, str, str]:
+    """(method, benchmark, seed) tags the run of one job will carry, from its composed config."""
+    keep = [o for o in overrides if not o.startswith(("hydra", "-m"))]
+    cfg = compose("config", keep)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return (
+        resolved["method"].get("name", "method"),
+        resolved["benchmark"].get("name", "?"),
+        str(resolved["seed"]),
+    )
+
+
+def unfinished(args: list[str], done: set[tuple[str, str, str]]) -> list[list[str]]:
+    """The sweeps still to run: ``args``' jobs minus those already FINISHED in the store, the
+    remaining seeds of each job regrouped into one sweep (so that joblib still runs 2 at once)."""
+    axes = [sweep_values(a) for a in args]
+    todo: dict[tuple[str, ...], list[str]] = {}
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for job in itertools.product(*axes):
+            if identity(list(job)) in done:
+                continue
+            rest = tuple(o for o in job if not o.startswith("seed="))
+            todo.setdefault(rest, []).extend(o for o in job if o.startswith("seed="))
+    return [
+        [*rest, "seed=" + ",".join(s.partition("=")[2] for s in seeds)]
+        for rest, seeds in todo.items()
+    ]
+
+
+def finished_runs(uri: str, experiment: str) -> set[tuple[str, str, str]]:
+    """(method, benchmark, seed) of every FINISHED run in the study's store."""
+    client = tracking_store.client(uri)
+    experiment_id = queries.experiment_id(client, experiment)
+    if experiment_id is None:  # nothing run yet
+        return set()
+    finished = f"{queries.EXPERIMENT_RUNS} and attributes.status = 'FINISHED'"
+    return {
+        (
+            r.data.tags.get(names.TAG_METHOD, ""),
+            r.data.tags.get(names.TAG_BENCHMARK, ""),
+            r.data.tags.get(names.TAG_SEED, ""),
+        )
+        for r in queries.search_runs(client, [experiment_id], finished)
+    }
 
 
 def quoted(args: list[str]) -> list[str]:

@@ -141,6 +141,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write curves and bar charts here")
     parser.add_argument("--log", action="store_true", help="record the comparison as an MLflow run")
     parser.add_argument(
+        "--reference",
+        metavar="METHOD",
+        help="also show each method's paired difference from METHOD over seeds (95 %% t CI)",
+    )
+    parser.add_argument(
         "--include-unfinished", action="store_true", help="also RUNNING/FAILED runs"
     )
     return parser.parse_args(argv)
@@ -176,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         "group_by": group_by,
         "n_runs": len(runs),
     }
-    text = render(groups, group_by, args.format, meta)
+    text = render(groups, group_by, args.format, meta, args.reference)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)

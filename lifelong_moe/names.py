@@ -114,6 +114,16 @@ TRAIN_REPLAYED = f"{TRAIN}/replayed"  # training examples (LM: windows) from ear
 ROUTING = "routing"
 ROUTING_SPECIALIZATION = f"{ROUTING}/specialization"
 ROUTING_DRIFT = f"{ROUTING}/drift"
+# Definitions: lifelong_moe/evaluation/routing.py. A changed definition gets a new name.
+ROUTING_SPECIALIZATION_CORRECTED = f"{ROUTING}/specialization_corrected"  # against chance
+ROUTING_SPECIALIZATION_SKIPPED = f"{ROUTING}/specialization_skipped"  # terms with chance == 1
+ROUTING_MRI_MAX = f"{ROUTING}/mri_max"  # Maximum Routing Imbalance per distribution, max over j
+ROUTING_MRI_MEAN = f"{ROUTING}/mri_mean"  # the same, mean over j
+ROUTING_TOKEN_DRIFT = f"{ROUTING}/token_drift"  # tokens whose top-k set changed since learned
+ROUTING_TOKEN_CHANGE = f"{ROUTING}/token_change"  # ... since the previous evaluation
+ROUTING_INFERENCE_ACC = f"{ROUTING}/inference_acc"  # inferred routing: experience named right
+# Before issue 24: MRI pooled over experiences, per (token, slot) (at most 1/k). Not logged any
+# more; kept so that old stores stay readable under their own meaning.
 ROUTING_MAX_IMBALANCE = f"{ROUTING}/max_imbalance"
 
 
@@ -172,6 +182,7 @@ TAG_BENCHMARK = "benchmark"
 TAG_MODEL = "model"
 TAG_SEED = "seed"
 TAG_SCENARIO = "scenario"
+TAG_SPLIT = "split"  # the held-out set evaluated: test (reported) or validation (for choosing)
 TAG_GIT_COMMIT = "git_commit"
 TAG_SWEEP_ID = "sweep_id"
 TAG_SLURM_JOB = "slurm_job"  # a requeued SLURM job finds its own run by it

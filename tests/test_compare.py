@@ -154,7 +154,15 @@ def test_perplexity_runs_get_their_own_table(store, capsys):
     assert ppl["metrics"]["ppl/final"]["std"] == 0.0
 
 
-ROUTING_KEYS = ("routing/specialization", "routing/drift", "routing/max_imbalance")
+ROUTING_KEYS = (
+    "routing/specialization",
+    "routing/specialization_corrected",
+    "routing/drift",
+    "routing/token_drift",
+    "routing/mri_max",
+    "routing/inference_acc",
+    "routing/max_imbalance",
+)
 COST_KEYS = (
     "cost/params_total",
     "cost/params_trainable",
@@ -312,3 +320,26 @@ def test_store_with_pre_rename_names_compares_alike(store, tmp_path, capsys):
     folder = tmp_path / "plots"
     assert main(["--tracking-uri", uri, "--plot", str(folder), "--format", "csv"]) == 0
     assert (folder / "accuracy_curves.png").is_file()
+
+
+def test_reference_shows_paired_intervals_over_seeds(store, capsys):
+    assert main(["--tracking-uri", store["uri"], "--format", "json", "--reference", "naive"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["reference"] == "naive"
+    [paired] = [r for r in out["paired"] if r["matrix"] == "accuracy"]
+    assert paired["method"] == "lifelong_moe"
+    for metric in ("acc/final", "acc/forgetting"):
+        d = [
+            summarize(accuracy_matrix("lifelong_moe", s), B)[metric]
+            - summarize(accuracy_matrix("naive", s), B)[metric]
+            for s in (0, 1)
+        ]
+        ci = paired["metrics"][metric]
+        assert ci["n"] == 2 and ci["mean"] == pytest.approx(np.mean(d))
+        half = 12.706204736174698 * np.std(d, ddof=1) / np.sqrt(2)  # t_{0.975, 1}
+        assert ci["high"] - ci["low"] == pytest.approx(2 * half)
+    assert main(["--tracking-uri", store["uri"], "--reference", "naive"]) == 0
+    text = capsys.readouterr().out
+    assert "Difference from naive (accuracy)" in text and "| lifelong_moe |" in text
+    assert main(["--tracking-uri", store["uri"], "--reference", "ewc"]) == 2
+    assert "no matching run has method=ewc" in capsys.readouterr().err

@@ -141,10 +141,11 @@ def test_cli_option_runs_and_logs_routing_metrics(workdir, option):
     spec = client.get_metric_history(run.info.run_id, "routing/specialization")
     assert [m.step for m in spec] == [0, 1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "routing/drift")] == [1, 2]
-    for name in ("specialization", "drift", "max_imbalance"):
+    for name in ("specialization", "drift", "specialization_corrected", "mri_max", "token_drift"):
         for layer in (0, 1):
             assert f"routing/{name}/layer_{layer}" in run.data.metrics
     assert 0.0 <= run.data.metrics["routing/specialization"] <= 1.0
     if option == "method.infer_routing=true":
         # permuted digits are told apart by their pixel statistics: near-perfect specialization
         assert run.data.metrics["routing/specialization"] > 0.9
+        assert 0.9 < run.data.metrics["routing/inference_acc"] <= 1.0

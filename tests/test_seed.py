@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lifelong_moe import names
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation.evaluate import evaluate
-from lifelong_moe.methods.seed import Seed, fit_gaussian, overlap_score, select_expert
+from lifelong_moe.methods.seed import Seed, fit_gaussian, gaussian, overlap_score, select_expert
 from lifelong_moe.models import load_model, save_model
 from lifelong_moe.models.mlp import ResidualMLP
+from lifelong_moe.models.params import count_parameters
 from lifelong_moe.models.seed_ensemble import bayes_log_probs
 from lifelong_moe.models.vit import PatchTransformer
 from lifelong_moe.stream import Experience, Stream
@@ -73,6 +74,35 @@ def test_fit_gaussian_adds_shrinkage_to_the_sample_covariance():
     mean, cov = fit_gaussian(x, shrinkage=0.5)
     assert mean.tolist() == [2.0, 1.0]
     assert cov.tolist() == [[4.5, 0.0], [0.0, 0.5]]
+
+
+def test_original_shrinkage_is_raised_tenfold_while_the_covariance_is_singular():
+    # Rank 1 at a scale of 1e9: cov + 1e-8 I is singular in float64 (round-off of the large
+    # entries is far above 1e-8), so eps goes up by powers of ten until Cholesky succeeds.
+    x = torch.tensor([[0.0, 0.0, 0.0], [1e9, 1e9, 1e9]])
+    mean, cov, eps = gaussian(x, shrinkage=1e-8)
+    assert eps > 1e-8 and math.log10(eps / 1e-8) == pytest.approx(round(math.log10(eps / 1e-8)))
+    assert torch.linalg.cholesky_ex(cov).info == 0
+    # a well-conditioned covariance keeps the eps it was given
+    y = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 1.0]])
+    assert gaussian(y, shrinkage=1e-8)[2] == 1e-8
+
+
+def test_active_parameters_count_every_expert_that_predicts():
+    stream = class_stream()
+    method = Seed(mlp(), n_experts=2, shrinkage=1e-8)
+    method.setup_stream(stream)
+    m = method.ensemble
+    stem = sum(p.numel() for p in m.stem.parameters())
+    expert = sum(p.numel() for p in m.experts[0].parameters())
+    assert count_parameters(m)["active"] == stem  # nothing fitted: the stem alone runs
+    for exp, n_experts in zip(stream.experiences, (1, 2, 2), strict=True):
+        method.before_experience(exp)
+        fit(method, exp)
+        counts = count_parameters(m)
+        assert counts["active"] == stem + n_experts * expert
+        assert counts["total"] == stem + 2 * expert  # the throw-away head is gone
+    assert method.evaluation_metrics(2)["train/shrinkage_max"] >= 1e-8
 
 
 def class_stream(n_experiences: int = 3, per_class: int = 30) -> Stream:

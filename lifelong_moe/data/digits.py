@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lifelong_moe import checks
 from lifelong_moe.data.arrays import (
     Arrays,
     check_class_order,
@@ -17,19 +18,43 @@ from lifelong_moe.data.arrays import (
     standardize,
     stratified_split,
 )
+from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Stream
 
 N_CLASSES = 10
 
 
-def load_digits_split(seed: int, test_fraction: float) -> Arrays:
-    """Seeded stratified split of the digits as (1, 8, 8) images, standardised on train."""
+SPLITS = ("test", "validation")
+
+
+def load_digits_split(
+    seed: int, test_fraction: float, validation_fraction: float = 0.0, split: str = "test"
+) -> Arrays:
+    """Seeded stratified split of the digits as (1, 8, 8) images, standardised on train.
+
+    ``validation_fraction`` > 0 carves a stratified validation set out of the training part
+    (seeded, so fixed per seed); it is never trained on. ``split`` says which held-out set the
+    returned "test" arrays are: ``test`` (what studies report) or ``validation`` (what settings
+    are chosen on). The training arrays are the same either way.
+    """
     from sklearn.datasets import load_digits
 
+    checks.choice("benchmark.split", split, SPLITS)
+    if split == "validation" and not validation_fraction:
+        raise ConfigError(
+            "benchmark.split=validation needs benchmark.validation_fraction > 0 (the share of "
+            "the training part held out for validation), got 0"
+        )
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.int64)
     x_tr, y_tr, x_te, y_te = stratified_split(x, y, test_fraction, seed, "digits")
+    if validation_fraction:
+        x_tr, y_tr, x_va, y_va = stratified_split(
+            x_tr, y_tr, validation_fraction, seed, "digits validation"
+        )
+        if split == "validation":
+            x_te, y_te = x_va, y_va
     x_tr, x_te = standardize(x_tr, x_te)
     return x_tr, y_tr, x_te, y_te
 
@@ -40,13 +65,15 @@ def split_digits(
     fixed_class_order: Sequence[int] | None = None,
     test_fraction: float = 0.3,
     task_labels: bool = False,
+    validation_fraction: float = 0.0,
+    split: str = "test",
 ) -> Stream:
     """Class-incremental digits: ``10 / n_experiences`` new classes per experience."""
     check_n_experiences(n_experiences, N_CLASSES)
     order = check_class_order(fixed_class_order, N_CLASSES)
     return class_incremental(
         "split_digits",
-        load_digits_split(seed, test_fraction),
+        load_digits_split(seed, test_fraction, validation_fraction, split),
         n_experiences=n_experiences,
         seed=seed,
         class_order=order,
@@ -67,10 +94,12 @@ def permuted_digits(
     seed: int = 0,
     test_fraction: float = 0.3,
     task_labels: bool = False,
+    validation_fraction: float = 0.0,
+    split: str = "test",
 ) -> Stream:
     """Domain-incremental digits: one fixed pixel permutation per experience, labels 0..9."""
     check_count(n_experiences)
-    x_tr, y_tr, x_te, y_te = load_digits_split(seed, test_fraction)
+    x_tr, y_tr, x_te, y_te = load_digits_split(seed, test_fraction, validation_fraction, split)
     parts = []
     for perm in pixel_permutations(n_experiences, x_tr[0].numel(), seed):
         parts.append(

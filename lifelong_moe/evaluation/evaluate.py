@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
+from lifelong_moe.evaluation import routing
+from lifelong_moe.evaluation.routing import RoutingStats
 from lifelong_moe.stream import Experience, Stream
 
 ExpertMask = Callable[[Experience], torch.Tensor | None]
@@ -31,6 +33,8 @@ class Evaluation:
     accuracy_task: list[float] | None = None  # task-IL accuracy (streams with task labels)
     # routing[layer][j] = share of test experience j's (token, slot) assignments per expert
     routing: list[list[list[float]]] = field(default_factory=list)
+    # routing_stats[layer][j]: token counts, chance counts and top-k sets (evaluation/routing.py)
+    routing_stats: list[list[RoutingStats]] = field(default_factory=list)
     loss: list[float] | None = None  # language models: nats per byte
     perplexity: list[float] | None = None  # exp(loss)
 
@@ -47,27 +51,41 @@ class Evaluator(Protocol):
 
 
 class RoutingCounts:
-    """Per MoE layer, the (token, slot) assignments each expert received, summed over batches."""
+    """Per MoE layer, the (token, slot) assignments each expert received, summed over batches,
+    and the per-token statistics of :func:`lifelong_moe.evaluation.routing.add_batch`."""
 
     def __init__(self) -> None:
         self.counts: list[torch.Tensor] = []
+        self.stats: list[RoutingStats] = []
         self.rows: list[list[list[float]]] = []  # rows[j][layer] = shares on test experience j
+        self.stat_rows: list[list[RoutingStats]] = []  # stat_rows[j][layer]
 
     def add(self, aux: list) -> None:
         if not self.counts:
             self.counts = [a.tokens_per_expert.double() for a in aux]
+            self.stats = [routing.new_stats(len(a.tokens_per_expert)) for a in aux]
         else:
             self.counts = [c + a.tokens_per_expert for c, a in zip(self.counts, aux, strict=True)]
+        for stats, a in zip(self.stats, aux, strict=True):
+            if a.expert_ids is not None:
+                routing.add_batch(stats, a.expert_ids, a.valid, a.reachable)
 
     def end_experience(self) -> None:
         self.rows.append([(c / c.sum().clamp_min(1)).tolist() for c in self.counts])
-        self.counts = []
+        self.stat_rows.append(self.stats)
+        self.counts, self.stats = [], []
 
     def by_layer(self) -> list[list[list[float]]]:
         """routing[layer][j] (empty for a model without MoE layers)."""
         if not self.rows or not self.rows[0]:
             return []
         return [list(layer) for layer in zip(*self.rows, strict=True)]
+
+    def stats_by_layer(self) -> list[list[RoutingStats]]:
+        """routing_stats[layer][j] (empty for a model without MoE layers)."""
+        if not self.stat_rows or not self.stat_rows[0]:
+            return []
+        return [list(layer) for layer in zip(*self.stat_rows, strict=True)]
 
 
 def forward(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> tuple:
@@ -89,7 +107,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    accuracy, accuracy_task, routing = [], [], RoutingCounts()
+    accuracy, accuracy_task, counts = [], [], RoutingCounts()
     for exp in stream.experiences:
         overall = MulticlassAccuracy(stream.n_classes, average="micro").to(device)
         within_task = MulticlassAccuracy(stream.n_classes, average="micro").to(device)
@@ -101,13 +119,14 @@ def evaluate(
             logits, aux = forward(model, x, mask)
             overall.update(logits, y)
             within_task.update(logits + task_mask, y)
-            routing.add(aux)
+            counts.add(aux)
         accuracy.append(overall.compute().item())
         accuracy_task.append(within_task.compute().item())
-        routing.end_experience()
+        counts.end_experience()
     model.train(was_training)
     return Evaluation(
         accuracy=accuracy,
         accuracy_task=accuracy_task if stream.task_labels else None,
-        routing=routing.by_layer(),
+        routing=counts.by_layer(),
+        routing_stats=counts.stats_by_layer(),
     )

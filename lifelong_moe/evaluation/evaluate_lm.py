@@ -62,6 +62,7 @@ def evaluate_lm(
     return Evaluation(
         accuracy=accuracy,
         routing=routing.by_layer(),
+        routing_stats=routing.stats_by_layer(),
         loss=losses,
         perplexity=[math.exp(v) for v in losses],
     )

@@ -36,12 +36,13 @@ def quality_row(
     L: Matrix | None = None,
     routing: Sequence | None = None,
     origin: Sequence[int] = (),
+    routing_stats: Sequence = (),
 ) -> dict[str, float]:
     """Everything known about quality after experience i: accuracy (and task-IL accuracy),
     perplexity for language models, routing statistics for MoE models."""
     row = matrix_row(i, names.ACC, R)
     if routing and routing[-1]:
-        row |= routing_metrics(routing, origin, i)
+        row |= routing_metrics(routing, origin, i, routing_stats)
     if R_task:
         row |= matrix_row(i, names.ACC_TIL, R_task)
     if L:

@@ -122,6 +122,11 @@ class ContinualMethod(L.LightningModule):
         layers = list(moe_layers(self.model).values())
         return [0] * layers[0].n_experts if layers else []
 
+    def evaluation_metrics(self, t: int) -> dict[str, float]:
+        """Metrics of the method itself after experience ``t``, logged beside the quality row
+        (e.g. inferred routing's task-inference accuracy); none by default."""
+        return {}
+
     def fit_experience(
         self,
         exp: Experience,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lifelong_moe import checks
+from lifelong_moe import checks, names
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.distillation import distillation, router_distillation
@@ -44,6 +44,12 @@ from lifelong_moe.stream import Experience
 
 # gate_init=domain: how many of the new experience's inputs the mean router input is taken over.
 DOMAIN_WINDOWS = 1024
+
+
+# Where inferred routing takes an input's experience from at test time (ablations, issue 24):
+# the input statistics; the true experience (an oracle: the latest learned one for a future
+# experience); or the statistics' answer rotated by one (j -> j+1 mod n), wrong for every input.
+INFER_SOURCES = ("statistics", "oracle", "shuffled")
 
 
 class LifelongMoE(ContinualMethod):
@@ -66,6 +72,7 @@ class LifelongMoE(ContinualMethod):
         infer_bonus: float = 0.0,
         infer_restrict: bool = True,
         frozen_dtype: str = "fp32",
+        infer_source: str = "statistics",
         **base: Any,
     ) -> None:
         super().__init__(model, **base)  # lr, weight_decay, replay: ContinualMethod's
@@ -105,6 +112,8 @@ class LifelongMoE(ContinualMethod):
         self.infer_routing = infer_routing
         self.infer_bonus = float(infer_bonus)
         self.infer_restrict = infer_restrict
+        checks.choice("method.infer_source", infer_source, INFER_SOURCES)
+        self.infer_source = infer_source
         self.statistics = ExperienceStatistics()
         if infer_routing:
             model.register_forward_pre_hook(_InferredRoutingHook(self), with_kwargs=True)
@@ -190,7 +199,23 @@ class LifelongMoE(ContinualMethod):
         return torch.tensor([origin == task for origin in self.expert_origin])
 
     def expert_mask(self, exp: Experience) -> torch.Tensor | None:
+        if self.infer_routing and self.infer_source == "oracle" and not self.model.training:
+            if len(self.statistics) == 0:
+                return None
+            experience = torch.tensor(min(exp.index, len(self.statistics) - 1))
+            origin = torch.tensor(self.expert_origin)
+            return routing_bias(experience, origin, self.infer_bonus, self.infer_restrict)
         return self.task_mask(exp.task_id)
+
+    def inferred_experience(self, x: torch.Tensor, oracle: int) -> torch.Tensor:
+        """The experience inferred routing uses for x at test time (``infer_source``); ``oracle``
+        is the true one, clamped to the experiences learned so far."""
+        inferred = self.statistics.infer(x)
+        if self.infer_source == "oracle":
+            return torch.full_like(inferred, oracle)
+        if self.infer_source == "shuffled":
+            return (inferred + 1) % len(self.statistics)
+        return inferred
 
     def expert_origins(self) -> list[int]:
         return list(self.expert_origin)
@@ -220,10 +245,42 @@ class LifelongMoE(ContinualMethod):
             )
         elif len(self.statistics) == 0:
             return None
-        else:
-            experience = self.statistics.infer(x)
+        else:  # the oracle comes through expert_mask, which knows the test experience
+            experience = self.inferred_experience(x, oracle=len(self.statistics) - 1)
         origin = torch.tensor(self.expert_origin, device=x.device)
         return routing_bias(experience, origin, self.infer_bonus, self.infer_restrict)
+
+    def teacher_bias(self, x: torch.Tensor, n_experts: int) -> torch.Tensor | None:
+        """The routing the evaluated model had after the previous experience: the bias of
+        inferred routing (eval mode) from the statistics of the experiences before this one
+        (this experience's are added only after its fit), over the ``n_old`` experts that
+        existed then; experts grown since are disabled (-inf) for a teacher of ``n_experts``."""
+        if not self.infer_routing or len(self.statistics) == 0:
+            return None
+        n_old = sum(o < self.experience.index for o in self.expert_origin)
+        origin = torch.tensor(self.expert_origin[:n_old], device=x.device)
+        # The batch is experience t's; the model after t-1 knew t-1 as its latest experience.
+        experience = self.inferred_experience(x, oracle=len(self.statistics) - 1)
+        bias = routing_bias(experience, origin, self.infer_bonus, self.infer_restrict)
+        hidden = bias.new_full((*bias.shape[:-1], n_experts - n_old), float("-inf"))
+        return torch.cat([bias, hidden], dim=-1)
+
+    def evaluation_metrics(self, t: int) -> dict[str, float]:
+        """Inferred routing: ``routing/inference_acc`` = mean over seen test experiences j <= t
+        of the share of j's test inputs (positions, for text) routed as experience j: the
+        statistics' answer, or the oracle's (1) or the shuffled one (0) under ``infer_source``;
+        ``routing/inference_acc/exp_j`` per experience."""
+        if not self.infer_routing or self.stream is None or len(self.statistics) == 0:
+            return {}
+        out = {}
+        for j in range(min(t + 1, len(self.statistics))):
+            right, total = 0, 0
+            for batch in DataLoader(self.stream.experiences[j].test, batch_size=1024):
+                used = self.inferred_experience(batch[0], oracle=j)
+                right, total = right + int((used == j).sum()), total + used.numel()
+            out[names.exp_metric(names.ROUTING_INFERENCE_ACC, j)] = right / max(total, 1)
+        out[names.ROUTING_INFERENCE_ACC] = sum(out.values()) / len(out)
+        return out
 
     def method_state(self) -> dict:
         return super().method_state() | {
@@ -268,12 +325,17 @@ class LifelongMoE(ContinualMethod):
                 if self.teacher_device != x.device:
                     self.teacher.to(x.device)  # once per experience: not a submodule (see above)
                     self.teacher_device = x.device
-                return self.teacher(x)
+                n_experts = next(iter(moe_layers(self.teacher).values())).n_experts
+                bias = self.teacher_bias(x, n_experts)
+                return self.teacher(x) if bias is None else self.teacher(x, expert_mask=bias)
             if self.teacher_mask is not None:
                 was_training = self.model.training
                 self.model.eval()
                 self.teacher_mask = self.teacher_mask.to(x.device)  # once, not every step
-                out = self.model(x, expert_mask=self.teacher_mask)
+                mask = self.teacher_bias(x, len(self.teacher_mask))
+                if mask is None:
+                    mask = self.teacher_mask
+                out = self.model(x, expert_mask=mask)
                 self.model.train(was_training)
                 return out
         return None

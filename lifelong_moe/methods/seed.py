@@ -33,9 +33,13 @@ Where we deviate, and why:
   the base class's cross-entropy term stays as it is; AdamW is invariant to that constant
   scale (up to its epsilon). The optimizer is our AdamW for ``trainer.max_epochs`` epochs
   (the paper: SGD with step decay, separate fine-tuning epochs).
-- Covariances get ``shrinkage * I`` added (the code adds an eps to the diagonal and raises it
-  when the matrix is singular); with fewer samples per class than feature dimensions (digits)
-  the covariance is singular without it. No horizontally flipped copies of the training
+- Covariances get ``eps * I`` added, eps starting at ``method.shrinkage`` and raised tenfold
+  while the matrix is not positive definite, as the authors' code does from eps = 1e-8
+  (``method.shrinkage=1e-8`` is that setting; our default 0.1 is a stronger shrinkage that
+  never needs raising). ``train/shrinkage_max`` logs the largest eps used.
+- Active parameters: every input runs through the stem and every expert that has Gaussians
+  (all K from experience K-1 on), so ``cost/params_active`` is that sum
+  (``SeedEnsemble.active_parameters``), not one expert's share as for a top-1 MoE. No horizontally flipped copies of the training
   images when fitting Gaussians (a flipped digit is another digit).
 - The forward returns ``log`` of the averaged class confidences (clamped at 1e-30), so the
   runner's evaluator reads SEED's Bayes decision as logits through the usual path.
@@ -51,7 +55,7 @@ from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 from torch.utils.data import DataLoader, Dataset
 
-from lifelong_moe import checks
+from lifelong_moe import checks, names
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.models.seed_ensemble import SeedEnsemble
@@ -59,12 +63,24 @@ from lifelong_moe.stream import Experience, Stream
 
 
 def fit_gaussian(features: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and shrunk covariance (``cov + shrinkage * I``) of ``features`` [n, d], in float64."""
+    """Mean and shrunk covariance (``cov + eps * I``) of ``features`` [n, d], in float64."""
+    mean, cov, _ = gaussian(features, shrinkage)
+    return mean, cov
+
+
+def gaussian(features: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean, cov + eps * I, eps): eps starts at ``shrinkage`` and, as in the authors' code
+    (which starts at 1e-8), is raised tenfold while the covariance is not positive definite
+    (singular with fewer samples than dimensions, or round-off at large scales)."""
     f = features.double()
     mean = f.mean(0)
     centered = f - mean
     cov = centered.T @ centered / max(len(f) - 1, 1)
-    return mean, cov + shrinkage * torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+    eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+    eps = shrinkage
+    while torch.linalg.cholesky_ex(cov + eps * eye).info != 0:
+        eps *= 10
+    return mean, cov + eps * eye, eps
 
 
 def overlap_score(means: torch.Tensor, covs: torch.Tensor) -> torch.Tensor:
@@ -106,6 +122,7 @@ class Seed(ContinualMethod):
         self.teacher: nn.Module | None = None
         self.chosen: list[int] = []  # expert trained at each experience
         self.overlaps: list[list[float]] = []  # selection scores, experiences >= K
+        self.shrinkage_max = 0.0  # largest eps a fitted Gaussian needed (>= shrinkage)
 
     def setup_stream(self, stream: Stream) -> None:
         super().setup_stream(stream)
@@ -177,16 +194,28 @@ class Seed(ContinualMethod):
         for k in range(min(exp.index + 1, len(m.experts))):
             feats = class_features(m, k, exp.train, exp.classes)
             for c in exp.classes:
-                m.means[k, c], m.covs[k, c] = fit_gaussian(feats[c], self.shrinkage)
+                m.means[k, c], m.covs[k, c], eps = gaussian(feats[c], self.shrinkage)
                 m.present[k, c] = True
+                self.shrinkage_max = max(self.shrinkage_max, eps)
         m.requires_grad_(False)
 
+    def evaluation_metrics(self, t: int) -> dict[str, float]:
+        """``train/shrinkage_max``: the covariance eps actually used (raised from
+        ``method.shrinkage`` where a covariance was singular), so a table can say so."""
+        return {names.train_term("shrinkage_max"): self.shrinkage_max}
+
     def method_state(self) -> dict:
-        return {**super().method_state(), "chosen": self.chosen, "overlaps": self.overlaps}
+        return {
+            **super().method_state(),
+            "chosen": self.chosen,
+            "overlaps": self.overlaps,
+            "shrinkage_max": self.shrinkage_max,
+        }
 
     def load_method_state(self, state: dict) -> None:
         super().load_method_state(state)
         self.chosen, self.overlaps = list(state.get("chosen", [])), list(state.get("overlaps", []))
+        self.shrinkage_max = float(state.get("shrinkage_max", 0.0))
 
 
 @torch.no_grad()

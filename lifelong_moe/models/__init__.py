@@ -15,7 +15,7 @@ Layout, from a model config to the grouped GEMM:
 from __future__ import annotations
 
 from lifelong_moe.models.build import build_model
-from lifelong_moe.models.checkpoint import load_model, moe_layers, save_model
-from lifelong_moe.models.params import count_parameters
+from lifelong_moe.models.checkpoint import load_model, save_model
+from lifelong_moe.models.params import count_parameters, moe_layers
 
 __all__ = ["build_model", "count_parameters", "load_model", "moe_layers", "save_model"]

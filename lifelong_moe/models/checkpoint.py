@@ -18,14 +18,10 @@ import torch
 from torch import nn
 
 from lifelong_moe.models.build import build_model
+from lifelong_moe.models.params import moe_layers
 from lifelong_moe.models.seed_ensemble import SeedEnsemble
 from lifelong_moe.moe import MoELayer
 from lifelong_moe.targets import check_own_targets
-
-
-def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
-    """The model's MoE layers by module name, in forward order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
 
 
 def wrapper_classes() -> dict[str, type[nn.Module]]:

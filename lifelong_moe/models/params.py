@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from lifelong_moe.models.checkpoint import moe_layers
+from lifelong_moe.moe import MoELayer
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
+    """The model's MoE layers by module name, in forward order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -21,4 +26,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         total += sum(b.numel() for name, b in layer.named_buffers() if "frozen" in name)
         per_expert = layer.experts.w1_width + layer.d_hidden + 1  # w1 columns, w2 rows, gate row
         inactive += (layer.n_experts - layer.top_k) * per_expert * layer.d_model
-    return {"total": total, "trainable": trainable, "active": total - inactive}
+    active = total - inactive
+    # An ensemble that runs only some of its members per input states its own count (SEED).
+    if hasattr(model, "active_parameters"):
+        active = model.active_parameters()
+    return {"total": total, "trainable": trainable, "active": active}

@@ -15,6 +15,7 @@ from torch.distributions import MultivariateNormal
 from lifelong_moe import checks
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.models.mlp import ResidualMLP
+from lifelong_moe.models.params import count_parameters
 from lifelong_moe.models.vit import PatchTransformer
 
 
@@ -163,6 +164,15 @@ class SeedEnsemble(nn.Module):
             "shared_blocks": self.shared_blocks,
             "tau": self.tau,
         }
+
+    def active_parameters(self) -> int:
+        """What one input runs through at test time: the stem and every expert that has
+        Gaussians (all K once K experiences are learned), not one expert as in a top-1 MoE."""
+        return count_parameters(self.stem)["active"] + sum(
+            count_parameters(e)["active"]
+            for k, e in enumerate(self.experts)
+            if self.present[k].any()
+        )
 
     def features(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         return self.experts[expert](self.stem(x))

@@ -46,6 +46,11 @@ class MoEAux:
     tokens_per_expert: torch.Tensor  # long [E], (token, slot) assignments kept
     dropped: torch.Tensor  # long scalar, assignments dropped by capacity
     router_logits: torch.Tensor | None = None  # fp32 [T, E], before mask (router distillation)
+    # What the router chose, for the routing metrics (evaluation/routing.py): ids [T, k], which
+    # slots are real (bool [T, k], None = all) and which experts were reachable ([E] or [T, E]).
+    expert_ids: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    reachable: torch.Tensor | None = None
 
 
 # What a backbone's forward returns beside the logits: one MoEAux per MoE layer, in order.
@@ -177,7 +182,16 @@ class MoELayer(nn.Module):
             y = y + self.shared(flat)
         if self.training:
             self.expert_usage.add_(counts.to(self.expert_usage.dtype))
-        aux = MoEAux(routing.balance_loss, routing.z_loss, counts, dropped, routing.logits)
+        aux = MoEAux(
+            routing.balance_loss,
+            routing.z_loss,
+            counts,
+            dropped,
+            routing.logits,
+            routing.expert_ids,
+            routing.valid,
+            routing.reachable,
+        )
         return y.view(x.shape), aux
 
     def _token_mask(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

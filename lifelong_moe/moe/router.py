@@ -33,6 +33,9 @@ class Routing:
     balance_loss: torch.Tensor  # fp32 scalar
     z_loss: torch.Tensor  # fp32 scalar
     logits: torch.Tensor | None = None  # fp32 [T, E], x W_g^T before mask and noise
+    # bool [E] or [T, E]: the experts the mask left reachable (None = all); routing metrics
+    # measure chance against uniform routing over these
+    reachable: torch.Tensor | None = None
 
 
 def _uniform_rows(n: int, d: int, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,7 +102,7 @@ class Router(nn.Module):
         without forcing it, as distribution-inferred routing does).
         """
         raw = x.float() @ self.full_weight().float().t()  # [T, E]
-        logits, enabled = raw, None
+        logits, enabled, reachable = raw, None, None
         if expert_mask is not None:
             if expert_mask.dtype == torch.bool:
                 logits = raw.masked_fill(~expert_mask, float("-inf"))
@@ -107,6 +110,7 @@ class Router(nn.Module):
             else:
                 logits = raw + expert_mask.float()
                 enabled = torch.isfinite(expert_mask)
+            reachable = enabled
             if enabled.dim() == 2:  # per-token masks: an expert is in scope if any token may use it
                 enabled = enabled.any(dim=0)
         route_logits = logits
@@ -127,10 +131,10 @@ class Router(nn.Module):
             valid = torch.isfinite(top_logits)
         if x.shape[0] == 0:  # an empty batch: means over no tokens would be NaN
             zero = logits.new_zeros(())
-            return Routing(expert_ids, gates, valid, zero, zero, raw)
+            return Routing(expert_ids, gates, valid, zero, zero, raw, reachable)
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()
         balance = self._balance_loss(route_logits, probs, expert_ids, valid, enabled)
-        return Routing(expert_ids, gates, valid, balance, z_loss, raw)
+        return Routing(expert_ids, gates, valid, balance, z_loss, raw, reachable)
 
     def _balance_loss(
         self,

@@ -252,11 +252,15 @@ def _loop(
 
         h.R.append(ev.accuracy)
         h.routing.append(ev.routing)
+        h.routing_stats.append(ev.routing_stats)
         if ev.accuracy_task is not None:
             h.R_task.append(ev.accuracy_task)
         if ev.loss is not None:
             h.L.append(ev.loss)
-        row = rows.quality_row(i, h.R, h.R_task, h.L, h.routing, method.expert_origins())
+        row = rows.quality_row(
+            i, h.R, h.R_task, h.L, h.routing, method.expert_origins(), h.routing_stats
+        )
+        row |= method.evaluation_metrics(i)
         row |= cost_row(
             exp.model,
             data,

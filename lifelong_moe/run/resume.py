@@ -45,6 +45,8 @@ class History:
     b: list[float] = field(default_factory=list)
     b_task: list[float] = field(default_factory=list)
     routing: list = field(default_factory=list)
+    # routing_stats[i][layer][j]: evaluation/routing.py's statistics (empty before issue 24)
+    routing_stats: list = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
     logged: list[dict[str, float]] = field(default_factory=list)
     # language modelling: L[i][j] = validation loss (nats per byte) on domain j after i
@@ -58,6 +60,9 @@ class History:
         known = {f.name for f in fields(cls)}
         history = cls(**{k: v for k, v in saved.items() if k in known})
         history.logged = [names.modernize(row) for row in history.logged]
+        # States saved before issue 24 have no routing statistics: earlier rows stay empty.
+        missing = len(history.routing) - len(history.routing_stats)
+        history.routing_stats = [[]] * max(missing, 0) + history.routing_stats
         return history
 
 

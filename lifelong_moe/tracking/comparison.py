@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from lifelong_moe import names
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation.metrics import mean_std
+from lifelong_moe.evaluation.stats import paired_interval
 from lifelong_moe.tracking import queries, store
 
 # Columns per matrix kind: the end-of-stream quality metrics, then the costs.
@@ -41,7 +42,17 @@ QUALITY = {
     names.MATRIX_PERPLEXITY: [names.PPL_FINAL, names.PPL_FORGETTING, names.LOSS_BWT],
 }
 # Routing metrics (MoE runs only; "-" elsewhere), beside the forgetting they may explain.
-ROUTING = [names.ROUTING_SPECIALIZATION, names.ROUTING_DRIFT, names.ROUTING_MAX_IMBALANCE]
+# routing/max_imbalance is the pooled pre-issue-24 metric: shown under its own name for old runs,
+# never merged with the per-distribution MRI (routing/mri_max).
+ROUTING = [
+    names.ROUTING_SPECIALIZATION,
+    names.ROUTING_SPECIALIZATION_CORRECTED,
+    names.ROUTING_DRIFT,
+    names.ROUTING_TOKEN_DRIFT,
+    names.ROUTING_MRI_MAX,
+    names.ROUTING_INFERENCE_ACC,
+    names.ROUTING_MAX_IMBALANCE,
+]
 COSTS = [
     names.COST_PARAMS_TOTAL,
     names.COST_PARAMS_TRAINABLE,
@@ -287,12 +298,85 @@ def table_data(groups: Sequence[Group], group_by: Sequence[str]) -> dict[str, li
     return data
 
 
-def render(groups: Sequence[Group], group_by: Sequence[str], fmt: str, meta: dict) -> str:
+def paired_records(groups: Sequence[Group], group_by: Sequence[str], reference: str) -> list[dict]:
+    """Per group and quality metric: the 95 % paired t interval of (group - reference) over the
+    seeds both ran (evaluation/stats.py); the reference is the group with ``method`` = reference
+    and the same other group values and matrix kind."""
+    if "method" not in group_by:
+        raise ConfigError(f"--reference {reference}: needs method in --group-by, got {group_by}")
+    at = list(group_by).index("method")
+    if not any(g.key[at] == reference for g in groups):
+        raise ConfigError(f"--reference {reference}: no matching run has method={reference}")
+
+    def by_seed(g: Group, metric: str) -> dict[int, float]:
+        return {
+            int(r.tags[names.TAG_SEED]): r.metrics.get(metric, math.nan)
+            for r in g.runs
+            if r.tags.get(names.TAG_SEED, "").lstrip("-").isdigit()
+        }
+
+    refs = {(g.matrix, g.key[:at] + g.key[at + 1 :]): g for g in groups if g.key[at] == reference}
+    out = []
+    for g in groups:
+        ref = refs.get((g.matrix, g.key[:at] + g.key[at + 1 :]))
+        if ref is None or ref is g:
+            continue
+        metrics = {}
+        for metric in QUALITY.get(g.matrix, []):
+            ci = paired_interval(by_seed(g, metric), by_seed(ref, metric))
+            metrics[metric] = {"mean": ci.mean, "low": ci.low, "high": ci.high, "n": ci.n}
+        out.append(
+            {"matrix": g.matrix, **dict(zip(group_by, g.key, strict=True)), "metrics": metrics}
+        )
+    return out
+
+
+def paired_markdown(records: Sequence[dict], group_by: Sequence[str], reference: str) -> str:
+    """``+0.012 [-0.003, +0.027] (5)``: mean difference from the reference, 95 % paired t
+    interval, paired seeds; ``-`` where no seed pairs."""
+    parts = []
+    for kind in sorted({r["matrix"] for r in records}):
+        cols = QUALITY.get(kind, [])
+        lines = [
+            f"Difference from {reference} ({kind}), mean over paired seeds [95 % paired t CI] (n):",
+            "",
+            "| " + " | ".join([*group_by, *cols]) + " |",
+            "|" + "|".join(["---"] * len(group_by) + ["---:"] * len(cols)) + "|",
+        ]
+        for r in (r for r in records if r["matrix"] == kind):
+            cells = [r[k] for k in group_by]
+            for c in cols:
+                m = r["metrics"][c]
+                if m["n"] == 0:
+                    cells.append("-")
+                elif m["n"] == 1:
+                    cells.append(f"{m['mean']:+.3f} (1)")
+                else:
+                    cells.append(f"{m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] ({m['n']})")
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def render(
+    groups: Sequence[Group],
+    group_by: Sequence[str],
+    fmt: str,
+    meta: dict,
+    reference: str | None = None,
+) -> str:
+    paired = paired_records(groups, group_by, reference) if reference else None
     if fmt == "csv":
+        if reference:
+            raise ConfigError("--reference: paired intervals are shown in md and json, not csv")
         return to_csv(groups, group_by)
     if fmt == "json":
-        return json.dumps({**meta, "rows": to_records(groups, group_by)}, indent=2) + "\n"
-    return to_markdown(groups, group_by)
+        body = {**meta, "rows": to_records(groups, group_by)}
+        if paired is not None:
+            body |= {"reference": reference, "paired": paired}
+        return json.dumps(body, indent=2) + "\n"
+    table = to_markdown(groups, group_by)
+    return table if paired is None else table + "\n" + paired_markdown(paired, group_by, reference)
 
 
 def verdict(groups: Sequence[Group], group_by: Sequence[str]) -> list[str]:

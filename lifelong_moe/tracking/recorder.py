@@ -36,6 +36,7 @@ def run_tags(
     language = stream.scenario == "language_modeling"
     tags = {
         **identity,
+        names.TAG_SPLIT: cfg.benchmark.get("split", "test"),  # the held-out set evaluated
         names.TAG_KIND: names.KIND_EXPERIMENT,
         names.TAG_MATRIX: names.MATRIX_PERPLEXITY if language else names.MATRIX_ACCURACY,
         names.TAG_SCENARIO: stream.scenario,
