@@ -28,13 +28,15 @@ from lifelong_moe import names
 from lifelong_moe.config.schema import check_config
 from lifelong_moe.evaluation import rows
 from lifelong_moe.evaluation.evaluator import evaluator_for
+from lifelong_moe.evaluation.subset import evaluation_view
 from lifelong_moe.measure.costs import cost_row
+from lifelong_moe.measure.throughput import tokens_per_sample
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.models import hf_export, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
 from lifelong_moe.moe import MoESettings
-from lifelong_moe.run import signals, stop_sync
+from lifelong_moe.run import budget, curves, signals, stop_sync
 from lifelong_moe.run.checkpoints import (
     EARLIER_TRAIN_S,
     StepCheckpoint,
@@ -277,10 +279,12 @@ def _loop(
     device = device_of(cfg)
     evaluator = evaluator_for(stream)
     evaluate = functools.partial(evaluator, batch_size=cfg.trainer.eval_batch_size, device=device)
+    max_batches = cfg.get("evaluation", {}).get("max_batches")
+    scored = evaluation_view(stream, max_batches, cfg.trainer.eval_batch_size)
     if saved:
         h = restore(exp, saved, tracker)
     else:
-        base = evaluate(exp.model.to(device), stream, expert_mask=method.expert_mask)
+        base = evaluate(exp.model.to(device), scored, expert_mask=method.expert_mask)
         h = History(b=base.accuracy, b_task=base.accuracy_task or [], b_loss=base.loss or [])
     folder = folder or checkpoint_folder(cfg, tracker.run_id)
     for i in range(len(h.R), len(stream)):
@@ -291,14 +295,15 @@ def _loop(
         data = method.train_dataset(experience)
 
         start = time.perf_counter()
-        trainer = fit(exp, experience, data, folder, ckpt)
+        trainer = fit(exp, experience, data, folder, ckpt, h.logged)
         ckpt = None  # only the experience the run was in continues from a checkpoint
         costs = fit_costs(trainer)
+        points = curves.take_points(trainer)
         h.train_seconds.append(time.perf_counter() - start + costs.pop(EARLIER_TRAIN_S))
 
         signals.point("evaluate", i)
         start = time.perf_counter()
-        ev = evaluate(exp.model.to(device), stream, expert_mask=method.expert_mask)
+        ev = evaluate(exp.model.to(device), scored, expert_mask=method.expert_mask)
         eval_seconds = time.perf_counter() - start
 
         signals.point("after_experience", i)
@@ -314,7 +319,7 @@ def _loop(
         row |= cost_row(
             exp.model,
             data,
-            epochs=cfg.trainer.max_epochs,
+            epochs=epochs_trained(trainer, data, cfg.trainer.max_epochs),
             train_s=h.train_seconds[-1],
             eval_s=eval_seconds,
             checkpoints=costs,
@@ -329,7 +334,7 @@ def _loop(
         # Replayed examples in the training set (a peer's own loop trains on data we do not see).
         if method.lightning_loop:
             row[names.TRAIN_REPLAYED] = len(data) - len(experience.train)
-        record(exp, tracker, h, i, row)
+        record(exp, tracker, h, i, row, points)
         print(
             experience_line(
                 i, len(stream), type(method).__name__, row, h.train_seconds[-1], eval_seconds
@@ -341,14 +346,28 @@ def _loop(
     return finish(exp, h, tracker)
 
 
+def epochs_trained(trainer: L.Trainer, data: Dataset, max_epochs: int) -> float:
+    """Epochs of ``data`` trained on, from the tokens counted (run/curves.py): a step or token
+    budget may end inside an epoch. ``max_epochs`` where nothing was counted (a peer's loop)."""
+    tokens = trainer.callback_metrics.get(names.TRAIN_TOKENS)
+    if tokens is None:
+        return float(max_epochs)
+    return float(tokens) / max(len(data) * tokens_per_sample(data), 1)
+
+
 def fit(
     exp: Experiment,
     experience: Experience,
     data: Dataset,
     folder: Path,
     ckpt: Path | None,
+    logged: list[dict[str, float]] = (),
 ) -> L.Trainer:
-    """Train on one experience with a fresh Trainer, writing training checkpoints as it goes."""
+    """Train on one experience with a fresh Trainer, writing training checkpoints as it goes.
+
+    ``logged``: the rows of the experiences before, whose step and token counts place this
+    experience's curve points on the stream's step axis (run/curves.py).
+    """
     cfg, i = exp.cfg, experience.index
     loader = make_loader(
         data, cfg.trainer.batch_size, cfg.trainer.num_workers, seed=cfg.seed * 1_000 + i
@@ -365,7 +384,25 @@ def fit(
         writer=writer,
         sampler=loader.sampler,
     )
-    trainer = make_trainer(cfg, callbacks=[saver, StopSync()], checkpoint_io=writer)
+    limits = budget.budget(
+        cfg.trainer, len(data), tokens_per_sample(data), budget.world_size(cfg.trainer)
+    )
+    evaluation = cfg.get("evaluation", {})
+    curve = curves.TrainingCurves(
+        every_n_steps=cfg.tracking.get("log_every_n_steps", 0),
+        step_offset=int(sum(r.get(names.TRAIN_STEPS, 0) for r in logged)),
+        token_offset=int(sum(r.get(names.TRAIN_TOKENS, 0) for r in logged)),
+        val_check_interval=cfg.trainer.get("val_check_interval"),
+        validation=curves.validation_sets(
+            exp.stream, evaluation.get("max_batches"), cfg.trainer.eval_batch_size
+        ),
+        eval_batch_size=cfg.trainer.eval_batch_size,
+        expert_mask=exp.method.expert_mask,
+    )
+    # curve after saver: the saver's on_fit_end looks for train/* keys this one adds
+    trainer = make_trainer(
+        cfg, callbacks=[saver, StopSync(), curve], checkpoint_io=writer, budget=limits
+    )
     if exp.method.lightning_loop:
         # A signal stops at the next step boundary, DDP workers included (stop_sync.py).
         with signals.training(forward=forwarder(trainer)):
@@ -382,8 +419,10 @@ def record(
     h: History,
     i: int,
     row: dict[str, float],
+    points: list[curves.Point] = (),
 ) -> None:
-    """Save the resume state, log the experience's row, and the model when asked to."""
+    """Save the resume state, log the experience's row and curve points, and the model when
+    asked to."""
     h.logged.append(row)
     # State first, metrics second: a crash in between re-logs the row on resume,
     # the other order could log a step twice.
@@ -391,6 +430,7 @@ def record(
         save_state(exp, h, tracker, i + 1)
         signals.point("log_metrics", i)
         tracker.log_metrics(row, step=i)
+        tracker.log_points(points)  # a crash before this leaves a gap, never a point twice
     if exp.cfg.tracking.log_checkpoints:
         with signals.deferred(), tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"model_exp_{i}.pt"

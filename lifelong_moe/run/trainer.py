@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 
 from lifelong_moe import compat, names
+from lifelong_moe.run.budget import Budget
 
 PROGRESS_REFRESH_STEPS = 10
 
@@ -49,8 +50,10 @@ def make_trainer(
     cfg: DictConfig,
     callbacks: list[L.Callback] | None = None,
     checkpoint_io: CheckpointIO | None = None,
+    budget: Budget | None = None,
 ) -> L.Trainer:
-    """A fresh Trainer for one experience.
+    """A fresh Trainer for one experience, trained for ``budget`` (run/budget.py; by default
+    ``trainer.max_epochs``).
 
     On one machine ``ddp`` becomes ``ddp_fork`` (CPU) or ``ddp_spawn`` (GPU, where CUDA forbids
     fork): plain ``ddp`` re-runs the whole command for every rank at each ``fit``, which cannot
@@ -69,10 +72,13 @@ def make_trainer(
         plugins.append(LightningEnvironment())
     # The bar redraws at every step by default: a tenth of a small CPU step (results/loop_cpu.md).
     bar = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if t.progress_bar else []
+    budget = budget or Budget(max_epochs=t.max_epochs)
     return L.Trainer(
         plugins=plugins or None,
         callbacks=[*bar, *(callbacks or []), LRTrace()],  # LRTrace last: see its on_fit_end
-        max_epochs=t.max_epochs,
+        max_epochs=budget.max_epochs,
+        max_steps=budget.max_steps,
+        accumulate_grad_batches=t.get("accumulate_grad_batches", 1),
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
