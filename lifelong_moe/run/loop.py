@@ -26,7 +26,9 @@ from torch.utils.data import Dataset
 
 from lifelong_moe import names
 from lifelong_moe.config.schema import check_config
-from lifelong_moe.evaluation import rows
+from lifelong_moe.data.tokenizer import ByteTokenizer
+from lifelong_moe.errors import ConfigError
+from lifelong_moe.evaluation import downstream, rows
 from lifelong_moe.evaluation.evaluator import evaluator_for
 from lifelong_moe.evaluation.subset import evaluation_view
 from lifelong_moe.measure.costs import cost_row
@@ -51,6 +53,7 @@ from lifelong_moe.run.console import experience_line, print_report
 from lifelong_moe.run.resume import (
     STATE,
     History,
+    capture_rng,
     checkpoint_dir,
     load_state,
     requeue,
@@ -92,6 +95,7 @@ class Experiment:
     stream: Stream
     model: nn.Module
     method: ContinualMethod
+    tasks: Any = None  # lm-eval's TaskManager when evaluation.lm_eval.tasks names any
 
 
 def build(cfg: DictConfig) -> Experiment:
@@ -111,8 +115,44 @@ def build(cfg: DictConfig) -> Experiment:
     method.set_lr_schedule(LRSchedule.from_trainer(cfg.trainer))
     method.setup_stream(stream)
     check_store(cfg.tracking.uri)
+    tasks = check_downstream(cfg, stream)
     # A method may wrap the backbone (SEED's expert ensemble): evaluate what it trains.
-    return Experiment(cfg, stream, method.model, method)
+    return Experiment(cfg, stream, method.model, method, tasks)
+
+
+def check_downstream(cfg: DictConfig, stream: Stream) -> Any:
+    """lm-eval's TaskManager for ``evaluation.lm_eval.tasks`` (None without tasks), the names
+    checked before any training."""
+    lm_eval = cfg.get("evaluation", {}).get("lm_eval", {})
+    if not lm_eval.get("tasks"):
+        return None
+    if stream.scenario != "language_modeling":
+        raise ConfigError(
+            f"evaluation.lm_eval.tasks={list(lm_eval.tasks)}: expected a language-model stream, "
+            f"got benchmark {stream.name} ({stream.scenario})"
+        )
+    return downstream.check_tasks(list(lm_eval.tasks), lm_eval.get("include_path"))
+
+
+def run_downstream(exp: Experiment, device: torch.device) -> dict[str, float]:
+    """``downstream/<task>/<metric>`` after one experience; training's RNG stays as it was."""
+    lm_eval = exp.cfg.evaluation.lm_eval
+    start, rng = time.perf_counter(), capture_rng()
+    print(f"lm-eval: {', '.join(lm_eval.tasks)} ...", flush=True)
+    metrics = downstream.downstream_metrics(
+        exp.model.to(device),
+        getattr(exp.stream, "tokenizer", None) or ByteTokenizer(),
+        exp.stream.input_shape[0],
+        device,
+        list(lm_eval.tasks),
+        exp.tasks,
+        limit=lm_eval.get("limit"),
+        num_fewshot=lm_eval.get("num_fewshot"),
+        batch_size=lm_eval.get("batch_size", 16),
+    )
+    restore_rng(rng)
+    print(f"lm-eval: done in {time.perf_counter() - start:.1f}s", flush=True)
+    return metrics
 
 
 def checkpoint_folder(cfg: DictConfig, run_id: str) -> Path:
@@ -306,6 +346,10 @@ def _loop(
         ev = evaluate(exp.model.to(device), scored, expert_mask=method.expert_mask)
         eval_seconds = time.perf_counter() - start
 
+        lm_eval = cfg.get("evaluation", {}).get("lm_eval", {})
+        due = exp.tasks is not None and downstream.downstream_due(i, len(stream), lm_eval.every)
+        scores = run_downstream(exp, device) if due else {}
+
         signals.point("after_experience", i)
         method.after_experience(experience)
 
@@ -316,6 +360,7 @@ def _loop(
         if ev.loss is not None:
             h.L.append(ev.loss)
         row = rows.quality_row(i, h.R, h.R_task, h.L, h.routing, method.expert_origins())
+        row |= scores
         row |= cost_row(
             exp.model,
             data,
@@ -335,6 +380,9 @@ def _loop(
         if method.lightning_loop:
             row[names.TRAIN_REPLAYED] = len(data) - len(experience.train)
         record(exp, tracker, h, i, row, points)
+        if scores:
+            with signals.deferred():
+                tracker.log_json(downstream.downstream_table(h.logged), names.DOWNSTREAM_TABLE)
         print(
             experience_line(
                 i, len(stream), type(method).__name__, row, h.train_seconds[-1], eval_seconds
