@@ -35,6 +35,7 @@ from lifelong_moe.evaluation.subset import fixed_subset
 from lifelong_moe.stream import Experience
 
 HANDOFF = "curves:"  # callback-metric prefix of the points handed back to the main process
+TOTALS = "curve_totals:"  # the experience's steps and tokens, handed back the same way
 Point = tuple[str, int, float]  # (metric name, global step, value)
 
 
@@ -119,9 +120,13 @@ class TrainingCurves(L.Callback):
             by_name.setdefault(name, []).append([step, value])
         for name, rows in by_name.items():
             metrics[HANDOFF + name] = torch.tensor(rows, dtype=torch.float64)
-        metrics[names.TRAIN_STEPS] = torch.tensor(float(trainer.global_step), dtype=torch.float64)
-        tokens = self.tokens * trainer.world_size
-        metrics[names.TRAIN_TOKENS] = torch.tensor(float(tokens), dtype=torch.float64)
+        # Not under train/: StepCheckpoint.on_fit_end looks there for the losses of a fit.
+        totals = {
+            names.TRAIN_STEPS: trainer.global_step,
+            names.TRAIN_TOKENS: self.tokens * trainer.world_size,
+        }
+        for key, value in totals.items():
+            metrics[TOTALS + key] = torch.tensor(float(value), dtype=torch.float64)
 
     # -- points --------------------------------------------------------------------------------
     def _due(self, step: int) -> bool:
@@ -192,6 +197,14 @@ def validation_sets(stream: Any, max_batches: int | None, batch_size: int) -> li
         name = domains[exp.index].name if len(domains) > exp.index else f"exp{exp.index}"
         out.append((name, data, exp))
     return out
+
+
+def take_totals(trainer: L.Trainer) -> dict[str, float]:
+    """``train/steps`` and ``train/tokens`` of the fit that just returned (taken out of the
+    Trainer's callback metrics); empty when no ``TrainingCurves`` ran (a peer's own loop)."""
+    metrics = trainer.callback_metrics
+    keys = [k for k in metrics if k.startswith(TOTALS)]
+    return {k.removeprefix(TOTALS): float(metrics.pop(k)) for k in keys}
 
 
 def take_points(trainer: L.Trainer) -> list[Point]:

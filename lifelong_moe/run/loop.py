@@ -338,7 +338,7 @@ def _loop(
         trainer = fit(exp, experience, data, folder, ckpt, h.logged)
         ckpt = None  # only the experience the run was in continues from a checkpoint
         costs = fit_costs(trainer)
-        points = curves.take_points(trainer)
+        points, totals = curves.take_points(trainer), curves.take_totals(trainer)
         h.train_seconds.append(time.perf_counter() - start + costs.pop(EARLIER_TRAIN_S))
 
         signals.point("evaluate", i)
@@ -364,7 +364,7 @@ def _loop(
         row |= cost_row(
             exp.model,
             data,
-            epochs=epochs_trained(trainer, data, cfg.trainer.max_epochs),
+            epochs=epochs_trained(totals, data, cfg.trainer.max_epochs),
             train_s=h.train_seconds[-1],
             eval_s=eval_seconds,
             checkpoints=costs,
@@ -376,6 +376,7 @@ def _loop(
         # learning rates the optimizer stepped with (train/lr_mean, train/lr_last; LRTrace).
         prefix = names.train_term("")
         row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+        row |= totals  # train/steps, train/tokens: where the next experience's curves start
         # Replayed examples in the training set (a peer's own loop trains on data we do not see).
         if method.lightning_loop:
             row[names.TRAIN_REPLAYED] = len(data) - len(experience.train)
@@ -394,10 +395,10 @@ def _loop(
     return finish(exp, h, tracker)
 
 
-def epochs_trained(trainer: L.Trainer, data: Dataset, max_epochs: int) -> float:
+def epochs_trained(totals: dict[str, float], data: Dataset, max_epochs: int) -> float:
     """Epochs of ``data`` trained on, from the tokens counted (run/curves.py): a step or token
     budget may end inside an epoch. ``max_epochs`` where nothing was counted (a peer's loop)."""
-    tokens = trainer.callback_metrics.get(names.TRAIN_TOKENS)
+    tokens = totals.get(names.TRAIN_TOKENS)
     if tokens is None:
         return float(max_epochs)
     return float(tokens) / max(len(data) * tokens_per_sample(data), 1)
@@ -447,9 +448,9 @@ def fit(
         eval_batch_size=cfg.trainer.eval_batch_size,
         expert_mask=exp.method.expert_mask,
     )
-    # curve after saver: the saver's on_fit_end looks for train/* keys this one adds
+    # curve before saver: a step's point is taken before that step's checkpoint holds it
     trainer = make_trainer(
-        cfg, callbacks=[saver, StopSync(), curve], checkpoint_io=writer, budget=limits
+        cfg, callbacks=[curve, saver, StopSync()], checkpoint_io=writer, budget=limits
     )
     if exp.method.lightning_loop:
         # A signal stops at the next step boundary, DDP workers included (stop_sync.py).
