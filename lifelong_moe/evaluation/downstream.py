@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lifelong_moe import names
-from lifelong_moe.data.tokenizer import Tokenizer
 from lifelong_moe.errors import ConfigError
 
 EVAL_EXTRA = "pip install 'lifelong-moe[eval]'"
@@ -66,7 +65,7 @@ def _lm_base() -> type:
 
 def make_lm(
     model: nn.Module,
-    tokenizer: Tokenizer,
+    tokenizer: Any,  # a data.tokenizer.Tokenizer (evaluation does not import data)
     context_length: int,
     device: torch.device,
     batch_size: int = 16,
@@ -147,7 +146,7 @@ def make_lm(
     return ToolkitLM()
 
 
-def _vocab(model: nn.Module, tokenizer: Tokenizer) -> int:
+def _vocab(model: nn.Module, tokenizer: Any) -> int:
     head = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return head[-1].out_features if head else tokenizer.vocab_size
 
@@ -176,7 +175,7 @@ def score(
 
 def greedy(
     model: nn.Module,
-    tokenizer: Tokenizer,
+    tokenizer: Any,  # a data.tokenizer.Tokenizer (evaluation does not import data)
     context: str,
     until: list[str],
     max_new: int,
@@ -198,7 +197,7 @@ def greedy(
 
 def downstream_metrics(
     model: nn.Module,
-    tokenizer: Tokenizer,
+    tokenizer: Any,  # a data.tokenizer.Tokenizer (evaluation does not import data)
     context_length: int,
     device: torch.device,
     tasks: Sequence[str],
