@@ -21,6 +21,7 @@ from lifelong_moe import names
 from lifelong_moe.config.schema import check_trainer
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
+from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.run import budget, curves
 from lifelong_moe.run.checkpoints import StepCheckpoint, checkpoint_writer, make_loader
 from lifelong_moe.run.trainer import make_trainer
@@ -57,6 +58,7 @@ def train(cfg, dataset, *, every: int = 1, folder: Path | None = None, ckpt=None
     torch.manual_seed(seed)
     method = ContinualMethod(TokenModel(), lr=0.05)
     t = cfg.trainer
+    method.set_lr_schedule(LRSchedule.from_trainer(t))
     loader = make_loader(dataset, t.batch_size, 0, seed=7)
     limits = budget.budget(t, len(dataset), LENGTH)
     callbacks = [curves.TrainingCurves(every_n_steps=every)]
@@ -103,6 +105,27 @@ def test_max_steps_and_max_tokens_are_obeyed_exactly() -> None:
     step = trainer.global_step
     assert seen[step] >= 97 * 3 > seen[step - 1], (step, seen)
     assert curves.take_totals(trainer)[names.TRAIN_TOKENS] == seen[step]
+
+
+@pytest.mark.parametrize("limit", [{"max_steps": 9}, {"max_tokens": 3 * 23 * LENGTH}])
+def test_lr_schedule_spans_the_step_budget(limit: dict) -> None:
+    """cosine_rewarm over a budget of 9 steps (3 epochs of 3): warm-up 2, the floor at step 9."""
+    cfg = trainer_cfg(
+        batch_size=4,
+        accumulate_grad_batches=2,
+        lr_schedule="cosine_rewarm",
+        warmup_steps=2,
+        **limit,
+    )
+    _, trainer, points = train(cfg, data())
+    lr = {s: v for k, s, v in points if k == names.CURVE_LR}
+    assert trainer.global_step == 9
+    assert lr[1] == 0.0 and lr[3] == pytest.approx(0.05)  # warm-up, then the peak
+    floor = cfg.trainer.lr_floor
+    # half-way through the cosine (step index 5 of 2..8): a schedule sized to one epoch of 3
+    # steps (max_epochs taken for the length) would already sit at the floor here
+    assert lr[6] == pytest.approx(0.05 * (floor + (1 - floor) * 0.5))
+    assert lr[9] == pytest.approx(0.05 * floor)
 
 
 def test_both_budgets_are_refused_in_one_line() -> None:
