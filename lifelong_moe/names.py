@@ -107,6 +107,42 @@ def train_term(key: str) -> str:
 TRAIN_LR_MEAN = f"{TRAIN}/lr_mean"  # mean learning rate over the experience's optimizer steps
 TRAIN_LR_LAST = f"{TRAIN}/lr_last"  # the learning rate of its last step
 TRAIN_REPLAYED = f"{TRAIN}/replayed"  # training examples (LM: windows) from earlier experiences
+TRAIN_STEPS = f"{TRAIN}/steps"  # optimizer steps of the experience (the curves' step offsets)
+TRAIN_TOKENS = f"{TRAIN}/tokens"  # target tokens trained on in the experience, all ranks
+
+# --- training curves (run/curves.py): step = optimizer steps since the stream began -------------
+
+CURVE = "curve"
+CURVE_LOSS = f"{CURVE}/loss"  # the total minimised, mean over the logged step's micro-batches
+CURVE_LR = f"{CURVE}/lr"  # the learning rate of the logged step
+CURVE_GRAD_NORM = f"{CURVE}/grad_norm"  # global L2 norm of the gradients, before clipping
+CURVE_TOKENS = f"{CURVE}/tokens"  # target tokens trained on since the stream began, all ranks
+CURVE_TOKENS_PER_S = f"{CURVE}/tokens_per_s"  # since the previous point
+
+
+def curve_term(key: str) -> str:
+    """``curve/kd`` for the loss term ``kd`` (``train/kd`` is its per-experience mean)."""
+    return f"{CURVE}/{key}"
+
+
+def curve_val_loss(domain: str) -> str:
+    """``curve/val_loss/<domain>``: validation loss inside an experience (val_check_interval)."""
+    return f"{CURVE}/val_loss/{domain}"
+
+
+# --- downstream tasks (evaluation/downstream.py, lm-evaluation-harness): step = experience ------
+
+DOWNSTREAM = "downstream"
+DOWNSTREAM_TABLE = "downstream.json"  # every experience's downstream metrics, one row each
+
+
+def downstream_metric(task: str, metric: str) -> str:
+    """``downstream/<task>/<metric>``; lm-eval's ``acc,none`` becomes ``acc`` (MLflow keys
+    allow no comma), another filter ``acc_<filter>``."""
+    name, _, filter_name = metric.partition(",")
+    if filter_name and filter_name != "none":
+        name = f"{name}_{filter_name}"
+    return f"{DOWNSTREAM}/{task}/{name}"
 
 
 # --- routing (mean over MoE layers, and per layer) ----------------------------------------------

@@ -186,6 +186,11 @@ TOP_LEVEL: dict[str, Check] = {
 }
 TRAINER: dict[str, Check] = {
     "max_epochs": checks.positive_int,
+    # run/budget.py: either replaces max_epochs; both together are refused (check_trainer)
+    "max_steps": functools.partial(checks.optional, checks.positive_int),
+    "max_tokens": functools.partial(checks.optional, checks.positive_int),
+    "accumulate_grad_batches": checks.positive_int,
+    "val_check_interval": functools.partial(checks.optional, checks.positive_int),
     "batch_size": checks.positive_int,
     "eval_batch_size": checks.positive_int,
     "num_workers": checks.non_negative_int,
@@ -221,6 +226,27 @@ TRACKING: dict[str, Check] = {
     "system_metrics_interval_s": checks.positive,
     "export": lambda key, value: checks.choice(key, value, ("none", "hf")),
     "export_every": checks.positive_int,
+    "log_every_n_steps": checks.non_negative_int,  # training curves (run/curves.py); 0: none
+}
+LM_EVAL: dict[str, Check] = {
+    "tasks": typed(list[str]),  # evaluation/downstream.py checks the names against lm-eval
+    "include_path": typed(str | None),
+    "every": checks.positive_int,
+    "limit": functools.partial(checks.optional, checks.positive_int),
+    "num_fewshot": functools.partial(checks.optional, checks.non_negative_int),
+    "batch_size": checks.positive_int,
+}
+
+
+def _lm_eval(key: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value!r}: expected a mapping of {', '.join(LM_EVAL)}")
+    check_table(key, value, LM_EVAL)
+
+
+EVALUATION: dict[str, Check] = {
+    "max_batches": functools.partial(checks.optional, checks.positive_int),
+    "lm_eval": _lm_eval,
 }
 # Keys of a _target_ group that a builder consumes beside the target's own parameters:
 # group -> {key: annotation}. The model's flat MoE keys become the backbone's one ``moe``.
@@ -229,6 +255,8 @@ EXTRA_FIELDS: dict[str, dict[str, Any]] = {"model": MoESettings.config_annotatio
 SUPPLIED = {"benchmark": (), "model": ("input_shape", "n_classes"), "method": ("model",)}
 TARGET_GROUPS = tuple(SUPPLIED)
 PLAIN_GROUPS = ("trainer", "tracking")
+# Groups that configs stored by older runs (resume) lack: checked when present.
+OPTIONAL_GROUPS = ("evaluation",)
 
 
 def check_table(group: str, node: Mapping[str, Any], table: Mapping[str, Check]) -> None:
@@ -241,11 +269,23 @@ def check_table(group: str, node: Mapping[str, Any], table: Mapping[str, Check])
 
 def check_trainer(cfg: Mapping[str, Any]) -> None:
     check_table("trainer", cfg, TRAINER)
+    check_budget(cfg)
     if cfg.get("num_nodes", 1) > 1 and cfg.get("strategy") != "ddp":
         raise ConfigError(
             f"trainer.strategy={cfg.get('strategy')} with trainer.num_nodes={cfg['num_nodes']}: "
             "several nodes need trainer.strategy=ddp (one process per device, started by "
             "SLURM/torchrun)"
+        )
+
+
+def check_budget(trainer: Mapping[str, Any]) -> None:
+    """One budget per experience (run/budget.py): ``max_steps`` and ``max_tokens`` together are
+    refused."""
+    steps, tokens = trainer.get("max_steps"), trainer.get("max_tokens")
+    if steps is not None and tokens is not None:
+        raise ConfigError(
+            f"trainer.max_steps={steps} with trainer.max_tokens={tokens}: expected one budget "
+            "per experience (set the other to null)"
         )
 
 
@@ -304,8 +344,8 @@ def check_config(cfg: DictConfig) -> None:
     for name, value in data.items():
         if name in TOP_LEVEL:
             TOP_LEVEL[name](name, value)
-        elif name not in TARGET_GROUPS and name not in PLAIN_GROUPS:
-            raise unknown_key(name, [*TOP_LEVEL, *TARGET_GROUPS, *PLAIN_GROUPS])
+        elif name not in (*TARGET_GROUPS, *PLAIN_GROUPS, *OPTIONAL_GROUPS):
+            raise unknown_key(name, [*TOP_LEVEL, *TARGET_GROUPS, *PLAIN_GROUPS, *OPTIONAL_GROUPS])
     for group in (*TARGET_GROUPS, *PLAIN_GROUPS):
         if not isinstance(data.get(group), dict):
             raise ConfigError(f"{group}: missing; choose one with {group}=<name>")
@@ -313,6 +353,10 @@ def check_config(cfg: DictConfig) -> None:
         check_target(group, data[group])
     check_trainer(data["trainer"])
     check_tracking(data["tracking"])
+    if "evaluation" in data:
+        if not isinstance(data["evaluation"], dict):
+            raise ConfigError("evaluation: expected a mapping; choose one with evaluation=<name>")
+        check_table("evaluation", data["evaluation"], EVALUATION)
 
 
 # -- the command line, before Hydra -------------------------------------------------------------

@@ -27,7 +27,7 @@ def cost_row(
     model: nn.Module,
     data: Any,
     *,
-    epochs: int,
+    epochs: float,
     train_s: float,
     eval_s: float,
     checkpoints: dict[str, float],

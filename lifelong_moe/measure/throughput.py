@@ -62,7 +62,7 @@ def flops_per_token(model: nn.Module, sequence_length: int) -> float:
 def throughput_metrics(
     model: nn.Module,
     data: Any,
-    epochs: int,
+    epochs: float,
     seconds: float,
     device: torch.device,
     precision: str | int,

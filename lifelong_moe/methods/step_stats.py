@@ -37,6 +37,7 @@ class StepStats:
         # Batch-size weighted sum and count per loss term (train/<term>), also on the device.
         self.term_sums: dict[str, torch.Tensor] = {}
         self.term_counts: dict[str, int] = {}
+        self.last: dict[str, torch.Tensor] = {}
 
     def update(
         self, loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int, batch_size: int
@@ -49,6 +50,9 @@ class StepStats:
             self.bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
             self.bad_values = torch.zeros(1 + len(terms), device=loss.device)
             self.names = list(terms)
+        # The step's own values, for the training curves (run/curves.py reads them when due).
+        self.last = {names.TRAIN_LOSS: loss}
+        self.last.update({names.train_term(k): v.detach().float() for k, v in terms.items()})
         self.loss_sum = self.loss_sum + loss * batch_size
         self.count += batch_size
         for k, v in terms.items():

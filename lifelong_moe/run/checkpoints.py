@@ -265,6 +265,8 @@ class StepCheckpoint(L.Callback):
         signals.point("train_step", self.experience, step, settle=self.writer.teardown)
         if idx + 1 >= trainer.num_training_batches:
             return  # the epoch's last batch: on_train_epoch_end writes the checkpoint
+        if (idx + 1) % trainer.accumulate_grad_batches:
+            return  # inside a gradient accumulation: a checkpoint here would lose the gradients
         stop = stop_sync.decide(trainer)  # under DDP every rank gets the same answer
         if stop or (self.every_n_steps and step % self.every_n_steps == 0):
             self.save(trainer)

@@ -21,18 +21,23 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import Dataset
 
 from lifelong_moe import names
 from lifelong_moe.config.schema import check_config
-from lifelong_moe.evaluation import rows
+from lifelong_moe.data.tokenizer import ByteTokenizer
+from lifelong_moe.errors import ConfigError
+from lifelong_moe.evaluation import downstream, rows
 from lifelong_moe.evaluation.evaluator import evaluator_for
+from lifelong_moe.evaluation.subset import evaluation_view
 from lifelong_moe.log import LOGGER
 from lifelong_moe.measure.costs import cost_row
+from lifelong_moe.measure.throughput import tokens_per_sample
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.models import build_model, hf_export, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
-from lifelong_moe.run import signals, stop_sync
+from lifelong_moe.run import curves, signals, stop_sync
 from lifelong_moe.run.checkpoints import (
     EARLIER_TRAIN_S,
     checkpoints,
@@ -44,6 +49,7 @@ from lifelong_moe.run.console import experience_line, print_report
 from lifelong_moe.run.resume import (
     STATE,
     History,
+    capture_rng,
     checkpoint_dir,
     load_state,
     requeue,
@@ -82,6 +88,7 @@ class Experiment:
     stream: Stream
     model: nn.Module
     method: ContinualMethod
+    tasks: Any = None  # lm-eval's TaskManager when evaluation.lm_eval.tasks names any
 
 
 def build(cfg: DictConfig) -> Experiment:
@@ -97,8 +104,44 @@ def build(cfg: DictConfig) -> Experiment:
     method.set_lr_schedule(LRSchedule.from_trainer(cfg.trainer))
     method.setup_stream(stream)
     check_store(cfg.tracking.uri)
+    tasks = check_downstream(cfg, stream)
     # A method may wrap the backbone (SEED's expert ensemble): evaluate what it trains.
-    return Experiment(cfg, stream, method.model, method)
+    return Experiment(cfg, stream, method.model, method, tasks)
+
+
+def check_downstream(cfg: DictConfig, stream: Stream) -> Any:
+    """lm-eval's TaskManager for ``evaluation.lm_eval.tasks`` (None without tasks), the names
+    checked before any training."""
+    lm_eval = cfg.get("evaluation", {}).get("lm_eval", {})
+    if not lm_eval.get("tasks"):
+        return None
+    if stream.scenario != "language_modeling":
+        raise ConfigError(
+            f"evaluation.lm_eval.tasks={list(lm_eval.tasks)}: expected a language-model stream, "
+            f"got benchmark {stream.name} ({stream.scenario})"
+        )
+    return downstream.check_tasks(list(lm_eval.tasks), lm_eval.get("include_path"))
+
+
+def run_downstream(exp: Experiment, device: torch.device) -> dict[str, float]:
+    """``downstream/<task>/<metric>`` after one experience; training's RNG stays as it was."""
+    lm_eval = exp.cfg.evaluation.lm_eval
+    start, rng = time.perf_counter(), capture_rng()
+    LOGGER.info(f"lm-eval: {', '.join(lm_eval.tasks)} ...")
+    metrics = downstream.downstream_metrics(
+        exp.model.to(device),
+        getattr(exp.stream, "tokenizer", None) or ByteTokenizer(),
+        exp.stream.input_shape[0],
+        device,
+        list(lm_eval.tasks),
+        exp.tasks,
+        limit=lm_eval.get("limit"),
+        num_fewshot=lm_eval.get("num_fewshot"),
+        batch_size=lm_eval.get("batch_size", 16),
+    )
+    restore_rng(rng)
+    LOGGER.info(f"lm-eval: done in {time.perf_counter() - start:.1f}s")
+    return metrics
 
 
 def checkpoint_root(cfg: DictConfig) -> Path:
@@ -224,10 +267,13 @@ def _loop(
     device = device_of(cfg)
     evaluator = evaluator_for(stream)
     evaluate = functools.partial(evaluator, batch_size=cfg.trainer.eval_batch_size, device=device)
+    scored = evaluation_view(
+        stream, cfg.get("evaluation", {}).get("max_batches"), cfg.trainer.eval_batch_size
+    )
     if saved:
         h = restore(exp, saved, tracker)
     else:
-        base = evaluate(exp.model.to(device), stream, expert_mask=method.expert_mask)
+        base = evaluate(exp.model.to(device), scored, expert_mask=method.expert_mask)
         h = History(b=base.accuracy, b_task=base.accuracy_task or [], b_loss=base.loss or [])
     for i in range(len(h.R), len(stream)):
         experience = stream.experiences[i]
@@ -237,15 +283,20 @@ def _loop(
         data = method.train_dataset(experience)
 
         start = time.perf_counter()
-        trainer = fit(cfg, method, experience, data, folder, ckpt)
+        curve = curves.for_experience(cfg, stream, method.expert_mask, h.logged)
+        trainer = fit(cfg, method, experience, data, folder, ckpt, curve)
         ckpt = None  # only the experience the run was in continues from a checkpoint
         costs = fit_costs(trainer)
+        points, totals = curves.take_points(trainer), curves.take_totals(trainer)
         h.train_seconds.append(time.perf_counter() - start + costs.pop(EARLIER_TRAIN_S))
 
         signals.point("evaluate", i)
         start = time.perf_counter()
-        ev = evaluate(exp.model.to(device), stream, expert_mask=method.expert_mask)
+        ev = evaluate(exp.model.to(device), scored, expert_mask=method.expert_mask)
         eval_seconds = time.perf_counter() - start
+        lm_eval = cfg.get("evaluation", {}).get("lm_eval", {})
+        due = exp.tasks is not None and downstream.downstream_due(i, len(stream), lm_eval.every)
+        scores = run_downstream(exp, device) if due else {}
 
         signals.point("after_experience", i)
         method.after_experience(experience)
@@ -260,11 +311,11 @@ def _loop(
         row = rows.quality_row(
             i, h.R, h.R_task, h.L, h.routing, method.expert_origins(), h.routing_stats
         )
-        row |= method.evaluation_metrics(i)
+        row |= method.evaluation_metrics(i) | scores
         row |= cost_row(
             exp.model,
             data,
-            epochs=cfg.trainer.max_epochs,
+            epochs=epochs_trained(totals, data, cfg.trainer.max_epochs),
             train_s=h.train_seconds[-1],
             eval_s=eval_seconds,
             checkpoints=costs,
@@ -276,10 +327,14 @@ def _loop(
         # learning rates the optimizer stepped with (train/lr_mean, train/lr_last; LRTrace).
         prefix = names.train_term("")
         row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+        row |= totals  # train/steps, train/tokens: where the next experience's curves start
         # Replayed examples in the training set (a peer's own loop trains on data we do not see).
         if method.lightning_loop:
             row[names.TRAIN_REPLAYED] = len(data) - len(experience.train)
-        record(exp, tracker, h, i, row)
+        record(exp, tracker, h, i, row, points)
+        if scores:
+            with signals.deferred():
+                tracker.log_json(downstream.downstream_table(h.logged), names.DOWNSTREAM_TABLE)
         LOGGER.info(
             experience_line(
                 i, len(stream), type(method).__name__, row, h.train_seconds[-1], eval_seconds
@@ -290,14 +345,25 @@ def _loop(
     return finish(exp, h, recorder)
 
 
+def epochs_trained(totals: dict[str, float], data: Dataset, max_epochs: int) -> float:
+    """Epochs of ``data`` trained on, from the tokens counted (run/curves.py): a step or token
+    budget may end inside an epoch. ``max_epochs`` where nothing was counted (a peer's loop)."""
+    tokens = totals.get(names.TRAIN_TOKENS)
+    if tokens is None:
+        return float(max_epochs)
+    return float(tokens) / max(len(data) * tokens_per_sample(data), 1)
+
+
 def record(
     exp: Experiment,
     tracker: RunTracker,
     h: History,
     i: int,
     row: dict[str, float],
+    points: list[curves.Point] = (),
 ) -> None:
-    """Save the resume state, log the experience's row, and the model when asked to."""
+    """Save the resume state, log the experience's row and curve points, and the model when
+    asked to."""
     h.logged.append(row)
     # State first, metrics second: a crash in between re-logs the row on resume,
     # the other order could log a step twice.
@@ -305,6 +371,7 @@ def record(
         save_state(exp, h, tracker, i + 1)
         signals.point("log_metrics", i)
         tracker.log_metrics(row, step=i)
+        tracker.log_points(points)  # a crash before this leaves a gap, never a point twice
     if exp.cfg.tracking.log_checkpoints:
         with signals.deferred(), tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"model_exp_{i}.pt"

@@ -22,8 +22,10 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from lifelong_moe import compat, names
+from lifelong_moe.measure.throughput import tokens_per_sample
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.run import signals
+from lifelong_moe.run.budget import Budget, budget_for, world_size
 from lifelong_moe.run.checkpoints import StepCheckpoint, checkpoint_writer, make_loader
 from lifelong_moe.run.stop_sync import StopSync, forwarder
 from lifelong_moe.stream import Experience
@@ -57,8 +59,10 @@ def make_trainer(
     cfg: DictConfig,
     callbacks: list[L.Callback] | None = None,
     checkpoint_io: CheckpointIO | None = None,
+    budget: Budget | None = None,
 ) -> L.Trainer:
-    """A fresh Trainer for one experience.
+    """A fresh Trainer for one experience, trained for ``budget`` (run/budget.py; by default
+    ``trainer.max_epochs``).
 
     On one machine ``ddp`` becomes ``ddp_fork`` (CPU) or ``ddp_spawn`` (GPU, where CUDA forbids
     fork): plain ``ddp`` re-runs the whole command for every rank at each ``fit``, which cannot
@@ -77,10 +81,13 @@ def make_trainer(
         plugins.append(LightningEnvironment())
     # The bar redraws at every step by default: a tenth of a small CPU step (results/loop_cpu.md).
     bar = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if t.progress_bar else []
+    budget = budget or Budget(max_epochs=t.max_epochs)
     return L.Trainer(
         plugins=plugins or None,
         callbacks=[*bar, *(callbacks or []), LRTrace()],  # LRTrace last: see its on_fit_end
-        max_epochs=t.max_epochs,
+        max_epochs=budget.max_epochs,
+        max_steps=budget.max_steps,
+        accumulate_grad_batches=t.get("accumulate_grad_batches", 1),
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -103,9 +110,12 @@ def fit(
     data: Dataset,
     folder: Path,
     ckpt: Path | None,
+    curve: L.Callback | None = None,
 ) -> L.Trainer:
-    """Train on one experience with a fresh Trainer, writing step checkpoints as it goes, and
-    stopping at a step boundary on a signal (DDP workers included: stop_sync.py)."""
+    """Train on one experience with a fresh Trainer for its budget (run/budget.py), writing step
+    checkpoints as it goes, and stopping at a step boundary on a signal (DDP workers included:
+    stop_sync.py). ``curve`` (run/curves.py) comes before the checkpoint callback, so that a
+    step's curve point is in the checkpoint that step writes."""
     i = experience.index
     loader = make_loader(
         data, cfg.trainer.batch_size, cfg.trainer.num_workers, seed=cfg.seed * 1_000 + i
@@ -122,7 +132,9 @@ def fit(
         writer=writer,
         sampler=loader.sampler,
     )
-    trainer = make_trainer(cfg, callbacks=[saver, StopSync()], checkpoint_io=writer)
+    limits = budget_for(cfg.trainer, len(data), tokens_per_sample(data), world_size(cfg.trainer))
+    callbacks = [*([curve] if curve is not None else []), saver, StopSync()]
+    trainer = make_trainer(cfg, callbacks=callbacks, checkpoint_io=writer, budget=limits)
     if method.lightning_loop:
         # A signal stops at the next step boundary, DDP workers included (stop_sync.py).
         with signals.training(forward=forwarder(trainer)):
