@@ -232,13 +232,9 @@ def load_hf_model(
         raise ConfigError(f"model.dtype={dtype!r}: expected one of {tuple(DTYPES)}")
     if pretrained:
         path = _check_pretrained(pretrained)
-        hf_config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
-        if config:
-            raise ConfigError(
-                f"model.config={config!r} with model.pretrained: the directory's config.json "
-                "describes the model; leave model.config empty"
-            )
-        _check_family(hf_config.model_type)
+        # model.config (the presets' tiny shape) is for training from scratch only: the
+        # directory's config.json describes a pretrained model, so it is not read here.
+        hf_config = _pretrained_config(tf, path)
         model = tf.AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, dtype=DTYPES[dtype]
         )
@@ -256,6 +252,24 @@ def load_hf_model(
                 setattr(hf_config, key, None)
         model = tf.AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[dtype])
     return model
+
+
+def _pretrained_config(tf: Any, path: Path) -> Any:
+    """The directory's config; one line when its model_type is unknown to transformers."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"model.pretrained={str(path)!r}: config.json unreadable: {err}"
+        ) from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str) or model_type not in tf.CONFIG_MAPPING:
+        raise ConfigError(
+            f"model.pretrained={str(path)!r}: config.json has model_type={model_type!r}, not a "
+            f"transformers {tf.__version__} model type; supported MoE families (tested): "
+            f"{', '.join(TESTED_FAMILIES)}"
+        )
+    return tf.AutoConfig.from_pretrained(path, local_files_only=True)
 
 
 def _check_family(family: str) -> None:
