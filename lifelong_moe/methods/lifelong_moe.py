@@ -116,8 +116,13 @@ class LifelongMoE(ContinualMethod):
                 f"method.task_aware_routing=true needs method.experts_per_experience >= top_k "
                 f"({top_k}) so that each task has its own top_k experts, got {experts_per_experience}"
             )
-        # Experience that created each expert (task-aware routing and the routing plot).
-        self.expert_origin = [0] * next(iter(moe_layers(model).values())).n_experts
+        # Experience that created each expert (task-aware routing and the routing plot). A
+        # model restored from an export brings its own (< 0: grown by the run it continues);
+        # it has trained already, so this run grows before its first experience too.
+        restored = getattr(model, "expert_origin", None)
+        n_experts = next(iter(moe_layers(model).values())).n_experts
+        self.continues = restored is not None
+        self.expert_origin = list(restored) if restored is not None else [0] * n_experts
         self.freeze_old = freeze_old
         self.freeze_shared = freeze_shared
         self.lambda_kd = lambda_kd
@@ -141,7 +146,7 @@ class LifelongMoE(ContinualMethod):
         super().before_experience(exp)
         self._set_teacher(None)
         self.teacher_mask = None
-        if exp.index == 0:
+        if exp.index == 0 and not self.continues:
             return
         n_old = next(iter(self.layers.values())).n_experts
         if self.freeze_old:

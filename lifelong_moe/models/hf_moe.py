@@ -316,6 +316,12 @@ class HFMoECausalLM(nn.Module):
         stored = getattr(hf.config, "dtype", None) or getattr(hf.config, "torch_dtype", None)
         self.export_dtype = str(stored).replace("torch.", "") if pretrained and stored else dtype
         self.hf = self._convert(hf, moe or MoESettings())
+        # An export of this toolkit says which experts were frozen and where each came from: a
+        # run from it continues growing (methods/lifelong_moe.py reads ``expert_origin``).
+        record = read_expert_record(pretrained) if pretrained else None
+        self.expert_origin: list[int] | None = None
+        if record is not None:
+            self.expert_origin = self._restore(record, str(pretrained))
 
     def _convert(self, hf: nn.Module, settings: MoESettings) -> nn.Module:
         blocks = find_blocks(hf)
@@ -338,6 +344,39 @@ class HFMoECausalLM(nn.Module):
             setattr(parent, name, HFSparseBlock(layer, self.context))
             self.block_specs.append(spec)
         return hf
+
+    def _restore(self, record: dict[str, Any], where: str) -> list[int]:
+        """Freeze each layer's first ``n_frozen`` experts as the export recorded them; the
+        origins come back shifted below 0 (-1 = the exporting run's last experience), so that
+        this run's experiences count from 0 as usual and every earlier expert is older."""
+        layers = record.get("layers") if isinstance(record, dict) else None
+        origin = record.get("expert_origin") if isinstance(record, dict) else None
+        paths = [spec.path for spec in self.block_specs]
+        n_experts = {self.hf.get_submodule(p).moe.n_experts for p in paths}
+        ok = (
+            isinstance(layers, dict)
+            and sorted(layers) == sorted(paths)
+            and isinstance(origin, list)
+            and all(isinstance(o, int) for o in origin)
+            and {len(origin)} == n_experts
+            and all(
+                isinstance(v, dict)
+                and v.get("n_experts") in n_experts
+                and isinstance(v.get("n_frozen"), int)
+                and 0 <= v["n_frozen"] <= v["n_experts"]
+                for v in layers.values()
+            )
+        )
+        if not ok:
+            raise ConfigError(
+                f"model.pretrained={where!r}: {EXPERTS_JSON} does not match the model (expected "
+                f"layers {paths} with n_experts {sorted(n_experts)}, n_frozen, and one "
+                "expert_origin per expert); delete it to start from the weights alone"
+            )
+        for path in paths:
+            self.hf.get_submodule(path).moe.freeze_first(layers[path]["n_frozen"])
+        shift = max(origin) + 1
+        return [o - shift for o in origin]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.hf.get_input_embeddings()

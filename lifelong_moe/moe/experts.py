@@ -148,7 +148,18 @@ class Experts(nn.Module):
     @torch.no_grad()
     def freeze_existing(self) -> None:
         """Move every expert into the frozen bank; the trainable bank becomes empty."""
-        self.w1_frozen = torch.cat([self.w1_frozen, self.w1.detach()], dim=0)
-        self.w2_frozen = torch.cat([self.w2_frozen, self.w2.detach()], dim=0)
-        self.w1 = nn.Parameter(self.w1.detach()[:0].clone())
-        self.w2 = nn.Parameter(self.w2.detach()[:0].clone())
+        self.freeze_first(self.n_experts)
+
+    @torch.no_grad()
+    def freeze_first(self, n_frozen: int) -> None:
+        """Move trainable experts into the frozen bank until the first ``n_frozen`` are frozen
+        (ids unchanged); a continued run restores an export's banks with it."""
+        move = n_frozen - self.n_frozen
+        if not 0 <= move <= self.n_trainable:
+            raise ValueError(
+                f"freeze_first({n_frozen}): {self.n_frozen} of {self.n_experts} frozen"
+            )
+        self.w1_frozen = torch.cat([self.w1_frozen, self.w1.detach()[:move]], dim=0)
+        self.w2_frozen = torch.cat([self.w2_frozen, self.w2.detach()[:move]], dim=0)
+        self.w1 = nn.Parameter(self.w1.detach()[move:].clone())
+        self.w2 = nn.Parameter(self.w2.detach()[move:].clone())

@@ -235,6 +235,12 @@ class MoELayer(nn.Module):
         self.experts.freeze_existing()
         self.router.freeze_existing()
 
+    @torch.no_grad()
+    def freeze_first(self, n_frozen: int) -> None:
+        """The first ``n_frozen`` experts and gate rows frozen, the rest trainable (ids kept)."""
+        self.experts.freeze_first(n_frozen)
+        self.router.freeze_first(n_frozen)
+
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild a layer of the same shape, banks included."""
         return {
