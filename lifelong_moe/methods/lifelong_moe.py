@@ -40,6 +40,8 @@ from lifelong_moe.moe.experts import EXPERT_INITS
 from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS
 from lifelong_moe.stream import Experience
 
+# Weight of the balance loss when neither the config nor the model (router_aux_loss_coef) sets one.
+DEFAULT_LAMBDA_AUX = 0.01
 # gate_init=domain: how many of the new experience's inputs the mean router input is taken over.
 DOMAIN_WINDOWS = 1024
 
@@ -55,7 +57,7 @@ class LifelongMoE(ContinualMethod):
         freeze_shared: bool = False,
         lambda_kd: float = 1.0,
         temperature: float = 2.0,
-        lambda_aux: float = 0.01,
+        lambda_aux: float | None = None,
         lambda_z: float = 0.0,
         expand_init: str = "random",
         gate_init: str = "mean",
@@ -76,6 +78,9 @@ class LifelongMoE(ContinualMethod):
             replay_fraction=replay_fraction,
         )
         checks.non_negative_int("method.experts_per_experience", experts_per_experience)
+        if lambda_aux is None:  # the model's own weight (a Hugging Face family's), else Switch's
+            lambda_aux = getattr(model, "aux_loss_coef", None)
+            lambda_aux = DEFAULT_LAMBDA_AUX if lambda_aux is None else lambda_aux
         for key, value in (
             ("lambda_kd", lambda_kd),
             ("lambda_aux", lambda_aux),

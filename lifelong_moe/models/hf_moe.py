@@ -38,6 +38,7 @@ from torch import nn
 
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe import AuxList, MoELayer, MoESettings
+from lifelong_moe.moe.balance import pool_balance
 
 MISSING_EXTRA = (
     "model=hf_moe needs the [hf] extra (transformers, tokenizers, safetensors): "
@@ -82,14 +83,22 @@ class _ForwardContext:
 
 
 class HFSparseBlock(nn.Module):
-    """Stands in for a family's sparse block: hidden [B, L, d] -> [B, L, d], aux to the context."""
+    """Stands in for a family's sparse block: hidden [B, L, d] -> [B, L, d], aux to the context.
 
-    def __init__(self, moe: MoELayer, context: _ForwardContext) -> None:
+    ``jitter`` is Mixtral's ``router_jitter_noise``: in training the block's input (router and
+    experts alike) is scaled by U(1 - jitter, 1 + jitter) per element, as transformers does.
+    """
+
+    def __init__(self, moe: MoELayer, context: _ForwardContext, jitter: float = 0.0) -> None:
         super().__init__()
         self.moe = moe
         self.context = context
+        self.jitter = float(jitter)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.training and self.jitter > 0:
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            hidden_states = hidden_states * noise
         y, aux = self.moe(hidden_states, expert_mask=self.context.mask)
         self.context.aux.append(aux)
         return y
@@ -315,7 +324,12 @@ class HFMoECausalLM(nn.Module):
         # The dtype the checkpoint was stored in: what the export writes.
         stored = getattr(hf.config, "dtype", None) or getattr(hf.config, "torch_dtype", None)
         self.export_dtype = str(stored).replace("torch.", "") if pretrained and stored else dtype
-        self.hf = self._convert(hf, moe or MoESettings())
+        settings = moe or MoESettings()
+        self.balance_loss = settings.balance_loss  # moe/balance.py
+        # The family's weight of its balance loss: method.lambda_aux=null uses it.
+        coef = getattr(hf.config, "router_aux_loss_coef", None)
+        self.aux_loss_coef: float | None = None if coef is None else float(coef)
+        self.hf = self._convert(hf, settings)
         # An export of this toolkit says which experts were frozen and where each came from: a
         # run from it continues growing (methods/lifelong_moe.py reads ``expert_origin``).
         record = read_expert_record(pretrained) if pretrained else None
@@ -337,11 +351,12 @@ class HFMoECausalLM(nn.Module):
             )
         self.context = _ForwardContext()
         self.block_specs: list[BlockSpec] = []
+        jitter = float(getattr(hf.config, "router_jitter_noise", 0.0) or 0.0)
         for path, block, spec in blocks:
             layer = _moe_from_block(block, spec, HF_ACTIVATIONS[act], settings)
             parent_path, _, name = path.rpartition(".")
             parent = hf.get_submodule(parent_path) if parent_path else hf
-            setattr(parent, name, HFSparseBlock(layer, self.context))
+            setattr(parent, name, HFSparseBlock(layer, self.context, jitter))
             self.block_specs.append(spec)
         return hf
 
@@ -390,7 +405,10 @@ class HFMoECausalLM(nn.Module):
         self.context.mask, self.context.aux = expert_mask, []
         try:
             logits = self.hf(input_ids=x, use_cache=False).logits
-            return logits, self.context.aux
+            aux = self.context.aux
+            if self.balance_loss == "transformers":
+                aux = pool_balance(aux, self.hf.get_submodule(self.block_specs[0].path).moe.top_k)
+            return logits, aux
         finally:
             self.context.mask, self.context.aux = None, []
 

@@ -9,6 +9,8 @@ From a backbone to the grouped GEMM:
 - experts.py   stacked expert weights [E, d, h] in a frozen and a trainable bank
 - dispatch.py  sort tokens by expert -> ``grouped_mm`` -> unsort -> weighted combine
 - fused.py     the same dispatch as Triton kernels (CUDA; ``dispatch: fused``)
+- balance.py   transformers' load-balancing loss of the HF families (pooled over layers)
+- domain.py    mean router input per layer (gate_init=domain)
 """
 
 from lifelong_moe.moe.layer import AuxList, DenseMLP, MoEAux, MoELayer, MoESettings
