@@ -6,6 +6,7 @@
     .venv/bin/python experiments/study.py routing_lm_long   # issue 12: the same, 3 epochs per domain
     .venv/bin/python experiments/study.py routing_digits    # issue 12: baselines and peers, digits
     .venv/bin/python experiments/study.py ewc_lambda        # issue 12: Avalanche's EWC over lambda
+    .venv/bin/python experiments/study.py hf                # issue 22: tiny OLMoE, BPE, 5 seeds
 
 Each study runs Hydra sweeps in parallel (joblib, 2 jobs) into its own MLflow store under
 outputs/study_<name>/, then lifelong-moe-compare writes the table and plots; the routing heatmap
@@ -32,7 +33,8 @@ from lifelong_moe.tracking import store as tracking_store
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-COMMON = ["trainer.progress_bar=false", "tracking.log_checkpoints=false", "seed=0,1,2"]
+COMMON = ["trainer.progress_bar=false", "tracking.log_checkpoints=false"]
+SEEDS = "0,1,2"  # a study's "seeds" replaces it
 N_JOBS = 2
 # Issue 12's LM methods; the Thérien recipe (Thérien et al., TMLR 2025): learning-rate re-warming
 # and re-decaying at every experience plus a little replay of earlier domains.
@@ -62,7 +64,37 @@ DIGITS_EPOCHS = "trainer.max_epochs=10"
 # gradients, which is small: a decade grid from routing_digits' 0.4 up to where it stops learning,
 # finer between 4000 and 400000, where a first pass of the decades found the trade-off.
 EWC_LAMBDAS = "0.4,4,40,400,4000,10000,20000,40000,100000,200000,400000"
+# Issue 22: a tiny OLMoE-shaped model (4 layers, d 128, 8 SwiGLU experts top-2, model=olmoe) on
+# the 4 built-in text domains tokenized with a byte-level BPE of 2048 ids trained on them; the
+# first experience trains it from scratch, the others continue it. expand_init / gate_init are
+# results/hf_init.md's choice.
+HF_MODEL = [
+    "model=olmoe",
+    "model.config.num_hidden_layers=4",
+    "model.config.hidden_size=128",
+    "model.config.intermediate_size=128",
+    "benchmark=text_domains",
+    "benchmark.tokenizer=train:2048",
+    "benchmark.context_length=64",
+    "benchmark.max_bytes_per_domain=131072",
+    "trainer.max_epochs=1",
+    "trainer.batch_size=32",
+    "trainer.gradient_clip_val=1.0",
+]
+HF_INIT = ["method.expand_init=upcycle", "method.gate_init=domain"]
 STUDIES = {
+    "hf": {
+        "title": "A tiny OLMoE grown over 4 text domains with a trained BPE (model=olmoe)",
+        "seeds": "0,1,2,3,4",
+        "sweeps": {
+            "lifelong_moe": [*HF_MODEL, "method=lifelong_moe", *HF_INIT],
+            "joint": [*HF_MODEL, "method=joint"],
+            "moe_finetune + Thérien": [*HF_MODEL, "method=moe_finetune", *THERIEN]
+            + ["method.name=moe_finetune_therien"],
+        },
+        "plots": {"text_domains": ["benchmark=text_domains"]},
+        "routing": ("lifelong_moe", "text_domains"),
+    },
     "digits": {
         "title": "Lifelong-MoE, its ablations and baselines on split and permuted digits",
         "sweeps": {
@@ -191,7 +223,7 @@ def main() -> None:
     plot_sets = study.get("plots")
     for i, (label, overrides) in enumerate(study["sweeps"].items()):
         args = ["-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={N_JOBS}", *overrides]
-        args += COMMON
+        args += [*COMMON, f"seed={study.get('seeds', SEEDS)}"]
         args += [
             f"tracking.uri={uri}",
             f"tracking.experiment={name}",
@@ -219,7 +251,8 @@ def main() -> None:
     lines += [f"- `lifelong-moe-compare {' '.join(quoted(args))}`", ""]
     if not options.tables_only:
         lines += [f"Total wall time on a 2-core CPU: {time.perf_counter() - total:.0f} s.", ""]
-    lines += ["## Results (mean ± std over 3 seeds)", "", table.strip(), ""]
+    n_seeds = len(study.get("seeds", SEEDS).split(","))
+    lines += [f"## Results (mean ± std over {n_seeds} seeds)", "", table.strip(), ""]
     lines += [study["note"], ""] if "note" in study else []
     lines += plots
     client = tracking_store.client(uri)
