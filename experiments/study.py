@@ -67,7 +67,7 @@ EWC_LAMBDAS = "0.4,4,40,400,4000,10000,20000,40000,100000,200000,400000"
 # Issue 22: a tiny OLMoE-shaped model (4 layers, d 128, 8 SwiGLU experts top-2, model=olmoe) on
 # the 4 built-in text domains tokenized with a byte-level BPE of 2048 ids trained on them; the
 # first experience trains it from scratch, the others continue it. expand_init / gate_init are
-# results/hf_init.md's choice.
+# left to the model: results/hf_init.md's choice (copy_most_used / random).
 HF_MODEL = [
     "model=olmoe",
     "model.config.num_hidden_layers=4",
@@ -81,13 +81,12 @@ HF_MODEL = [
     "trainer.batch_size=32",
     "trainer.gradient_clip_val=1.0",
 ]
-HF_INIT = ["method.expand_init=upcycle", "method.gate_init=domain"]
 STUDIES = {
     "hf": {
         "title": "A tiny OLMoE grown over 4 text domains with a trained BPE (model=olmoe)",
         "seeds": "0,1,2,3,4",
         "sweeps": {
-            "lifelong_moe": [*HF_MODEL, "method=lifelong_moe", *HF_INIT],
+            "lifelong_moe": [*HF_MODEL, "method=lifelong_moe"],
             "joint": [*HF_MODEL, "method=joint"],
             "moe_finetune + Thérien": [*HF_MODEL, "method=moe_finetune", *THERIEN]
             + ["method.name=moe_finetune_therien"],

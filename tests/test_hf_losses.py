@@ -47,10 +47,19 @@ def test_balance_loss_and_its_gradient_equal_transformers(fam, tmp_path):
     assert abs(float(sum(a.balance_loss for a in switch(x)[1])) - float(want)) > 1e-3
 
 
-def test_lambda_aux_null_reads_router_aux_loss_coef(tmp_path):
+def test_null_method_settings_take_the_models_own(tmp_path):
+    """lambda_aux: the checkpoint's router_aux_loss_coef; inits: results/hf_init.md's choice."""
     _, ours = _pair("mixtral", tmp_path, router_aux_loss_coef=0.02)
-    assert LifelongMoE(ours).lambda_aux == 0.02
-    assert LifelongMoE(ours, lambda_aux=0.5).lambda_aux == 0.5
+    method = LifelongMoE(ours)
+    assert (method.lambda_aux, method.expand_init, method.gate_init) == (
+        0.02,
+        "copy_most_used",
+        "random",
+    )
+    method = LifelongMoE(ours, lambda_aux=0.5, expand_init="upcycle", gate_init="zero")
+    assert (method.lambda_aux, method.expand_init, method.gate_init) == (0.5, "upcycle", "zero")
+    toolkit = LifelongMoE(torch.nn.Sequential(MoESettings(blocks=[0]).ffn(8, 8, 0)))
+    assert (toolkit.lambda_aux, toolkit.expand_init, toolkit.gate_init) == (0.01, "random", "mean")
 
 
 def test_mixtral_router_jitter_in_training_only(tmp_path):

@@ -42,6 +42,8 @@ from lifelong_moe.stream import Experience
 
 # Weight of the balance loss when neither the config nor the model (router_aux_loss_coef) sets one.
 DEFAULT_LAMBDA_AUX = 0.01
+# New experts and gate rows of the toolkit's own backbones (a model may state its own).
+DEFAULT_GROWTH_INIT = {"expand_init": "random", "gate_init": "mean"}
 # gate_init=domain: how many of the new experience's inputs the mean router input is taken over.
 DOMAIN_WINDOWS = 1024
 
@@ -59,8 +61,8 @@ class LifelongMoE(ContinualMethod):
         temperature: float = 2.0,
         lambda_aux: float | None = None,
         lambda_z: float = 0.0,
-        expand_init: str = "random",
-        gate_init: str = "mean",
+        expand_init: str | None = None,
+        gate_init: str | None = None,
         replay_buffer_size: int = 0,
         replay_fraction: float = 0.0,
         task_aware_routing: bool = False,
@@ -96,6 +98,10 @@ class LifelongMoE(ContinualMethod):
                 "without any; use model=moe_mlp, model=moe_vit, model=moe_lm or model=olmoe"
             )
         checks.choice("method.balance_scope", balance_scope, BALANCE_SCOPES)
+        # null: the backbone's measured choice (HFMoECausalLM.growth_init), else the defaults.
+        preferred = {**DEFAULT_GROWTH_INIT, **getattr(model, "growth_init", {})}
+        expand_init = preferred["expand_init"] if expand_init is None else expand_init
+        gate_init = preferred["gate_init"] if gate_init is None else gate_init
         checks.choice("method.expand_init", expand_init, EXPERT_INITS)
         checks.choice("method.gate_init", gate_init, GATE_INITS)
         if infer_routing and task_aware_routing:
