@@ -8,6 +8,7 @@
     .venv/bin/python experiments/study.py ewc_lambda        # issue 12: Avalanche's EWC over lambda
     .venv/bin/python experiments/study.py ablations_digits  # issue 24: the reviewer's ablations
     .venv/bin/python experiments/study.py ablations_lm      # issue 24: the same on text
+    .venv/bin/python experiments/study.py hf                # issue 22: tiny OLMoE, BPE, 5 seeds
 
 Each study runs Hydra sweeps in parallel (joblib, 2 jobs) into its own MLflow store under
 outputs/study_<name>/, then lifelong-moe-compare writes the table and plots; the routing heatmap
@@ -137,7 +138,35 @@ DIGITS_VALIDATION = "benchmark.validation_fraction=0.2"
 # gradients, which is small: a decade grid from routing_digits' 0.4 up to where it stops learning,
 # finer between 4000 and 400000, where a first pass of the decades found the trade-off.
 EWC_LAMBDAS = "0.4,4,40,400,4000,10000,20000,40000,100000,200000,400000"
+# Issue 22: a tiny OLMoE-shaped model (4 layers, d 128, 8 SwiGLU experts top-2, model=olmoe) on
+# the 4 built-in text domains tokenized with a byte-level BPE of 2048 ids trained on them; the
+# first experience trains it from scratch, the others continue it. expand_init / gate_init are
+# left to the model: results/hf_init.md's choice (copy_most_used / random).
+HF_MODEL = [
+    "model=olmoe",
+    "model.config.num_hidden_layers=4",
+    "model.config.hidden_size=128",
+    "model.config.intermediate_size=128",
+    "benchmark=text_domains",
+    "benchmark.tokenizer=train:2048",
+    "benchmark.context_length=64",
+    "benchmark.max_bytes_per_domain=131072",
+    "trainer.max_epochs=1",
+    "trainer.batch_size=32",
+    "trainer.gradient_clip_val=1.0",
+]
 STUDIES = {
+    "hf": {
+        "title": "A tiny OLMoE grown over 4 text domains with a trained BPE (model=olmoe)",
+        "sweeps": {
+            "lifelong_moe": [*HF_MODEL, "method=lifelong_moe"],
+            "joint": [*HF_MODEL, "method=joint"],
+            "moe_finetune + Thérien": [*HF_MODEL, "method=moe_finetune", *THERIEN]
+            + ["method.name=moe_finetune_therien"],
+        },
+        "plots": {"text_domains": ["benchmark=text_domains"]},
+        "routing": ("lifelong_moe", "text_domains"),
+    },
     "digits": {
         "title": "Lifelong-MoE, its ablations and baselines on split and permuted digits",
         "sweeps": {

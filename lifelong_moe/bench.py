@@ -11,6 +11,11 @@ Needs torch alone (it also runs on GPU boxes with nothing else installed):
 `loop` times the runner's training (Lightning) against a bare PyTorch loop on the same run
 config, in one process (see lifelong_moe/loop_bench.py):
     lifelong-moe-bench loop method=moe_finetune benchmark=permuted_digits --threads 2 --epochs 3 15
+
+`hf` times fwd+bwd of a tiny OLMoE-shaped model converted to the toolkit's MoELayer against
+transformers' own eager and grouped_mm experts on the same tokens (lifelong_moe/measure/hf_bench.py;
+needs the [hf] extra):
+    lifelong-moe-bench hf --threads 1 --repeats 7
 """
 
 from __future__ import annotations
@@ -526,7 +531,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     q.add_argument("--repeats", type=int, default=5)
     q.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     q.add_argument("--json", default=None, help="write all raw numbers here")
+    h = sub.add_parser("hf", help="converted HF MoE vs transformers' eager and grouped_mm experts")
+    h.add_argument("--layers", type=int, default=4)
+    h.add_argument("--d-model", type=int, default=128)
+    h.add_argument("--d-hidden", type=int, default=256)
+    h.add_argument("--experts", type=int, default=8)
+    h.add_argument("--top-k", type=int, default=2)
+    h.add_argument("--vocab", type=int, default=1024)
+    h.add_argument("--batch", type=int, default=16)
+    h.add_argument("--seq", type=int, default=128)
+    h.add_argument("--repeats", type=int, default=7)
+    h.add_argument("--warmup", type=int, default=2)
+    h.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    h.add_argument("--json", default=None, help="write all raw numbers here")
     args = parser.parse_args(argv)
+    if args.command == "hf":
+        if args.repeats < 5 or args.warmup < 1:
+            parser.error("--repeats must be >= 5 and --warmup >= 1")
+        return args
     if args.command == "loop":
         if args.repeats < 1 or min(args.epochs) < 1:
             parser.error("--repeats and --epochs must be >= 1")
@@ -575,12 +597,40 @@ def loop_main(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def hf_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """The converted HF MoE vs transformers' experts implementations; a markdown table."""
+    from lifelong_moe.measure import hf_bench
+
+    shape = hf_bench.HFShape(
+        args.layers, args.d_model, args.d_hidden, args.experts, args.top_k, args.vocab,
+        args.batch, args.seq,
+    )  # fmt: skip
+    try:
+        report = hf_bench.bench_hf(shape, args.repeats, args.warmup)
+    except ConfigError as err:
+        print(f"lifelong-moe-bench: {err}", file=sys.stderr)
+        return 2
+    report |= {"device": device_name(torch.device("cpu")), "argv": argv}
+    print(
+        f"device: {report['device']}, torch {report['torch']}, transformers "
+        f"{report['transformers']}, fp32, {shape}, median of {args.repeats}\n"
+    )
+    print(hf_bench.markdown(report))
+    print(f"\nratio toolkit / {report['best_transformers']}: {report['ratio']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.command == "loop":
         return loop_main(args, sys.argv[1:] if argv is None else list(argv))
+    if args.command == "hf":
+        return hf_main(args, sys.argv[1:] if argv is None else list(argv))
     torch.manual_seed(args.seed)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     results = []

@@ -198,6 +198,12 @@ def test_bad_inputs_are_one_line(tmp_path):
     _saved_reference("olmoe", tmp_path)
     with pytest.raises(ConfigError, match="tokenizer vocabulary of 65 ids: expected at most .* 64"):
         HFMoECausalLM([LENGTH], VOCAB + 1, pretrained=str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "olmoe_v9"}))
+    with pytest.raises(
+        ConfigError, match="model_type='olmoe_v9', not a transformers .* model type"
+    ):
+        HFMoECausalLM([LENGTH], VOCAB, pretrained=str(tmp_path))
 
 
 def test_check_vocab_accepts_padded_embeddings():

@@ -57,6 +57,7 @@ from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
 from lifelong_moe.data.corpus import find_domains
+from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, load_tokenizer
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Experience, Stream
 
@@ -252,7 +253,13 @@ def windows(data: bytes, context_length: int) -> tuple[torch.Tensor, torch.Tenso
     """x [N, L] and y [N, L] = x shifted by one byte; stride L, so each target appears once."""
     n = (len(data) - 1) // context_length
     tokens = torch.frombuffer(bytearray(data[: n * context_length + 1]), dtype=torch.uint8)
-    tokens = tokens.long()
+    return token_windows(tokens.long(), context_length)
+
+
+def token_windows(tokens: torch.Tensor, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`windows` over token ids (long [n]) instead of bytes."""
+    n = (len(tokens) - 1) // context_length
+    tokens = tokens[: n * context_length + 1]
     x = tokens[:-1].view(n, context_length)
     y = tokens[1:].view(n, context_length)
     return x.clone(), y.clone()
@@ -313,8 +320,15 @@ def text_domains(
     val_fraction: float = 0.1,
     seed: int = 0,
     task_labels: bool = False,
+    tokenizer: str | None = None,
 ) -> TextStream:
-    """One experience per domain: ``TensorDataset(x [N, L] long, y [N, L] long, t [N] long)``."""
+    """One experience per domain: ``TensorDataset(x [N, L] long, y [N, L] long, t [N] long)``.
+
+    ``tokenizer``: None or ``bytes`` keeps the byte tokens (vocabulary 256); otherwise a spec of
+    ``load_tokenizer`` (a local Hugging Face tokenizer directory, e.g. the pretrained model's,
+    or ``train:<V>`` trained on these domains' text), whose vocabulary becomes ``n_classes``.
+    Each domain's text is then encoded in one piece (no EOS: domains are not documents here).
+    """
     _check(context_length, max_bytes_per_domain, val_fraction, domains)
     if text_dir is None:
         sources, default = SOURCES, list(DEFAULT_DOMAINS)
@@ -323,10 +337,20 @@ def text_domains(
         default = list(sources)  # sorted by name
     names = _select(sources, domains, default)
     seen: set[str] = set()
+    read = [read_domain(name, sources[name], seen, max_bytes_per_domain) for name in names]
+    tok = None
+    if tokenizer not in (None, BYTES):
+        texts = [data.decode("utf-8", errors="replace") for data, _ in read]
+        tok = load_tokenizer(tokenizer, texts if tokenizer.startswith(TRAIN_PREFIX) else None)
+    vocab = VOCAB_SIZE if tok is None else tok.vocab_size
     experiences, infos = [], []
-    for index, name in enumerate(names):
-        data, info = read_domain(name, sources[name], seen, max_bytes_per_domain)
-        n = (len(data) - 1) // context_length
+    for index, (name, (data, info)) in enumerate(zip(names, read, strict=True)):
+        if tok is None:
+            tokens = None
+            n = (len(data) - 1) // context_length
+        else:
+            tokens = torch.tensor(tok.encode(data.decode("utf-8", errors="replace")))
+            n = (len(tokens) - 1) // context_length
         n_val = max(1, round(val_fraction * n))
         if n - n_val < 1:
             raise ConfigError(
@@ -334,7 +358,11 @@ def text_domains(
                 f"one validation window of context_length={context_length} "
                 f"at val_fraction={val_fraction}"
             )
-        x, y = windows(data, context_length)
+        x, y = (
+            windows(data, context_length)
+            if tokens is None
+            else token_windows(tokens, context_length)
+        )
         start, stop = validation_block(n, val_fraction, seed, index)
         train = torch.cat([torch.arange(0, start), torch.arange(stop, n)])
         task = index if task_labels else 0
@@ -345,14 +373,14 @@ def text_domains(
                 index=index,
                 train=TensorDataset(x[train], y[train], torch.full((len(train),), task)),
                 test=TensorDataset(x[start:stop], y[start:stop], torch.full((stop - start,), task)),
-                classes=list(range(VOCAB_SIZE)),
+                classes=list(range(vocab)),
                 task_id=task,
             )
         )
     return TextStream(
         name="text_domains",
         experiences=experiences,
-        n_classes=VOCAB_SIZE,
+        n_classes=vocab,
         input_shape=(context_length,),
         scenario=SCENARIO,
         task_labels=bool(task_labels),

@@ -182,7 +182,9 @@ def _from_path(spec: str) -> Tokenizer:
     if not files:
         raise ConfigError(
             f"benchmark.tokenizer={spec!r} holds no tokenizer files; expected tokenizer.json or "
-            "tokenizer_config.json (a directory saved with save_pretrained)"
+            "tokenizer_config.json (a directory saved with save_pretrained); with "
+            "model.pretrained it defaults to the model's directory: set benchmark.tokenizer=bytes "
+            "for byte tokens"
         )
     if (path / "tokenizer_config.json").is_file():
         try:

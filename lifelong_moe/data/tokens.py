@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from lifelong_moe import checks
 from lifelong_moe.data.corpus import find_domains, sample
 from lifelong_moe.data.shards import TokenShard, default_cache_dir, token_shard
-from lifelong_moe.data.tokenizer import TRAIN_PREFIX, Tokenizer, load_tokenizer
+from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, Tokenizer, load_tokenizer
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Experience, Stream
 
@@ -171,7 +171,7 @@ def _check(
 def token_domains(
     text_dir: str | None = None,
     domains: Sequence[str] | None = None,
-    tokenizer: str = "bytes",
+    tokenizer: str | None = BYTES,
     text_field: str = "text",
     context_length: int = 64,
     val_fraction: float = 0.05,
@@ -183,6 +183,7 @@ def token_domains(
 ) -> TokenStream:
     """One experience per domain of ``text_dir``: windows of the domain's cached token shard."""
     _check(context_length, val_fraction, test_fraction, tokenizer_sample_bytes)
+    tokenizer = BYTES if tokenizer is None else tokenizer  # null: no pretrained model to follow
     found = find_domains(text_dir, domains)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     corpus = None

@@ -42,6 +42,10 @@ from lifelong_moe.moe.quant import check_frozen_dtype
 from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS
 from lifelong_moe.stream import Experience
 
+# Weight of the balance loss when neither the config nor the model (router_aux_loss_coef) sets one.
+DEFAULT_LAMBDA_AUX = 0.01
+# New experts and gate rows of the toolkit's own backbones (a model may state its own).
+DEFAULT_GROWTH_INIT = {"expand_init": "random", "gate_init": "mean"}
 # gate_init=domain: how many of the new experience's inputs the mean router input is taken over.
 DOMAIN_WINDOWS = 1024
 
@@ -61,10 +65,10 @@ class LifelongMoE(ContinualMethod):
         freeze_shared: bool = False,
         lambda_kd: float = 1.0,
         temperature: float = 2.0,
-        lambda_aux: float = 0.01,
+        lambda_aux: float | None = None,
         lambda_z: float = 0.0,
-        expand_init: str = "random",
-        gate_init: str = "mean",
+        expand_init: str | None = None,
+        gate_init: str | None = None,
         task_aware_routing: bool = False,
         lambda_router: float = 0.0,
         balance_scope: str = "all",
@@ -77,6 +81,9 @@ class LifelongMoE(ContinualMethod):
     ) -> None:
         super().__init__(model, **base)  # lr, weight_decay, replay: ContinualMethod's
         checks.non_negative_int("method.experts_per_experience", experts_per_experience)
+        if lambda_aux is None:  # the model's own weight (a Hugging Face family's), else Switch's
+            lambda_aux = getattr(model, "aux_loss_coef", None)
+            lambda_aux = DEFAULT_LAMBDA_AUX if lambda_aux is None else lambda_aux
         for key, value in (
             ("lambda_kd", lambda_kd),
             ("lambda_aux", lambda_aux),
@@ -92,6 +99,10 @@ class LifelongMoE(ContinualMethod):
                 "without any; use model=moe_mlp, model=moe_vit, model=moe_lm or model=olmoe"
             )
         checks.choice("method.balance_scope", balance_scope, BALANCE_SCOPES)
+        # null: the backbone's measured choice (HFMoECausalLM.growth_init), else the defaults.
+        preferred = {**DEFAULT_GROWTH_INIT, **getattr(model, "growth_init", {})}
+        expand_init = preferred["expand_init"] if expand_init is None else expand_init
+        gate_init = preferred["gate_init"] if gate_init is None else gate_init
         checks.choice("method.expand_init", expand_init, EXPERT_INITS)
         checks.choice("method.gate_init", gate_init, GATE_INITS)
         # How frozen expert banks are stored (moe/quant.py); freeze_existing() converts to it.
@@ -123,8 +134,13 @@ class LifelongMoE(ContinualMethod):
                 f"method.task_aware_routing=true needs method.experts_per_experience >= top_k "
                 f"({top_k}) so that each task has its own top_k experts, got {experts_per_experience}"
             )
-        # Experience that created each expert (task-aware routing and the routing plot).
-        self.expert_origin = [0] * next(iter(moe_layers(model).values())).n_experts
+        # Experience that created each expert (task-aware routing and the routing plot). A
+        # model restored from an export brings its own (< 0: grown by the run it continues);
+        # it has trained already, so this run grows before its first experience too.
+        restored = getattr(model, "expert_origin", None)
+        n_experts = next(iter(moe_layers(model).values())).n_experts
+        self.continues = restored is not None
+        self.expert_origin = list(restored) if restored is not None else [0] * n_experts
         self.freeze_old = freeze_old
         self.freeze_shared = freeze_shared
         self.lambda_kd = lambda_kd
@@ -148,7 +164,7 @@ class LifelongMoE(ContinualMethod):
         super().before_experience(exp)
         self._set_teacher(None)
         self.teacher_mask = None
-        if exp.index == 0:
+        if exp.index == 0 and not self.continues:
             return
         n_old = next(iter(self.layers.values())).n_experts
         if self.freeze_old:

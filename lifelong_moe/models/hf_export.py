@@ -6,7 +6,17 @@ blocks are rebuilt from the MoELayers: router rows [frozen; trainable] in expert
 Linears under their original names. ``save_pretrained`` writes it as safetensors from a model
 skeleton on the meta device, so no second copy of the weights is allocated (a 7B model is
 ~14 GB per export). Beside it, ``lifelong_moe_experts.json`` records which experts are frozen
-and which experience each came from, for a later run that continues growing.
+and which experience each came from, for a later run that continues growing
+(``model.pretrained=<export dir>``, see ``HFMoECausalLM``).
+
+Why an artifact folder (``hf_export/exp_<i>``) and not an MLflow model: MLflow 3.17's
+transformers flavor, given a local checkpoint, needs a pipeline task and a tokenizer (an export
+of a byte-level run has none), copies the whole checkpoint into a second local folder before
+uploading (another ~14 GB per export of a 7B model), stores it as a LoggedModel outside the
+run's artifact tree, and without a model card asks the Hugging Face Hub for the card and the
+licence of the model's name (``_fetch_model_card``, ``_write_license_information``): not
+offline-safe. The folder is what ``from_pretrained`` reads, downloaded with
+``mlflow artifacts download``.
 """
 
 from __future__ import annotations

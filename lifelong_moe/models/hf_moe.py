@@ -38,6 +38,7 @@ from torch import nn
 
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe import AuxList, MoELayer, MoESettings
+from lifelong_moe.moe.balance import pool_balance
 
 MISSING_EXTRA = (
     "model=hf_moe needs the [hf] extra (transformers, tokenizers, safetensors): "
@@ -50,6 +51,11 @@ TESTED_FAMILIES = ("olmoe", "qwen2_moe", "mixtral")
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu",
                   "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# method=lifelong_moe's expand_init / gate_init when the config leaves them null: the lowest
+# validation perplexity after growth on the tiny OLMoE (results/hf_init.md: gate rows "random"
+# beat "mean" in every seed for every expert init, "domain" was worst in every seed; among the
+# expert inits copy_most_used was lowest, within 0.008 log-ppl of the others).
+GROWTH_INIT = {"expand_init": "copy_most_used", "gate_init": "random"}
 # Written beside an export: which experts are frozen and which experience each came from.
 EXPERTS_JSON = "lifelong_moe_experts.json"
 
@@ -82,14 +88,22 @@ class _ForwardContext:
 
 
 class HFSparseBlock(nn.Module):
-    """Stands in for a family's sparse block: hidden [B, L, d] -> [B, L, d], aux to the context."""
+    """Stands in for a family's sparse block: hidden [B, L, d] -> [B, L, d], aux to the context.
 
-    def __init__(self, moe: MoELayer, context: _ForwardContext) -> None:
+    ``jitter`` is Mixtral's ``router_jitter_noise``: in training the block's input (router and
+    experts alike) is scaled by U(1 - jitter, 1 + jitter) per element, as transformers does.
+    """
+
+    def __init__(self, moe: MoELayer, context: _ForwardContext, jitter: float = 0.0) -> None:
         super().__init__()
         self.moe = moe
         self.context = context
+        self.jitter = float(jitter)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.training and self.jitter > 0:
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            hidden_states = hidden_states * noise
         y, aux = self.moe(hidden_states, expert_mask=self.context.mask)
         self.context.aux.append(aux)
         return y
@@ -232,13 +246,9 @@ def load_hf_model(
         raise ConfigError(f"model.dtype={dtype!r}: expected one of {tuple(DTYPES)}")
     if pretrained:
         path = _check_pretrained(pretrained)
-        hf_config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
-        if config:
-            raise ConfigError(
-                f"model.config={config!r} with model.pretrained: the directory's config.json "
-                "describes the model; leave model.config empty"
-            )
-        _check_family(hf_config.model_type)
+        # model.config (the presets' tiny shape) is for training from scratch only: the
+        # directory's config.json describes a pretrained model, so it is not read here.
+        hf_config = _pretrained_config(tf, path)
         model = tf.AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, dtype=DTYPES[dtype]
         )
@@ -256,6 +266,24 @@ def load_hf_model(
                 setattr(hf_config, key, None)
         model = tf.AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[dtype])
     return model
+
+
+def _pretrained_config(tf: Any, path: Path) -> Any:
+    """The directory's config; one line when its model_type is unknown to transformers."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"model.pretrained={str(path)!r}: config.json unreadable: {err}"
+        ) from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str) or model_type not in tf.CONFIG_MAPPING:
+        raise ConfigError(
+            f"model.pretrained={str(path)!r}: config.json has model_type={model_type!r}, not a "
+            f"transformers {tf.__version__} model type; supported MoE families (tested): "
+            f"{', '.join(TESTED_FAMILIES)}"
+        )
+    return tf.AutoConfig.from_pretrained(path, local_files_only=True)
 
 
 def _check_family(family: str) -> None:
@@ -293,6 +321,7 @@ class HFMoECausalLM(nn.Module):
                 f"{tuple(input_shape)}; use a text benchmark"
             )
         self.context_length = int(input_shape[0])
+        self.growth_init = dict(GROWTH_INIT)
         hf = load_hf_model(
             family, pretrained, dict(config or {}), n_classes, self.context_length, dtype
         )
@@ -301,7 +330,18 @@ class HFMoECausalLM(nn.Module):
         # The dtype the checkpoint was stored in: what the export writes.
         stored = getattr(hf.config, "dtype", None) or getattr(hf.config, "torch_dtype", None)
         self.export_dtype = str(stored).replace("torch.", "") if pretrained and stored else dtype
-        self.hf = self._convert(hf, moe or MoESettings())
+        settings = moe or MoESettings()
+        self.balance_loss = settings.balance_loss  # moe/balance.py
+        # The family's weight of its balance loss: method.lambda_aux=null uses it.
+        coef = getattr(hf.config, "router_aux_loss_coef", None)
+        self.aux_loss_coef: float | None = None if coef is None else float(coef)
+        self.hf = self._convert(hf, settings)
+        # An export of this toolkit says which experts were frozen and where each came from: a
+        # run from it continues growing (methods/lifelong_moe.py reads ``expert_origin``).
+        record = read_expert_record(pretrained) if pretrained else None
+        self.expert_origin: list[int] | None = None
+        if record is not None:
+            self.expert_origin = self._restore(record, str(pretrained))
 
     def _convert(self, hf: nn.Module, settings: MoESettings) -> nn.Module:
         blocks = find_blocks(hf)
@@ -317,13 +357,47 @@ class HFMoECausalLM(nn.Module):
             )
         self.context = _ForwardContext()
         self.block_specs: list[BlockSpec] = []
+        jitter = float(getattr(hf.config, "router_jitter_noise", 0.0) or 0.0)
         for path, block, spec in blocks:
             layer = _moe_from_block(block, spec, HF_ACTIVATIONS[act], settings)
             parent_path, _, name = path.rpartition(".")
             parent = hf.get_submodule(parent_path) if parent_path else hf
-            setattr(parent, name, HFSparseBlock(layer, self.context))
+            setattr(parent, name, HFSparseBlock(layer, self.context, jitter))
             self.block_specs.append(spec)
         return hf
+
+    def _restore(self, record: dict[str, Any], where: str) -> list[int]:
+        """Freeze each layer's first ``n_frozen`` experts as the export recorded them; the
+        origins come back shifted below 0 (-1 = the exporting run's last experience), so that
+        this run's experiences count from 0 as usual and every earlier expert is older."""
+        layers = record.get("layers") if isinstance(record, dict) else None
+        origin = record.get("expert_origin") if isinstance(record, dict) else None
+        paths = [spec.path for spec in self.block_specs]
+        n_experts = {self.hf.get_submodule(p).moe.n_experts for p in paths}
+        ok = (
+            isinstance(layers, dict)
+            and sorted(layers) == sorted(paths)
+            and isinstance(origin, list)
+            and all(isinstance(o, int) for o in origin)
+            and {len(origin)} == n_experts
+            and all(
+                isinstance(v, dict)
+                and v.get("n_experts") in n_experts
+                and isinstance(v.get("n_frozen"), int)
+                and 0 <= v["n_frozen"] <= v["n_experts"]
+                for v in layers.values()
+            )
+        )
+        if not ok:
+            raise ConfigError(
+                f"model.pretrained={where!r}: {EXPERTS_JSON} does not match the model (expected "
+                f"layers {paths} with n_experts {sorted(n_experts)}, n_frozen, and one "
+                "expert_origin per expert); delete it to start from the weights alone"
+            )
+        for path in paths:
+            self.hf.get_submodule(path).moe.freeze_first(layers[path]["n_frozen"])
+        shift = max(origin) + 1
+        return [o - shift for o in origin]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.hf.get_input_embeddings()
@@ -337,7 +411,10 @@ class HFMoECausalLM(nn.Module):
         self.context.mask, self.context.aux = expert_mask, []
         try:
             logits = self.hf(input_ids=x, use_cache=False).logits
-            return logits, self.context.aux
+            aux = self.context.aux
+            if self.balance_loss == "transformers":
+                aux = pool_balance(aux, self.hf.get_submodule(self.block_specs[0].path).moe.top_k)
+            return logits, aux
         finally:
             self.context.mask, self.context.aux = None, []
 

@@ -11,6 +11,8 @@ From a backbone to the grouped GEMM:
 - fused.py     the same dispatch as Triton kernels (CUDA; ``dispatch: fused``)
 - quant.py     storage of frozen banks: fp32 | bf16 | int8 | fp8 (``method.frozen_dtype``)
 - expert_parallel.py  experts sharded over the "ep" dim of a (dp, ep) DeviceMesh, all-to-all
+- balance.py   transformers' load-balancing loss of the HF families (pooled over layers)
+- domain.py    mean router input per layer (gate_init=domain)
 """
 
 from lifelong_moe.moe.layer import AuxList, DenseMLP, MoEAux, MoELayer, MoESettings

@@ -176,8 +176,20 @@ class Experts(nn.Module):
     def freeze_existing(self) -> None:
         """Move every expert into the frozen bank, stored in ``frozen_dtype``; the trainable
         bank becomes empty. Experts frozen earlier keep their stored values (no requantizing)."""
+        self.freeze_first(self.n_experts)
+
+    @torch.no_grad()
+    def freeze_first(self, n_frozen: int) -> None:
+        """Move trainable experts into the frozen bank until the first ``n_frozen`` are frozen
+        (ids unchanged), stored in ``frozen_dtype``; a continued run restores an export's banks
+        with it."""
+        move = n_frozen - self.n_frozen
+        if not 0 <= move <= self.n_trainable:
+            raise ValueError(
+                f"freeze_first({n_frozen}): {self.n_frozen} of {self.n_experts} frozen"
+            )
         for name in ("w1", "w2"):
-            q, scale = quant.quantize(getattr(self, name), self.frozen_dtype)
+            q, scale = quant.quantize(getattr(self, name).detach()[:move], self.frozen_dtype)
             old_q, old_scale = (
                 getattr(self, f"{name}_frozen"),
                 getattr(self, f"{name}_frozen_scale"),
@@ -185,8 +197,8 @@ class Experts(nn.Module):
             setattr(self, f"{name}_frozen", torch.cat([old_q, q.to(old_q.device)], dim=0))
             if scale is not None:
                 setattr(self, f"{name}_frozen_scale", torch.cat([old_scale, scale], dim=0))
-        self.w1 = nn.Parameter(self.w1.detach()[:0].clone())
-        self.w2 = nn.Parameter(self.w2.detach()[:0].clone())
+        self.w1 = nn.Parameter(self.w1.detach()[move:].clone())
+        self.w2 = nn.Parameter(self.w2.detach()[move:].clone())
 
     @torch.no_grad()
     def set_frozen_dtype(self, fmt: str) -> None:

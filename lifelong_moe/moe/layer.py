@@ -24,6 +24,7 @@ from torch import nn
 from lifelong_moe import checks
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe import fused
+from lifelong_moe.moe.balance import BALANCE_LOSSES
 from lifelong_moe.moe.dispatch import capacity_for, grouped_experts, loop_experts
 from lifelong_moe.moe.experts import ACTIVATIONS, EXPERT_INITS, Experts, glu
 from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS, ROUTER_ORDERS, Router
@@ -252,6 +253,12 @@ class MoELayer(nn.Module):
         self.experts.freeze_existing()
         self.router.freeze_existing()
 
+    @torch.no_grad()
+    def freeze_first(self, n_frozen: int) -> None:
+        """The first ``n_frozen`` experts and gate rows frozen, the rest trainable (ids kept)."""
+        self.experts.freeze_first(n_frozen)
+        self.router.freeze_first(n_frozen)
+
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild a layer of the same shape, banks included."""
         return {
@@ -331,6 +338,9 @@ class MoESettings:
     router_order: str = "softmax_topk"  # or topk_softmax (Mixtral), see router.ROUTER_ORDERS
     shared_hidden: int = 0  # > 0: a shared expert of this width beside the routed ones
     shared_gate: bool = False  # the shared expert behind a sigmoid gate (Qwen2-MoE)
+    # switch: the toolkit's per-layer Switch loss; transformers: the families' own, pooled over
+    # layers (moe/balance.py; model=hf_moe only)
+    balance_loss: str = "switch"
 
     CONFIG_KEYS: ClassVar[dict[str, str]] = {
         "moe": "enabled",
@@ -346,6 +356,7 @@ class MoESettings:
         "router_order": "router_order",
         "shared_hidden": "shared_hidden",
         "shared_gate": "shared_gate",
+        "balance_loss": "balance_loss",
     }
 
     def __post_init__(self) -> None:
@@ -367,6 +378,7 @@ class MoESettings:
         checks.choice("model.router_order", self.router_order, ROUTER_ORDERS)
         checks.non_negative_int("model.shared_hidden", self.shared_hidden)
         checks.boolean("model.shared_gate", self.shared_gate)
+        checks.choice("model.balance_loss", self.balance_loss, BALANCE_LOSSES)
         if self.gated and self.dispatch == "fused":
             raise ConfigError(fused.GATED_REFUSAL)
 
@@ -409,6 +421,11 @@ class MoESettings:
             return DenseMLP(d_model, d_hidden)
         if not self.enabled:
             return DenseMLP(d_model, self.top_k * d_hidden)
+        if self.balance_loss != "switch":
+            raise ConfigError(
+                f"model.balance_loss={self.balance_loss!r}: pooled over layers by model=hf_moe "
+                "only; expected 'switch' for this backbone"
+            )
         return MoELayer(
             d_model,
             d_hidden,

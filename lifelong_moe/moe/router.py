@@ -209,5 +209,15 @@ class Router(nn.Module):
     @torch.no_grad()
     def freeze_existing(self) -> None:
         """Move every current row into the frozen buffer; the trainable bank becomes empty."""
-        self.weight_frozen = self.full_weight().detach().clone()
-        self.weight = nn.Parameter(self.weight.detach()[:0].clone())
+        self.freeze_first(self.n_experts)
+
+    @torch.no_grad()
+    def freeze_first(self, n_frozen: int) -> None:
+        """Move trainable rows into the frozen buffer until the first ``n_frozen`` are frozen."""
+        move = n_frozen - self.n_frozen
+        if not 0 <= move <= self.n_trainable:
+            raise ValueError(
+                f"freeze_first({n_frozen}): {self.n_frozen} of {self.n_experts} frozen"
+            )
+        self.weight_frozen = self.full_weight().detach()[:n_frozen].clone()
+        self.weight = nn.Parameter(self.weight.detach()[move:].clone())
