@@ -1,7 +1,7 @@
 """The Lightning edge of the loop: one fresh ``Trainer`` per experience, set up the same way,
 and ``fit``, which wires it to the step checkpoints and the stop decision for one experience.
 
-Strategy choice on one machine (fork/spawn instead of re-running the command per rank), a
+The process layout a launcher started (run/distributed.py), a
 progress bar that does not redraw at every step, Lightning's external-callback discovery
 done once per process, and the learning rates the optimizer actually stepped with.
 """
@@ -16,14 +16,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from lifelong_moe import compat, names
 from lifelong_moe.methods.base import ContinualMethod
-from lifelong_moe.run import signals
+from lifelong_moe.run import distributed, signals
 from lifelong_moe.run.checkpoints import StepCheckpoint, checkpoint_writer, make_loader
 from lifelong_moe.run.stop_sync import StopSync, forwarder
 from lifelong_moe.stream import Experience
@@ -60,21 +59,14 @@ def make_trainer(
 ) -> L.Trainer:
     """A fresh Trainer for one experience.
 
-    On one machine ``ddp`` becomes ``ddp_fork`` (CPU) or ``ddp_spawn`` (GPU, where CUDA forbids
-    fork): plain ``ddp`` re-runs the whole command for every rank at each ``fit``, which cannot
-    follow a loop that builds a Trainer per experience. Both train in worker processes and hand
-    rank 0's weights back to this process, which alone evaluates and logs. On several nodes every
-    process is started by the cluster (SLURM, torchrun), runs the whole loop with plain ``ddp``,
-    and only global rank 0 writes to MLflow (see ``tracker_for_rank``).
+    Several processes are started by a launcher (torchrun, srun) and every one runs the whole
+    loop with plain ``ddp`` (run/distributed.py); only global rank 0 writes to MLflow (see
+    ``tracker_for_rank``). Each process's loader takes its own shard of every batch
+    (``make_loader``), so Lightning's distributed sampler stays off.
     """
     t = cfg.trainer
-    strategy = t.strategy
     plugins: list[Any] = [checkpoint_io] if checkpoint_io is not None else []
-    several = t.devices == "auto" or t.devices != 1
-    if t.num_nodes == 1 and (strategy == "ddp" or (strategy == "auto" and several)):
-        strategy = "ddp_fork" if t.accelerator == "cpu" else "ddp_spawn"
-        # Inside a SLURM allocation Lightning would expect SLURM to have started the ranks.
-        plugins.append(LightningEnvironment())
+    layout = distributed.trainer_layout(cfg)
     # The bar redraws at every step by default: a tenth of a small CPU step (results/loop_cpu.md).
     bar = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if t.progress_bar else []
     return L.Trainer(
@@ -82,9 +74,8 @@ def make_trainer(
         callbacks=[*bar, *(callbacks or []), LRTrace()],  # LRTrace last: see its on_fit_end
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=strategy,
+        **layout,
+        use_distributed_sampler=False,
         precision=t.precision,
         gradient_clip_val=t.gradient_clip_val,
         deterministic=t.deterministic,
@@ -108,7 +99,11 @@ def fit(
     stopping at a step boundary on a signal (DDP workers included: stop_sync.py)."""
     i = experience.index
     loader = make_loader(
-        data, cfg.trainer.batch_size, cfg.trainer.num_workers, seed=cfg.seed * 1_000 + i
+        data,
+        cfg.trainer.batch_size,
+        cfg.trainer.num_workers,
+        seed=cfg.seed * 1_000 + i,
+        shard=(distributed.global_rank(), distributed.world_size()),
     )
     writer = checkpoint_writer(
         keep=cfg.trainer.get("checkpoint_keep", 2),
@@ -122,7 +117,9 @@ def fit(
         writer=writer,
         sampler=loader.sampler,
     )
-    trainer = make_trainer(cfg, callbacks=[saver, StopSync()], checkpoint_io=writer)
+    trainer = make_trainer(
+        cfg, callbacks=[saver, StopSync(), distributed.SumCounters()], checkpoint_io=writer
+    )
     if method.lightning_loop:
         # A signal stops at the next step boundary, DDP workers included (stop_sync.py).
         with signals.training(forward=forwarder(trainer)):
