@@ -30,6 +30,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -186,10 +187,10 @@ def point(
 
     Points: startup, before_experience, train_step, evaluate, after_experience, log_metrics,
     checkpoint_write (in the background writer, before the new checkpoint takes its name).
-    ``@rank`` fires in the process of that rank only (a DDP worker; the main process counts as
-    rank 0), else every process that reaches the point fires. The signals go to this process,
-    or with ``group:`` to its whole process group, as Ctrl-C in a terminal does (under DDP: the
-    main process and every worker). ``settle`` runs first when the point matches (at
+    ``@rank`` fires in the process of that rank only, else every process that reaches the point
+    fires. The signals go to this process, with ``group:`` to its whole process group, as
+    Ctrl-C in a terminal does, or with ``parent:`` to the process that started this one (under
+    torchrun: the launcher, which forwards them to every rank, as it does with a Ctrl-C). ``settle`` runs first when the point matches (at
     train_step: wait for checkpoint writes in flight), so that what the signal finds on disk
     never depends on a thread's speed.
     """
@@ -211,10 +212,15 @@ def point(
     os.environ.pop(TEST_HOOK)  # once: the signal handler may run more of this code
     if settle is not None:
         settle()
-    to_group = sig_spec.startswith("group:")
-    for one in (sig_spec.removeprefix("group:") or "SIGINT").split(","):  # SIGINT,SIGINT: twice
-        if to_group:
+    to, _, sig_names = sig_spec.rpartition(":")
+    for one in (sig_names or "SIGINT").split(","):  # SIGINT,SIGINT: twice
+        if to == "group":
             os.killpg(os.getpgrp(), getattr(signal, one))
+        elif to == "parent":  # wait until the launcher's forward arrives: no race with the step
+            os.kill(os.getppid(), getattr(signal, one))
+            deadline = time.monotonic() + 30
+            while STATE.requested is None and time.monotonic() < deadline:
+                time.sleep(0.01)
         else:
             os.kill(os.getpid(), getattr(signal, one))
 
