@@ -113,3 +113,9 @@ def all_to_all_single_autograd(
     from torch.distributed._functional_collectives import all_to_all_single_autograd as a2a
 
     return a2a(tensor, output_split_sizes, input_split_sizes, group)
+
+
+# The torch.distributed function DDP broadcasts buffers with, before every forward unless
+# ``forward_sync_buffers=False`` (DistributedDataParallel._distributed_broadcast_coalesced):
+# tests/comm_bytes.py wraps it to count the bytes a training step sends.
+DDP_BUFFER_BROADCAST = "_broadcast_coalesced"

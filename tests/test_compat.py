@@ -28,6 +28,8 @@ TOUCHED = [
     ("lightning.pytorch.utilities.combined_loader", "CombinedLoader._load_state_dicts"),
     ("mlflow.system_metrics.system_metrics_monitor", "SystemMetricsMonitor"),
     ("torch.distributed._functional_collectives", "all_to_all_single_autograd"),
+    ("torch.distributed", compat.DDP_BUFFER_BROADCAST),
+    ("torch.nn.parallel.distributed", "DistributedDataParallel._distributed_broadcast_coalesced"),
 ]
 
 
