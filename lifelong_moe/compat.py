@@ -55,13 +55,6 @@ def precision_input() -> Any:
     return _PRECISION_INPUT
 
 
-def multiprocessing_launcher() -> type:
-    """The launcher class of ``ddp_fork`` / ``ddp_spawn`` workers."""
-    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
-
-    return _MultiProcessingLauncher
-
-
 # The attribute Lightning sets around every hook (~45 times a step): methods/base.py lets it
 # bypass nn.Module.__setattr__ (measured in results/loop_cpu.md).
 CURRENT_FX_NAME = "_current_fx_name"

@@ -19,7 +19,6 @@ TOUCHED = [
     ("hydra._internal.utils", "get_args_parser"),
     ("hydra._internal.core_plugins.basic_sweeper", "BasicSweeper.split_arguments"),
     ("lightning.fabric.plugins.precision.precision", "_PRECISION_INPUT"),
-    ("lightning.pytorch.strategies.launchers", "_MultiProcessingLauncher"),
     ("lightning.pytorch.trainer.connectors.callback_connector", "_load_external_callbacks"),
     (
         "lightning.pytorch.trainer.connectors.signal_connector",

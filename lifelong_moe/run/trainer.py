@@ -24,7 +24,7 @@ from lifelong_moe import compat, names
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.run import distributed, signals
 from lifelong_moe.run.checkpoints import StepCheckpoint, checkpoint_writer, make_loader
-from lifelong_moe.run.stop_sync import StopSync, forwarder
+from lifelong_moe.run.stop_sync import StopSync
 from lifelong_moe.stream import Experience
 
 PROGRESS_REFRESH_STEPS = 10
@@ -96,7 +96,7 @@ def fit(
     ckpt: Path | None,
 ) -> L.Trainer:
     """Train on one experience with a fresh Trainer, writing step checkpoints as it goes, and
-    stopping at a step boundary on a signal (DDP workers included: stop_sync.py)."""
+    stopping at a step boundary on a signal (every DDP rank at the same: stop_sync.py)."""
     i = experience.index
     loader = make_loader(
         data,
@@ -121,8 +121,8 @@ def fit(
         cfg, callbacks=[saver, StopSync(), distributed.SumCounters()], checkpoint_io=writer
     )
     if method.lightning_loop:
-        # A signal stops at the next step boundary, DDP workers included (stop_sync.py).
-        with signals.training(forward=forwarder(trainer)):
+        # A signal stops at the next step boundary, every DDP rank at the same (stop_sync.py).
+        with signals.training():
             method.fit_experience(experience, loader, trainer, ckpt_path=ckpt)
     else:
         method.fit_experience(experience, loader, trainer)
