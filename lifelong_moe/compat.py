@@ -55,13 +55,6 @@ def precision_input() -> Any:
     return _PRECISION_INPUT
 
 
-def multiprocessing_launcher() -> type:
-    """The launcher class of ``ddp_fork`` / ``ddp_spawn`` workers."""
-    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
-
-    return _MultiProcessingLauncher
-
-
 # The attribute Lightning sets around every hook (~45 times a step): methods/base.py lets it
 # bypass nn.Module.__setattr__ (measured in results/loop_cpu.md).
 CURRENT_FX_NAME = "_current_fx_name"
@@ -113,3 +106,9 @@ def all_to_all_single_autograd(
     from torch.distributed._functional_collectives import all_to_all_single_autograd as a2a
 
     return a2a(tensor, output_split_sizes, input_split_sizes, group)
+
+
+# The torch.distributed function DDP broadcasts buffers with, before every forward unless
+# ``forward_sync_buffers=False`` (DistributedDataParallel._distributed_broadcast_coalesced):
+# tests/comm_bytes.py wraps it to count the bytes a training step sends.
+DDP_BUFFER_BROADCAST = "_broadcast_coalesced"

@@ -19,7 +19,6 @@ TOUCHED = [
     ("hydra._internal.utils", "get_args_parser"),
     ("hydra._internal.core_plugins.basic_sweeper", "BasicSweeper.split_arguments"),
     ("lightning.fabric.plugins.precision.precision", "_PRECISION_INPUT"),
-    ("lightning.pytorch.strategies.launchers", "_MultiProcessingLauncher"),
     ("lightning.pytorch.trainer.connectors.callback_connector", "_load_external_callbacks"),
     (
         "lightning.pytorch.trainer.connectors.signal_connector",
@@ -28,6 +27,8 @@ TOUCHED = [
     ("lightning.pytorch.utilities.combined_loader", "CombinedLoader._load_state_dicts"),
     ("mlflow.system_metrics.system_metrics_monitor", "SystemMetricsMonitor"),
     ("torch.distributed._functional_collectives", "all_to_all_single_autograd"),
+    ("torch.distributed", compat.DDP_BUFFER_BROADCAST),
+    ("torch.nn.parallel.distributed", "DistributedDataParallel._distributed_broadcast_coalesced"),
 ]
 
 

@@ -1,5 +1,5 @@
 """Two 'nodes' on localhost (one CPU process each, gloo, started as a cluster would): they train
-together with ddp and only global rank 0 writes to MLflow."""
+together with ddp and only global rank 0 writes to MLflow and the console."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_two_nodes_one_run(workdir):
     assert "See this run" in outputs[0] and "See this run" not in outputs[1]
     R = artifact_json(uri, run.info.run_id, "accuracy_matrix.json")["R"]
     assert R[0][0] > 0.9 and R[1][1] > 0.9
-    # both ranks hold the same weights after every experience (gradients were all-reduced)
+    # rank 0 speaks for both: rank 1 prints no experience lines (its evaluation shard is summed
+    # into rank 0's row; tests/test_torchrun.py checks the result against one process)
     rows = [[line for line in out.splitlines() if line.startswith("[")] for out in outputs]
-    acc = [[line.split("acc ")[1].split()[0] for line in r] for r in rows]
-    assert acc[0] == acc[1]
+    assert len(rows[0]) == 2 and rows[1] == []

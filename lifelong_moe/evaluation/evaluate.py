@@ -15,11 +15,11 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lifelong_moe.evaluation import routing
 from lifelong_moe.evaluation.routing import RoutingStats
+from lifelong_moe.evaluation.shard import shard_loader, sum_over_ranks
 from lifelong_moe.stream import Experience, Stream
 
 ExpertMask = Callable[[Experience], torch.Tensor | None]
@@ -71,6 +71,8 @@ class RoutingCounts:
                 routing.add_batch(stats, a.expert_ids, a.valid, a.reachable)
 
     def end_experience(self) -> None:
+        for counts in self.counts:  # every rank's shard (evaluation/shard.py)
+            sum_over_ranks(counts)
         self.rows.append([(c / c.sum().clamp_min(1)).tolist() for c in self.counts])
         self.stat_rows.append(self.stats)
         self.counts, self.stats = [], []
@@ -103,7 +105,9 @@ def evaluate(
     """Accuracy of ``model`` on each of the stream's test experiences (all of them, also future).
 
     ``expert_mask`` gives the MoE expert mask for a test experience: task-aware routing, where
-    the task label (known at test time in task-IL) picks the experts.
+    the task label (known at test time in task-IL) picks the experts. Under DDP each rank
+    evaluates a shard; torchmetrics sums the ranks' counts in ``compute`` (its default
+    ``sync_on_compute``), the routing counts are summed here.
     """
     was_training = model.training
     model.eval()
@@ -114,7 +118,7 @@ def evaluate(
         task_mask = torch.full((stream.n_classes,), float("-inf"), device=device)
         task_mask[exp.classes] = 0.0
         mask = expert_mask(exp) if expert_mask is not None else None
-        for batch in DataLoader(exp.test, batch_size=batch_size):
+        for batch in shard_loader(exp.test, batch_size):
             x, y = batch[0].to(device), batch[1].to(device)
             logits, aux = forward(model, x, mask)
             overall.update(logits, y)

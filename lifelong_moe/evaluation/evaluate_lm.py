@@ -3,7 +3,8 @@
 The loss is the exact mean over all validation bytes of a domain (nats per byte; summed per
 batch, divided once), not a mean of batch means. ``accuracy`` (top-1 next-byte accuracy) fills
 the accuracy row, so the accuracy-matrix metrics work unchanged; the loss row builds the loss
-matrix ``L[i][j]`` for :func:`lifelong_moe.evaluation.metrics.summarize_loss`. Targets of -100
+matrix ``L[i][j]`` for :func:`lifelong_moe.evaluation.metrics.summarize_loss`. Under DDP each
+rank evaluates a shard and the sums are all-reduced (evaluation/shard.py). Targets of -100
 (prompt and padding of instruction examples, data/instructions.py) are not scored; a stream whose
 ``accuracy_unit`` is ``"example"`` gets exact match per example as its accuracy row. Same interface
 and result type as :func:`lifelong_moe.evaluation.evaluate.evaluate`.
@@ -15,9 +16,9 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lifelong_moe.evaluation.evaluate import Evaluation, ExpertMask, RoutingCounts, forward
+from lifelong_moe.evaluation.shard import shard_loader, sum_over_ranks
 from lifelong_moe.stream import Stream
 
 IGNORE = -100  # targets not scored (prompt and padding of instruction examples)
@@ -39,9 +40,10 @@ def evaluate_lm(
     for exp in stream.experiences:
         total = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
-        n_tokens = n_examples = 0
+        n_tokens = torch.zeros((), dtype=torch.long, device=device)
+        n_examples = torch.zeros((), dtype=torch.long, device=device)
         mask = expert_mask(exp) if expert_mask is not None else None
-        for batch in DataLoader(exp.test, batch_size=batch_size):
+        for batch in shard_loader(exp.test, batch_size):
             x, y = batch[0].to(device), batch[1].to(device)
             logits, aux = forward(model, x, mask)
             flat = logits.reshape(-1, logits.shape[-1]).float()
@@ -52,11 +54,14 @@ def evaluate_lm(
                 correct += right.all(-1).sum()
             else:
                 correct += (right & scored).sum()
-            n_tokens += int(scored.sum())
+            n_tokens += scored.sum()
             n_examples += len(y)
             routing.add(aux)
-        losses.append(total.item() / max(n_tokens, 1))
-        accuracy.append(correct.item() / max(n_examples if per_example else n_tokens, 1))
+        for value in (total, correct, n_tokens, n_examples):  # every rank's shard
+            sum_over_ranks(value)
+        scored_count = int(n_examples if per_example else n_tokens)
+        losses.append(total.item() / max(int(n_tokens), 1))
+        accuracy.append(correct.item() / max(scored_count, 1))
         routing.end_experience()
     model.train(was_training)
     return Evaluation(

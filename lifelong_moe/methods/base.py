@@ -84,8 +84,8 @@ class ContinualMethod(L.LightningModule):
         self.lr_schedule = schedule
 
     def __getstate__(self) -> dict:
-        """What ddp_spawn pickles into its workers: training needs neither the stream (its
-        Avalanche benchmark holds lambdas) nor the experiences already seen."""
+        """What a pickle of the method holds: training needs neither the stream (its Avalanche
+        benchmark holds lambdas) nor the experiences already seen."""
         state = self.__dict__.copy()
         state["stream"], state["seen"] = None, []
         return state

@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from lifelong_moe import checks
 from lifelong_moe.config.schema import check_budget
 
@@ -89,13 +87,3 @@ def budget_for(
         )
         return Budget(max_epochs=-1, max_steps=steps)
     return Budget(max_epochs=trainer.get("max_epochs", 1))
-
-
-def world_size(trainer: Mapping[str, Any]) -> int:
-    """Training processes of a run, from the config (``devices=auto``: every GPU, one CPU
-    process, as Lightning counts them)."""
-    devices = trainer.get("devices", 1)
-    if devices == "auto":
-        on_gpu = trainer.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-        devices = torch.cuda.device_count() if on_gpu else 1
-    return int(devices) * int(trainer.get("num_nodes", 1))

@@ -61,29 +61,39 @@ class EpochSampler(Sampler[int]):
     """A shuffle whose order depends on (seed, epoch) only, never on what ran before.
 
     Lightning calls ``set_epoch`` at the start of every epoch; a resumed loader therefore
-    rebuilds the interrupted epoch's permutation, and the later ones, exactly.
+    rebuilds the interrupted epoch's permutation, and the later ones, exactly. Under DDP rank
+    ``r`` of ``w`` takes every w-th index from position r (the permutation padded with its
+    first indices to a multiple of w, as ``DistributedSampler`` pads), so the ranks' first
+    batches of size b together are the first w * b indices: one process's batch of w * b.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, rank: int = 0, replicas: int = 1) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
+        self.rank, self.replicas = rank, replicas
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.replicas)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        order = torch.randperm(self.n, generator=generator)
+        padded = torch.cat([order, order[: len(self) * self.replicas - self.n]])
+        return iter(padded[self.rank :: self.replicas].tolist())
 
 
-def make_loader(data: Dataset, batch_size: int, num_workers: int, seed: int) -> StatefulDataLoader:
-    """The training loader of one experience: shuffled by ``EpochSampler``, resumable mid-epoch."""
+def make_loader(
+    data: Dataset, batch_size: int, num_workers: int, seed: int, shard: tuple[int, int] = (0, 1)
+) -> StatefulDataLoader:
+    """The training loader of one experience: shuffled by ``EpochSampler``, resumable mid-epoch;
+    ``shard`` = (rank, world size) under DDP."""
+    rank, replicas = shard
     return StatefulDataLoader(
         data,
         batch_size=batch_size,
-        sampler=EpochSampler(len(data), seed),
+        sampler=EpochSampler(len(data), seed, rank, replicas),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         # Each new epoch's iterator draws its workers' base seed from this generator; without

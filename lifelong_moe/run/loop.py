@@ -37,7 +37,7 @@ from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.models import build_model, hf_export, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
-from lifelong_moe.run import curves, signals, stop_sync
+from lifelong_moe.run import curves, distributed, signals, stop_sync
 from lifelong_moe.run.checkpoints import (
     EARLIER_TRAIN_S,
     checkpoints,
@@ -158,7 +158,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_store(cfg.tracking.uri)
     signals.point("startup")
     resume_id, cfg = resume_target(cfg, git_commit())
+    distributed.check_launch(cfg)
     exp = build(cfg)
+    distributed.init(cfg)  # before the first (sharded) evaluation
     recorder = RunRecorder(tracker_for_rank(cfg.tracking.uri, cfg.tracking.experiment), cfg)
     saved, ckpt, folder = open_run(exp, recorder, resume_id)
     signals.STATE.run_id = recorder.run_id

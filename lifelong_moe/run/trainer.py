@@ -1,7 +1,7 @@
 """The Lightning edge of the loop: one fresh ``Trainer`` per experience, set up the same way,
 and ``fit``, which wires it to the step checkpoints and the stop decision for one experience.
 
-Strategy choice on one machine (fork/spawn instead of re-running the command per rank), a
+The process layout a launcher started (run/distributed.py), a
 progress bar that does not redraw at every step, Lightning's external-callback discovery
 done once per process, and the learning rates the optimizer actually stepped with.
 """
@@ -16,7 +16,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
@@ -24,10 +23,10 @@ from torch.utils.data import Dataset
 from lifelong_moe import compat, names
 from lifelong_moe.measure.throughput import tokens_per_sample
 from lifelong_moe.methods.base import ContinualMethod
-from lifelong_moe.run import signals
-from lifelong_moe.run.budget import Budget, budget_for, world_size
+from lifelong_moe.run import distributed, signals
+from lifelong_moe.run.budget import Budget, budget_for
 from lifelong_moe.run.checkpoints import StepCheckpoint, checkpoint_writer, make_loader
-from lifelong_moe.run.stop_sync import StopSync, forwarder
+from lifelong_moe.run.stop_sync import StopSync
 from lifelong_moe.stream import Experience
 
 PROGRESS_REFRESH_STEPS = 10
@@ -64,21 +63,14 @@ def make_trainer(
     """A fresh Trainer for one experience, trained for ``budget`` (run/budget.py; by default
     ``trainer.max_epochs``).
 
-    On one machine ``ddp`` becomes ``ddp_fork`` (CPU) or ``ddp_spawn`` (GPU, where CUDA forbids
-    fork): plain ``ddp`` re-runs the whole command for every rank at each ``fit``, which cannot
-    follow a loop that builds a Trainer per experience. Both train in worker processes and hand
-    rank 0's weights back to this process, which alone evaluates and logs. On several nodes every
-    process is started by the cluster (SLURM, torchrun), runs the whole loop with plain ``ddp``,
-    and only global rank 0 writes to MLflow (see ``tracker_for_rank``).
+    Several processes are started by a launcher (torchrun, srun) and every one runs the whole
+    loop with plain ``ddp`` (run/distributed.py); only global rank 0 writes to MLflow (see
+    ``tracker_for_rank``). Each process's loader takes its own shard of every batch
+    (``make_loader``), so Lightning's distributed sampler stays off.
     """
     t = cfg.trainer
-    strategy = t.strategy
     plugins: list[Any] = [checkpoint_io] if checkpoint_io is not None else []
-    several = t.devices == "auto" or t.devices != 1
-    if t.num_nodes == 1 and (strategy == "ddp" or (strategy == "auto" and several)):
-        strategy = "ddp_fork" if t.accelerator == "cpu" else "ddp_spawn"
-        # Inside a SLURM allocation Lightning would expect SLURM to have started the ranks.
-        plugins.append(LightningEnvironment())
+    layout = distributed.trainer_layout(cfg)
     # The bar redraws at every step by default: a tenth of a small CPU step (results/loop_cpu.md).
     bar = [TQDMProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS)] if t.progress_bar else []
     budget = budget or Budget(max_epochs=t.max_epochs)
@@ -89,9 +81,8 @@ def make_trainer(
         max_steps=budget.max_steps,
         accumulate_grad_batches=t.get("accumulate_grad_batches", 1),
         accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=strategy,
+        **layout,
+        use_distributed_sampler=False,
         precision=t.precision,
         gradient_clip_val=t.gradient_clip_val,
         deterministic=t.deterministic,
@@ -113,12 +104,16 @@ def fit(
     curve: L.Callback | None = None,
 ) -> L.Trainer:
     """Train on one experience with a fresh Trainer for its budget (run/budget.py), writing step
-    checkpoints as it goes, and stopping at a step boundary on a signal (DDP workers included:
-    stop_sync.py). ``curve`` (run/curves.py) comes before the checkpoint callback, so that a
-    step's curve point is in the checkpoint that step writes."""
+    checkpoints as it goes, and stopping at a step boundary on a signal (every DDP rank at the
+    same: stop_sync.py). ``curve`` (run/curves.py) comes before the checkpoint callback, so that
+    a step's curve point is in the checkpoint that step writes."""
     i = experience.index
     loader = make_loader(
-        data, cfg.trainer.batch_size, cfg.trainer.num_workers, seed=cfg.seed * 1_000 + i
+        data,
+        cfg.trainer.batch_size,
+        cfg.trainer.num_workers,
+        seed=cfg.seed * 1_000 + i,
+        shard=(distributed.global_rank(), distributed.world_size()),
     )
     writer = checkpoint_writer(
         keep=cfg.trainer.get("checkpoint_keep", 2),
@@ -132,12 +127,13 @@ def fit(
         writer=writer,
         sampler=loader.sampler,
     )
-    limits = budget_for(cfg.trainer, len(data), tokens_per_sample(data), world_size(cfg.trainer))
+    limits = budget_for(cfg.trainer, len(data), tokens_per_sample(data), distributed.world_size())
     callbacks = [*([curve] if curve is not None else []), saver, StopSync()]
+    callbacks.append(distributed.SumCounters())
     trainer = make_trainer(cfg, callbacks=callbacks, checkpoint_io=writer, budget=limits)
     if method.lightning_loop:
-        # A signal stops at the next step boundary, DDP workers included (stop_sync.py).
-        with signals.training(forward=forwarder(trainer)):
+        # A signal stops at the next step boundary, every DDP rank at the same (stop_sync.py).
+        with signals.training():
             method.fit_experience(experience, loader, trainer, ckpt_path=ckpt)
     else:
         method.fit_experience(experience, loader, trainer)
