@@ -5,6 +5,9 @@ micro-batches' means that Lightning's division by N alone would give."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +28,7 @@ EXAMPLES = [{"prompt": f"q{i}", "response": "ab" * ((i * 7) % 6) + "z"} for i in
 
 
 def stream(tmp_path: Path):
+    tmp_path.mkdir(exist_ok=True)
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
     return instruction_domains(str(tmp_path), context_length=16, val_fraction=0.1)
 
@@ -177,3 +181,50 @@ def test_resume_under_accumulation_is_exact(tmp_path: Path) -> None:
     assert trainer.global_step == 7
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+class SaveGradients(L.Callback):
+    """Rank 0 saves the (all-reduced) gradients of the first optimizer step."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if trainer.global_rank == 0 and trainer.global_step == 0:
+            grads = [p.grad.flatten() for p in module.model.parameters() if p.grad is not None]
+            torch.save(torch.cat(grads), self.path)
+
+
+def ddp_gradient(folder: str) -> None:
+    """Run in a process of its own (ddp_fork): 2 ranks x 2 micro-batches of 4, one step."""
+    data_stream = stream(Path(folder) / "text")
+    data = Subset(data_stream.experiences[0].train, range(16))
+    ddp = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        accumulate_grad_batches=2,
+        max_steps=1,
+        callbacks=[SaveGradients(Path(folder) / "ddp.pt")],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    ddp.fit(method(data_stream), DataLoader(data, batch_size=4))
+
+
+def test_two_ranks_accumulating_equal_one_batch_of_16(tmp_path: Path) -> None:
+    """Under DDP the step's tokens are summed over ranks: 2 ranks x 2 micro-batches of 4 (the
+    distributed sampler's halves, 20 to 50 response tokens each) give one batch of 16."""
+    code = f"from tests.test_grad_accumulation import ddp_gradient; ddp_gradient({str(tmp_path)!r})"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+    data_stream = stream(tmp_path / "text")
+    x, y, _ = data_stream.experiences[0].train[list(range(16))]
+    m = method(data_stream)
+    params = [p for p in m.model.parameters() if p.requires_grad]
+    larger = torch.autograd.grad(step_loss(m.model, x, y), params, allow_unused=True)
+    larger = torch.cat([g.flatten() for g in larger if g is not None])
+    got = torch.load(tmp_path / "ddp.pt")
+    assert (got - larger).abs().max().item() < 1e-5 * larger.abs().max().item()
