@@ -192,3 +192,17 @@ def test_curves_in_mlflow_with_increasing_steps(workdir: Path) -> None:
     assert val_steps == expected
     # per-experience metrics keep step = experience
     assert sorted(s for s, _ in history(names.TRAIN_LOSS)) == [0, 1]
+
+
+@pytest.mark.parametrize(("n", "accumulate", "max_tokens"), [(24, 1, 600), (32, 2, 400)])
+def test_token_budget_under_two_ranks_takes_half_the_steps(
+    n: int, accumulate: int, max_tokens: int
+) -> None:
+    """Each optimizer step of 2 ranks trains on twice the tokens (each rank its own batches of
+    the distributed sampler's half), so a token budget ends after half the steps."""
+    cfg = {"batch_size": 4, "accumulate_grad_batches": accumulate, "max_tokens": max_tokens}
+    one = budget.budget_for(cfg, n, LENGTH, world_size=1).max_steps
+    two = budget.budget_for(cfg, n, LENGTH, world_size=2).max_steps
+    assert one == max_tokens // (4 * accumulate * LENGTH) and two * 2 == one
+    assert budget.world_size({"devices": 2, "num_nodes": 1}) == 2
+    assert budget.world_size({"devices": 2, "num_nodes": 3}) == 6

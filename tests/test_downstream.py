@@ -89,3 +89,34 @@ def test_unknown_task_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown task 'toy_choise'") as error:
         downstream.check_tasks(["toy_choise"], str(tmp_path))
     assert "\n" not in str(error.value)
+
+
+def test_progress_lines_while_lm_eval_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two local tasks of 5 questions x 3 choices: 30 loglikelihood requests, grouped by task;
+    a line where each task's requests begin, every 4 requests and after the last (the logger
+    writes to stdout)."""
+    write_task(tmp_path)
+    second = (tmp_path / "toy_choice.yaml").read_text().replace("task: toy_choice", "task: toy_b")
+    (tmp_path / "toy_b.yaml").write_text(second)
+    model = CausalLM(input_shape=[64], n_classes=256, d_model=16, d_hidden=16, n_heads=2).eval()
+    tasks = ["toy_choice", "toy_b"]
+    manager = downstream.check_tasks(tasks, str(tmp_path))
+    capsys.readouterr()
+    got = downstream.downstream_metrics(
+        model, ByteTokenizer(), 64, torch.device("cpu"), tasks, manager, progress_every=4
+    )
+    assert set(got) >= {"downstream/toy_choice/acc", "downstream/toy_b/acc"}
+    lines = [
+        line.rsplit(", ", 1)[0] if "/s" in line else line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("lm-eval ")
+    ]
+    order = [line.split("task ")[1].split(",")[0] for line in lines if "request 1 " in line]
+    first, then = order[0], "toy_b" if order[0] == "toy_choice" else "toy_choice"
+    counts = [(n, first if n <= 15 else then) for n in [*range(4, 30, 4), 30]]
+    assert lines == [
+        f"lm-eval loglikelihood: task {first}, from request 1 of 30",
+        *(f"lm-eval loglikelihood: {n}/30 requests (task {t})" for n, t in counts if n < 16),
+        f"lm-eval loglikelihood: task {then}, from request 16 of 30",
+        *(f"lm-eval loglikelihood: {n}/30 requests (task {t})" for n, t in counts if n >= 16),
+    ]

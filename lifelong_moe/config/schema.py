@@ -235,6 +235,7 @@ LM_EVAL: dict[str, Check] = {
     "limit": functools.partial(checks.optional, checks.positive_int),
     "num_fewshot": functools.partial(checks.optional, checks.non_negative_int),
     "batch_size": checks.positive_int,
+    "progress_every": checks.positive_int,  # requests between lm-eval progress lines
 }
 
 

@@ -11,12 +11,17 @@ A user's own task is a YAML file in a folder given as ``evaluation.lm_eval.inclu
 (lm-eval's ``TaskManager(include_path=...)``), e.g. a multiple-choice task over a local jsonl
 (``dataset_path: json``); nothing is downloaded for it. Task names are checked before training
 (``check_tasks``). lm-eval is the optional extra ``[eval]``.
+
+lm-eval hands the model all requests of one kind at once, grouped by task; ``progress`` logs a
+line through the ``lifelong_moe`` logger when a task's requests begin and every
+``evaluation.lm_eval.progress_every`` requests, with the rate, so a long evaluation is visible.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,8 +30,25 @@ from torch import nn
 
 from lifelong_moe import names
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.log import LOGGER
 
 EVAL_EXTRA = "pip install 'lifelong-moe[eval]'"
+PROGRESS_EVERY = 100  # requests between progress lines (evaluation.lm_eval.progress_every)
+
+
+def progress(requests: Sequence[Any], kind: str, every: int = PROGRESS_EVERY) -> Iterator[Any]:
+    """Yield ``requests``, logging when a task's requests begin and after every ``every``-th
+    request and the last: ``lm-eval loglikelihood: 200/480 requests (task arith), 35.1/s``."""
+    start, task, total = time.perf_counter(), None, len(requests)
+    for done, request in enumerate(requests, 1):
+        name = getattr(request, "task_name", None)
+        if name != task:
+            task = name
+            LOGGER.info(f"lm-eval {kind}: task {task}, from request {done} of {total}")
+        yield request
+        if done % every == 0 or done == total:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            LOGGER.info(f"lm-eval {kind}: {done}/{total} requests (task {task}), {rate:.1f}/s")
 
 
 def require_lm_eval() -> None:
@@ -69,8 +91,10 @@ def make_lm(
     context_length: int,
     device: torch.device,
     batch_size: int = 16,
+    progress_every: int = PROGRESS_EVERY,
 ) -> Any:
-    """The toolkit's model as an ``lm_eval.api.model.LM``."""
+    """The toolkit's model as an ``lm_eval.api.model.LM``; each request method logs its
+    progress every ``progress_every`` requests."""
     base = _lm_base()
 
     class ToolkitLM(base):  # type: ignore[misc, valid-type]
@@ -86,7 +110,7 @@ def make_lm(
 
         def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
             out = []
-            for request in requests:
+            for request in progress(requests, "loglikelihood", progress_every):
                 context, target = self.split(*request.args)
                 inputs = (context + target)[:-1]
                 out.append(score(self.model, inputs, target, self.max_length, self.where))
@@ -108,7 +132,7 @@ def make_lm(
             from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
             out = []
-            for request in requests:
+            for request in progress(requests, "loglikelihood_rolling", progress_every):
                 (text,) = request.args[:1]
                 total = 0.0
                 windows = get_rolling_token_windows(
@@ -126,7 +150,7 @@ def make_lm(
 
         def generate_until(self, requests: list) -> list[str]:
             out = []
-            for request in requests:
+            for request in progress(requests, "generate_until", progress_every):
                 context, kwargs = request.args
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
@@ -205,6 +229,7 @@ def downstream_metrics(
     limit: int | None = None,
     num_fewshot: int | None = None,
     batch_size: int = 16,
+    progress_every: int = PROGRESS_EVERY,
 ) -> dict[str, float]:
     """``downstream/<task>/<metric>`` of every task (and group) lm-eval reports.
 
@@ -214,7 +239,7 @@ def downstream_metrics(
     from lm_eval import simple_evaluate
 
     results = simple_evaluate(
-        model=make_lm(model, tokenizer, context_length, device, batch_size),
+        model=make_lm(model, tokenizer, context_length, device, batch_size, progress_every),
         tasks=list(tasks),
         task_manager=manager,
         limit=limit,

@@ -24,6 +24,7 @@ from lifelong_moe import checks, compat, names
 from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.methods.replay_buffer import ReplayBuffer
 from lifelong_moe.methods.step_stats import StepStats
+from lifelong_moe.methods.step_tokens import StepTokens
 from lifelong_moe.models import moe_layers
 from lifelong_moe.stream import Experience, Stream
 
@@ -55,6 +56,7 @@ class ContinualMethod(L.LightningModule):
         self.seen: list[Experience] = []
         self.replay = make_replay(replay_buffer_size)
         self.step_stats = StepStats()
+        self.step_tokens = StepTokens()
         self.replay_fraction = check_replay_fraction(replay_fraction)
         self.replay_seed = torch.initial_seed()  # the runner has just seeded torch with ``seed``
         self.lr_schedule = LRSchedule()
@@ -172,6 +174,13 @@ class ContinualMethod(L.LightningModule):
         self.step_stats.update(loss, terms, self.global_step, len(y))
         if self.step_stats.due(batch_idx):
             self.step_stats.check(self._experience_index())
+        if self._accumulated_steps() > 1:
+            # The step's cross-entropy is that of one larger batch (step_tokens.py); the logged
+            # terms and the other terms stay per micro-batch.
+            flat = logits.flatten(0, -2)
+            summed = nn.functional.cross_entropy(flat, y.flatten(), reduction="sum")
+            scale = self.step_tokens.scale(self.trainer, batch_idx, flat.device)
+            loss = loss - terms["ce"] + summed * scale
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -185,6 +194,13 @@ class ContinualMethod(L.LightningModule):
             # DDP ranks here, once per epoch (sync_dist), never per step.
             self.log(names.TRAIN_LOSS, terms.pop(names.TRAIN_LOSS), prog_bar=True, sync_dist=True)
             self.log_dict(terms, sync_dist=True)
+
+    def _accumulated_steps(self) -> int:
+        """Micro-batches per optimizer step; 1 outside a Trainer (a test calling a step)."""
+        try:
+            return self.trainer.accumulate_grad_batches
+        except RuntimeError:  # Lightning: "not attached to a `Trainer`"
+            return 1
 
     def _experience_index(self) -> int | str:
         return self.experience.index if self.experience is not None else "?"

@@ -138,6 +138,7 @@ def run_downstream(exp: Experiment, device: torch.device) -> dict[str, float]:
         limit=lm_eval.get("limit"),
         num_fewshot=lm_eval.get("num_fewshot"),
         batch_size=lm_eval.get("batch_size", 16),
+        progress_every=lm_eval.get("progress_every", downstream.PROGRESS_EVERY),
     )
     restore_rng(rng)
     LOGGER.info(f"lm-eval: done in {time.perf_counter() - start:.1f}s")

@@ -5,7 +5,9 @@ benchmark and seed; tags ``kind``, ``matrix``; end-of-stream metrics at the last
 grouped by (matrix kind, group-by values) and every table (markdown, csv, json, the MLflow table,
 the verdict) reads one aggregate, :func:`summary`: mean, sample std and n per group and metric,
 from ``DataFrame.groupby().agg``. Accuracy and perplexity runs never share a table: their
-columns mean different things.
+columns mean different things. Language-model runs that ran lm-eval tasks also get each task's
+``downstream/<task>/<metric>`` after the last experience as a quality column (paired intervals
+of ``--reference`` included).
 
 ``lifelong-moe-compare`` (:mod:`lifelong_moe.compare`) is the command-line face of this module;
 a sweep's parent run (:mod:`lifelong_moe.tracking.sweep`) records the same comparison.
@@ -146,14 +148,39 @@ def group_runs(runs: Sequence[RunRecord], group_by: Sequence[str]) -> list[Group
     ]
 
 
-def columns(matrix: str) -> list[str]:
-    return QUALITY.get(matrix, []) + ROUTING + COSTS
+def downstream_columns(groups: Sequence[Group], matrix: str) -> list[str]:
+    """``downstream/<task>/<metric>`` that any run of kind ``matrix`` logged, sorted.
+
+    lm-eval runs after experiences and always after the last (evaluation/downstream.py), at
+    step = experience, so a run's latest value of each is its score after the last experience.
+    Standard errors are left out: their mean over seeds says nothing the spread does not.
+    """
+    prefix = names.DOWNSTREAM + "/"
+    return sorted(
+        {
+            key
+            for g in groups
+            if g.matrix == matrix
+            for r in g.runs
+            for key in r.metrics
+            if key.startswith(prefix) and not key.endswith("_stderr")
+        }
+    )
+
+
+def quality(matrix: str, groups: Sequence[Group] = ()) -> list[str]:
+    """The end-of-stream quality columns of a kind: its matrix metrics, then downstream tasks."""
+    return QUALITY.get(matrix, []) + downstream_columns(groups, matrix)
+
+
+def columns(matrix: str, groups: Sequence[Group] = ()) -> list[str]:
+    return quality(matrix, groups) + ROUTING + COSTS
 
 
 def all_columns(groups: Sequence[Group]) -> list[str]:
     """Every kind's columns, kinds in sorted order, each metric once."""
     kinds = sorted({g.matrix for g in groups})
-    return list(dict.fromkeys(c for k in kinds for c in columns(k)))
+    return list(dict.fromkeys(c for k in kinds for c in columns(k, groups)))
 
 
 def _mean(values: pd.Series) -> float:
@@ -222,7 +249,7 @@ def to_markdown(groups: Sequence[Group], group_by: Sequence[str]) -> str:
     kinds = sorted({g.matrix for g in groups})
     parts = []
     for kind in kinds:
-        cols = columns(kind)
+        cols = columns(kind, groups)
         header = [*group_by, "n", *cols]
         lines = [
             "| " + " | ".join(header) + " |",
@@ -265,7 +292,7 @@ def to_records(groups: Sequence[Group], group_by: Sequence[str]) -> list[dict]:
     rows = []
     for i, g in enumerate(groups):
         metrics = {}
-        for c in columns(g.matrix):
+        for c in columns(g.matrix, groups):
             mean, std, n = stats(table, i, c)
             metrics[c] = {"mean": None if n == 0 else mean, "std": None if n == 0 else std, "n": n}
         rows.append(
@@ -322,7 +349,7 @@ def paired_records(groups: Sequence[Group], group_by: Sequence[str], reference: 
         if ref is None or ref is g:
             continue
         metrics = {}
-        for metric in QUALITY.get(g.matrix, []):
+        for metric in quality(g.matrix, groups):
             ci = paired_interval(by_seed(g, metric), by_seed(ref, metric))
             metrics[metric] = {"mean": ci.mean, "low": ci.low, "high": ci.high, "n": ci.n}
         out.append(
@@ -336,7 +363,7 @@ def paired_markdown(records: Sequence[dict], group_by: Sequence[str], reference:
     interval, paired seeds; ``-`` where no seed pairs."""
     parts = []
     for kind in sorted({r["matrix"] for r in records}):
-        cols = QUALITY.get(kind, [])
+        cols = list(dict.fromkeys(c for r in records if r["matrix"] == kind for c in r["metrics"]))
         lines = [
             f"Difference from {reference} ({kind}), mean over paired seeds [95 % paired t CI] (n):",
             "",
