@@ -22,7 +22,7 @@ from lifelong_moe.config.schema import check_trainer
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
-from lifelong_moe.run import budget, curves
+from lifelong_moe.run import budget, curves, distributed
 from lifelong_moe.run.checkpoints import StepCheckpoint, checkpoint_writer, make_loader
 from lifelong_moe.run.trainer import make_trainer
 from tests.conftest import TINY_RUN, run_cli, runs, store_uri
@@ -196,7 +196,7 @@ def test_curves_in_mlflow_with_increasing_steps(workdir: Path) -> None:
 
 @pytest.mark.parametrize(("n", "accumulate", "max_tokens"), [(24, 1, 600), (32, 2, 400)])
 def test_token_budget_under_two_ranks_takes_half_the_steps(
-    n: int, accumulate: int, max_tokens: int
+    n: int, accumulate: int, max_tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each optimizer step of 2 ranks trains on twice the tokens (each rank its own batches of
     the distributed sampler's half), so a token budget ends after half the steps."""
@@ -204,5 +204,7 @@ def test_token_budget_under_two_ranks_takes_half_the_steps(
     one = budget.budget_for(cfg, n, LENGTH, world_size=1).max_steps
     two = budget.budget_for(cfg, n, LENGTH, world_size=2).max_steps
     assert one == max_tokens // (4 * accumulate * LENGTH) and two * 2 == one
-    assert budget.world_size({"devices": 2, "num_nodes": 1}) == 2
-    assert budget.world_size({"devices": 2, "num_nodes": 3}) == 6
+    # The processes come from the launcher (run/distributed.py), which fit hands to the budget.
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.world_size() == 6
