@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCANNED = [
     *sorted((REPO / "lifelong_moe" / "moe").glob("*.py")),
     REPO / "lifelong_moe" / "bench.py",
-    REPO / "lifelong_moe" / "throughput.py",
+    REPO / "lifelong_moe" / "measure" / "throughput.py",
+    REPO / "lifelong_moe" / "measure" / "hf_bench.py",
     REPO / "experiments" / "gpu_checks.py",
 ]
 DISTRIBUTIONS = [

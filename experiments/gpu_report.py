@@ -217,7 +217,7 @@ def lm_page(out: Path) -> str:
     lines = header(out, "lm_gpu on an H200: tokens/s and MFU, grouped vs fused dispatch")
     lines += [
         "`experiment=lm_gpu`, 2 experiences (english, python), 1 epoch each; MFU as "
-        "lifelong_moe/throughput.py defines it: student FLOPs only (6 x active parameters + "
+        "lifelong_moe/measure/throughput.py defines it: student FLOPs only (6 x active parameters + "
         "attention), the teacher's forward inside the time, the device's dense bf16 peak.",
         "",
         "| dispatch | batch | compile | experience | tokens/s | cost/mfu | train s | peak MB "
