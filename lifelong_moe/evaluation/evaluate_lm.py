@@ -13,15 +13,18 @@ and result type as :func:`lifelong_moe.evaluation.evaluate.evaluate`.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
 
 from lifelong_moe.evaluation.evaluate import Evaluation, ExpertMask, RoutingCounts, forward
 from lifelong_moe.evaluation.shard import shard_loader, sum_over_ranks
+from lifelong_moe.log import LOGGER
 from lifelong_moe.stream import Stream
 
 IGNORE = -100  # targets not scored (prompt and padding of instruction examples)
+PROGRESS_S = 10.0  # a long evaluation says how far it is at most this often
 
 
 @torch.no_grad()
@@ -37,7 +40,8 @@ def evaluate_lm(
     model.eval()
     per_example = getattr(stream, "accuracy_unit", "token") == "example"
     losses, accuracy, routing = [], [], RoutingCounts()
-    for exp in stream.experiences:
+    start = last = time.perf_counter()
+    for j, exp in enumerate(stream.experiences):
         total = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         n_tokens = torch.zeros((), dtype=torch.long, device=device)
@@ -63,6 +67,12 @@ def evaluate_lm(
         losses.append(total.item() / max(int(n_tokens), 1))
         accuracy.append(correct.item() / max(scored_count, 1))
         routing.end_experience()
+        now = time.perf_counter()
+        if now - last >= PROGRESS_S:  # only long evaluations print; the outcome never depends on it
+            last = now
+            LOGGER.info(
+                f"evaluating: {j + 1}/{len(stream.experiences)} domains in {now - start:.0f}s"
+            )
     model.train(was_training)
     return Evaluation(
         accuracy=accuracy,

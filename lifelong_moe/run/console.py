@@ -22,8 +22,14 @@ def experience_line(
         + (f"ppl seen {row[names.PPL_SEEN]:.2f}  " if language else "")
         + f"params {int(row[names.COST_PARAMS_TOTAL]):,} "
         f"({int(row[names.COST_PARAMS_ACTIVE]):,} active)  "
-        f"train {train_s:.1f}s  eval {eval_s:.2f}s"
+        f"train {train_s:.1f}s{_throughput(row)}  eval {eval_s:.2f}s"
     )
+
+
+def _throughput(row: Mapping[str, float]) -> str:
+    """`` (41.2k tok/s)`` for a language-model experience: training throughput at a glance."""
+    rate = row.get(names.COST_TOKENS_PER_S)
+    return "" if rate is None or names.PPL_SEEN not in row else f" ({rate / 1e3:.1f}k tok/s)"
 
 
 def print_report(summary: Mapping[str, Any]) -> None:
