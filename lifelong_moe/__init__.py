@@ -1,16 +1,16 @@
 """Lifelong-MoE continual-learning toolkit.
 
-Layout, one idea per module (the README's Layout section has the same map):
+The folders are the architecture (README "Layout"; tests/test_architecture.py keeps imports
+pointing down this list):
 
-- ``cli.py`` (``lifelong-moe``): the Hydra app; prints user errors as one line.
-- ``runner.py``: build the experiment, then per experience before -> fit -> evaluate -> after ->
-  record; ``trainer.py`` makes the Lightning Trainer of one experience, ``checkpointing.py``
-  its step checkpoints, ``signals.py`` Ctrl-C / SIGTERM / SLURM, ``resume.py`` the saved state.
-- ``config_schema.py`` and ``checks.py``: what a valid config is, and the one-line errors.
-- ``data/``: streams of experiences; ``models/``: backbones; ``moe/``: the MoE core (plain
-  torch, down to the grouped GEMM); ``methods/``: one Lightning module per method.
-- ``evaluation/``: evaluators (one result type), metric rows and definitions, routing metrics,
-  plots; ``costs.py`` / ``throughput.py``: the ``cost/*`` row; ``console.py``: what is printed.
-- ``tracking/``: the whole MLflow contract (names, store, queries, the run tracker, results,
-  reports, the sweep's parent run); ``compare.py`` (``lifelong-moe-compare``) reads it.
+- ``cli.py``, ``compare.py``, ``bench.py``: the console entry points.
+- ``run/``: the experience loop (``loop.py``), the Trainer of one experience and its budget,
+  step checkpoints, resume, signals, the stop decision DDP ranks share, training curves.
+- ``config/``: what a valid config is, and where conf/ and your own config directories are.
+- ``methods/``, ``tracking/`` (the whole MLflow contract), ``measure/`` (the ``cost/*`` row).
+- ``data/`` (streams: Avalanche, your own data, text, token shards, instructions) and
+  ``evaluation/`` (evaluators, metric definitions, routing metrics, downstream tasks, plots).
+- ``models/``: backbones, Hugging Face MoE families, build, save/load, export.
+- ``moe/``: the MoE core, plain torch, down to the grouped GEMM and expert parallelism.
+- shared nouns: ``names``, ``checks``, ``errors``, ``stream``, ``targets``, ``log``, ``compat``.
 """
