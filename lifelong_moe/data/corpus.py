@@ -98,17 +98,28 @@ def find_domains(text_dir: str | Path | None, domains: Sequence[str] | None = No
         raise ConfigError(f"benchmark.text_dir={str(text_dir)!r} holds no files or folders")
     if domains is None:
         return list(found.values())
-    if isinstance(domains, str) or not list(domains):
+    if isinstance(domains, str):
         raise ConfigError(f"benchmark.domains={domains!r}: expected null or a list of names")
-    unknown = [d for d in domains if d not in found]
+    where = f" of {str(text_dir)!r}"
+    return [found[d] for d in select_domains(list(found), domains, where)]
+
+
+def select_domains(
+    available: Sequence[str], requested: Sequence[str], where: str = ""
+) -> list[str]:
+    """``requested`` in its order, each one of ``available`` and none twice (one-line errors)."""
+    names = list(requested)
+    if not names:
+        raise ConfigError("benchmark.domains=[]: expected at least one domain name")
+    unknown = [n for n in names if n not in available]
     if unknown:
         raise ConfigError(
-            f"benchmark.domains: {unknown[0]!r} is not a folder of {str(text_dir)!r}; expected "
-            f"names from {', '.join(found)}"
+            f"benchmark.domains: {unknown[0]!r} is not a domain{where}; expected names from "
+            f"{', '.join(available)}"
         )
-    if len(set(domains)) != len(domains):
-        raise ConfigError(f"benchmark.domains={list(domains)}: a domain is listed twice")
-    return [found[d] for d in domains]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"benchmark.domains={names}: a domain is listed twice")
+    return names
 
 
 # ---------------------------------------------------------------- reading

@@ -56,7 +56,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
-from lifelong_moe.data.corpus import find_domains
+from lifelong_moe.data.corpus import find_domains, select_domains
 from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, load_tokenizer
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Experience, Stream
@@ -284,23 +284,6 @@ def _check(
         raise ConfigError(f"benchmark.domains={domains!r}: expected null or a list of names")
 
 
-def _select(
-    sources: dict[str, DomainSource], domains: Sequence[str] | None, default: list[str]
-) -> list[str]:
-    names = default if domains is None else list(domains)
-    if not names:
-        raise ConfigError("benchmark.domains=[]: expected at least one domain name")
-    unknown = [n for n in names if n not in sources]
-    if unknown:
-        raise ConfigError(
-            f"benchmark.domains: {unknown[0]!r} is not a domain; expected names from "
-            f"{', '.join(sorted(sources))}"
-        )
-    if len(set(names)) != len(names):
-        raise ConfigError(f"benchmark.domains={names}: a domain is listed twice")
-    return names
-
-
 @dataclass
 class TextStream(Stream):
     """A Stream whose experiences are text domains; ``domains`` says what each one holds."""
@@ -335,7 +318,7 @@ def text_domains(
     else:
         sources = user_sources(text_dir)
         default = list(sources)  # sorted by name
-    names = _select(sources, domains, default)
+    names = select_domains(sorted(sources), default if domains is None else domains)
     seen: set[str] = set()
     read = [read_domain(name, sources[name], seen, max_bytes_per_domain) for name in names]
     tok = None
