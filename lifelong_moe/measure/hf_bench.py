@@ -122,7 +122,11 @@ def _load(tf: Any, path: str, shape: HFShape, dtype: str, device: torch.device) 
     models: dict[str, torch.nn.Module] = {}
     for impl in IMPLEMENTATIONS:
         m = tf.AutoModelForCausalLM.from_pretrained(
-            path, experts_implementation=impl, dtype=DTYPES[dtype], local_files_only=True
+            path,
+            experts_implementation=impl,
+            dtype=DTYPES[dtype],
+            local_files_only=True,
+            use_kernels=False,  # transformers' own experts, not Hub kernels (see hf_moe.py)
         )
         used = m.get_experts_implementation().get("")
         if used != impl:  # transformers may fall back silently: then the row would lie
