@@ -31,6 +31,8 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PY=${PY:-python3}
 BUDGET=${GPU_SESSION_BUDGET_S:-360}
+# the dry run checks that every step runs, not how long: 2 busy CPU cores take 4-5 minutes
+[ $DRY = 1 ] && BUDGET=${GPU_SESSION_BUDGET_S:-900}
 WORK=$(mktemp -d)
 LOG=$OUT/session.log
 STEPS=$OUT/steps.jsonl
@@ -38,6 +40,8 @@ TRACES=$WORK/traces
 mkdir -p "$TRACES"
 : >"$STEPS"
 : >"$LOG"
+# results of an earlier run into the same OUTDIR would mix with this one's (files are appended)
+rm -f "$OUT"/{preflight.json,cuda_tests.xml,gpu_checks.json,dispatch.jsonl,lm_gpu.jsonl,hf_bench.jsonl}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg TRITON_CACHE_DIR=$WORK/triton_cache
 export PYTHONPATH=$REPO  # the checkout itself: pip never resolves lifelong-moe's torch pin
 
@@ -48,9 +52,12 @@ elif compgen -G ".whl/*.whl" >/dev/null; then
   timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$WORK/site" .whl/*.whl >>"$LOG" 2>&1 || echo "wheel install failed" >>"$LOG"
   export PYTHONPATH=$REPO:$WORK/site
+else
+  echo "no .whl/*.whl (carry .whl): the lm steps and the import check will fail" | tee -a "$LOG" >&2
 fi
 
-# step NAME TIMEOUT_S COMMAND...: run under the remaining budget, log, record rc and seconds.
+# step NAME TIMEOUT_S COMMAND...: run under the remaining budget, log, record rc and seconds;
+# returns 1 when skipped for the budget (callers then skip their follow-up work too), else 0.
 # Python commands run through gpu_imports.py trace, which records what each imports.
 step() {
   local name=$1 limit=$2
@@ -65,7 +72,7 @@ step() {
   json_cmd=${json_cmd//\"/\\\"}
   if [ $left -lt 15 ]; then
     printf '{"step": "%s", "skipped": "budget", "command": "%s"}\n' "$name" "$json_cmd" >>"$STEPS"
-    return
+    return 1
   fi
   [ "$limit" -gt $left ] && limit=$left
   echo "== [$SECONDS s] $name (timeout $limit s): $cmd" | tee -a "$LOG" >&2
@@ -74,6 +81,7 @@ step() {
   local rc=$?
   printf '{"step": "%s", "rc": %d, "seconds": %d, "timeout_s": %d, "command": "%s"}\n' \
     "$name" $rc $((SECONDS - t0)) "$limit" "$json_cmd" >>"$STEPS"
+  return 0
 }
 traced() {  # traced NAME ARGS...: python with the import trace named NAME
   local name=$1
@@ -122,7 +130,7 @@ bench() {  # bench NAME ARGS...: one lifelong-moe-bench dispatch report, appende
     return
   fi
   step "$name" "${BENCH_TIMEOUT:-150}" $(traced "$name") -m lifelong_moe.bench dispatch \
-    "${DEVICE[@]}" "$@" --max-gib 40 --json "$WORK/$name.json"
+    "${DEVICE[@]}" "$@" --max-gib 40 --json "$WORK/$name.json" || return 0
   [ -f "$WORK/$name.json" ] &&
     "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); r['step']=sys.argv[2]; print(json.dumps(r))" \
       "$WORK/$name.json" "$name" >>"$OUT/dispatch.jsonl"
@@ -137,7 +145,7 @@ lm() {  # lm DISPATCH BATCH COMPILE: one lm_gpu run (2 experiences), its cost/* 
     trainer.batch_size="$batch" trainer.compile="$compile" model.dispatch="$dispatch" \
     trainer.checkpoint_every_n_steps=0 "${LM_SIZE[@]}" tracking.uri="$uri" \
     tracking.run_name="$name" tracking.log_checkpoints=false \
-    trainer.checkpoint_dir="$WORK/checkpoints" hydra.run.dir="$WORK/hydra/$name"
+    trainer.checkpoint_dir="$WORK/checkpoints" hydra.run.dir="$WORK/hydra/$name" || return 0
   timeout 60 "$PY" experiments/gpu_lm_metrics.py "$uri" "$name" "$OUT/lm_gpu.jsonl" \
     --config dispatch="$dispatch" batch_size="$batch" compile="$compile" >>"$LOG" 2>&1
 }
@@ -146,7 +154,7 @@ hf() {  # hf NAME ARGS...: one lifelong-moe-bench hf report, appended to hf_benc
   local name=$1  # writes its JSON after the timings and again after the growth step, so a timeout
   shift          # in the growth still returns the timings
   step "$name" "${HF_TIMEOUT:-100}" $(traced "$name") -m lifelong_moe.bench hf "$@" \
-    --json "$WORK/$name.json"
+    --json "$WORK/$name.json" || return 0
   [ -f "$WORK/$name.json" ] &&
     "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); r['step']=sys.argv[2]; print(json.dumps(r))" \
       "$WORK/$name.json" "$name" >>"$OUT/hf_bench.jsonl"

@@ -37,7 +37,7 @@ def test_dry_session_writes_every_result_and_renders(tmp_path: Path) -> None:
         ["bash", str(REPO / "experiments" / "gpu_session.sh"), str(out), "--dry"],
         check=True,
         env=env,
-        timeout=600,
+        timeout=900,
     )
     # what the device tool brings back: at most 8 plain files, none deeper
     assert {p.name for p in out.iterdir()} == FILES
