@@ -77,17 +77,38 @@ def versions(dists: set[str]) -> dict[str, str]:
 
 
 class Hide(importlib.abc.MetaPathFinder):
-    """Refuse the top-level modules whose every owning distribution is absent from the machine."""
+    """The interpreter's finders, except that a hidden top-level module is not found.
 
-    def __init__(self, hidden: set[str]) -> None:
+    As on a machine that lacks it: ``importlib.util.find_spec`` answers None (availability probes
+    such as transformers' ``is_kernels_available`` then say no and go on) and an import raises
+    ModuleNotFoundError. Raising from ``find_spec`` instead would break those probes, and
+    returning None alone would let the next finder find it: so this one wraps the others.
+    """
+
+    def __init__(self, hidden: set[str], finders: list) -> None:
         self.hidden = hidden
+        self.finders = finders
 
     def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001 - importlib protocol
         if fullname.partition(".")[0] in self.hidden:
-            raise ModuleNotFoundError(
-                f"No module named {fullname!r} (hidden: not on the GPU machine)"
-            )
+            return None
+        for finder in self.finders:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find else None
+            if spec is not None:
+                return spec
         return None
+
+    def find_distributions(self, *args, **kwargs):  # noqa: ANN002, ANN003 - importlib.metadata
+        """Package metadata as before (importlib.metadata asks every finder on sys.meta_path)."""
+        for finder in self.finders:
+            if hasattr(finder, "find_distributions"):
+                yield from finder.find_distributions(*args, **kwargs)
+
+    def invalidate_caches(self) -> None:
+        for finder in self.finders:
+            if hasattr(finder, "invalidate_caches"):
+                finder.invalidate_caches()
 
 
 def machine_view_hidden_modules() -> set[str]:
@@ -104,7 +125,7 @@ def machine_view_hidden_modules() -> set[str]:
 def trace(out: Path, target: list[str]) -> None:
     """Run `target` (``-m module args`` or ``script args``) as __main__; write its imports at exit."""
     if os.environ.get("GPU_SESSION_HIDE") == "1":
-        sys.meta_path.insert(0, Hide(machine_view_hidden_modules()))
+        sys.meta_path[:] = [Hide(machine_view_hidden_modules(), list(sys.meta_path))]
 
     def write() -> None:
         modules = imported_modules()

@@ -5,7 +5,8 @@ The GPU machine has torch 2.11, Triton 3.6 and transformers 5.17; the code is de
 and ``triton.*`` name that the MoE core, the benchmark and the checks use and resolves each on the
 installed versions, then exercises the few whose behaviour (not only presence) matters: a custom
 op with a fake kernel and an autograd formula (the fused dispatch), grouped_mm in bf16 (on CUDA),
-the sync debug mode. Exit 1 when something required is missing; the session goes on regardless.
+the sync debug mode, and the transformers API of the hf step (a tiny ``lifelong-moe-bench hf``).
+Exit 1 when something required is missing; the session goes on regardless.
 
     python experiments/gpu_preflight.py --json OUT/preflight.json
 """
@@ -127,6 +128,32 @@ def check_autocast_signatures() -> dict:
         return {"check": "autocast by device type", "ok": False, "error": repr(exc)[:300]}
 
 
+def check_transformers() -> dict:
+    """The hf step's transformers API on the installed version (5.17 on the GPU machine, newer
+    here): a one-layer OLMoE built from its config, saved, loaded with each
+    ``experts_implementation`` (checked in use), converted to MoELayer, fwd+bwd in bf16, logits
+    compared, then grown; the whole ``lifelong-moe-bench hf`` path at the smallest shape."""
+    name = "transformers API of the hf step (tiny lifelong-moe-bench hf, bf16, with growth)"
+    try:
+        from lifelong_moe.measure import hf_bench
+
+        shape = hf_bench.HFShape(layers=1, d_model=64, d_hidden=32, experts=4, top_k=2,
+                                 vocab=128, batch=1, seq=16, heads=2)  # fmt: skip
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        report = hf_bench.bench_hf(shape, 5, 1, device=device, dtype="bf16", grow=2, grow_steps=1)
+        growth = report["growth"]
+        ok = report["check"]["ok"] and growth["frozen_exact"] and growth["masked_ok"]
+        return {
+            "check": name,
+            "ok": ok,
+            "transformers": report["transformers"],
+            "relative_error_vs_eager": report["check"]["relative_error_vs_eager"],
+            "frozen_exact": growth["frozen_exact"],
+        }
+    except Exception as exc:  # report what broke, never hide it
+        return {"check": name, "ok": False, "error": repr(exc)[:300]}
+
+
 def check_cuda() -> list[dict]:
     if not torch.cuda.is_available():
         return [{"check": "CUDA device", "ok": None, "skipped": "no CUDA device (dry run)"}]
@@ -178,11 +205,7 @@ def main() -> int:
             "check": "torch._dynamo.explain and torch.compile",
             "ok": resolve("torch._dynamo.explain") and hasattr(torch, "compile"),
         },
-        {
-            "check": "transformers API",
-            "ok": None,
-            "skipped": "the session uses none yet (the Hugging Face backbones have not landed)",
-        },
+        check_transformers(),
         *check_cuda(),
     ]
     report = {

@@ -2,7 +2,9 @@
 
     python experiments/gpu_report.py OUTDIR [--results results]
       -> results/dispatch_h200.md (device, versions, commands, CUDA checks, dispatch tables,
-         the issue's targets) and results/lm_gpu_h200.md (tokens/s and cost/mfu per experience)
+         the issue's targets), results/lm_gpu_h200.md (tokens/s and cost/mfu per experience)
+         and results/hf_bench_h200.md (the OLMoE-shaped model: transformers' experts vs the
+         toolkit's MoELayer, the logits check, the Lifelong-MoE growth step)
 
 Every number is read from OUTDIR; a step that did not run shows as not measured. A dry run's
 OUTDIR renders too, under a banner saying it is no measurement.
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from lifelong_moe import names
 from lifelong_moe.bench import frozen_step_ratio, tflops
+from lifelong_moe.measure.hf_bench import markdown as hf_markdown
 
 # (label, target, "<=" or ">=") of issue 26
 TARGETS = {
@@ -241,6 +244,41 @@ def lm_page(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def hf_page(out: Path) -> str:
+    lines = header(
+        out, "Hugging Face OLMoE on an H200: transformers' experts vs the toolkit's MoELayer"
+    )
+    lines += [
+        "`lifelong-moe-bench hf`: one OLMoE model (random weights from its config class) saved "
+        "once and loaded three ways: transformers with `experts_implementation` eager and "
+        "grouped_mm, and converted to the toolkit's MoELayer. Forward + cross-entropy + backward "
+        "on the same tokens, repeats interleaved, CUDA-synchronised; peak MB: allocator peak of "
+        "one fwd+bwd above what was allocated before it. The logits of all three are compared "
+        "with eager's in the same run, before timing. Then Lifelong-MoE's growth on the "
+        "converted model: old experts and gate rows frozen, new experts appended, AdamW steps of "
+        "cross-entropy + KL toward the model with the new experts masked out.",
+        "",
+    ]
+    reports = read_jsonl(out / "hf_bench.jsonl")
+    if not reports:
+        lines += ["Not measured: the hf step did not run or wrote nothing (see Commands).", ""]
+    for r in reports:
+        s = r["shape"]
+        lines += [
+            f"## {r['step']}: {s['layers']} layers, d {s['d_model']}, {s['experts']} experts of "
+            f"{s['d_hidden']} top-{s['top_k']}, {s['heads']} heads, vocabulary {s['vocab']}, "
+            f"{s['batch']} x {s['seq']} tokens, {r['dtype']}",
+            "",
+            f"{r.get('device', '-')}, torch {r['torch']}, transformers {r['transformers']}, "
+            f"median of {r['repeats']} after {r['warmup']} warm-up rounds.",
+            "",
+            hf_markdown(r),
+            "",
+        ]
+    lines += commands(out, "hf-")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("outdir", type=Path)
@@ -252,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "dispatch_h200.md").write_text(dispatch_page(args.outdir))
     (args.results / "lm_gpu_h200.md").write_text(lm_page(args.outdir))
-    print(f"wrote {args.results / 'dispatch_h200.md'} and {args.results / 'lm_gpu_h200.md'}")
+    (args.results / "hf_bench_h200.md").write_text(hf_page(args.outdir))
+    print(f"wrote dispatch_h200.md, lm_gpu_h200.md and hf_bench_h200.md in {args.results}")
     return 0
 
 

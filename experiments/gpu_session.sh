@@ -2,7 +2,7 @@
 # Issue 26 in one command on a lent H200: every result goes into OUTDIR, most important first, so
 # that a run cut off at any point still returns what it finished. At most 8 files (what the device
 # tool brings back from $OUT): session.log, steps.jsonl, preflight.json, cuda_tests.xml,
-# gpu_checks.json, dispatch.jsonl, lm_gpu.jsonl, imports.json.
+# gpu_checks.json, dispatch.jsonl, lm_gpu.jsonl, hf_bench.jsonl.
 #
 #   experiments/gpu_session.sh OUTDIR          # on the GPU machine, from the repository root,
 #                                              # with .whl/ from experiments/gpu_wheels.sh carried
@@ -10,9 +10,12 @@
 #
 # Order: preflight (versions, APIs) -> CUDA tests and checks -> dispatch benchmark eager (E=64
 # T=32768 and 8192, then the fine-grained shape) -> compiled at E=64 T=32768 -> lm_gpu grouped
-# and fused at batch 64 -> compiled fine-grained -> lm_gpu at batch 128 and compiled -> the
-# import check. Each step runs under a timeout; steps that would start past the budget
-# (GPU_SESSION_BUDGET_S, 360 s) are recorded as skipped. Render with experiments/gpu_report.py.
+# and fused at batch 64 -> the Hugging Face OLMoE step (lifelong-moe-bench hf: transformers' eager
+# and grouped_mm experts vs the toolkit's MoELayer, then a Lifelong-MoE growth step) -> compiled
+# fine-grained -> lm_gpu at batch 128 and compiled -> the import check (its verdict in steps.jsonl,
+# its lists in session.log). Each step runs under a timeout; steps that would start past the
+# budget (GPU_SESSION_BUDGET_S, 360 s) are recorded as skipped. Render with
+# experiments/gpu_report.py.
 # --dry runs the same steps with tiny shapes on CPU (the fused kernels under TRITON_INTERPRET=1,
 # torch.compile with the eager backend) and hides every package the GPU machine lacks that the
 # wheel list does not bring (experiments/gpu_imports.py), so a missing wheel fails here first.
@@ -28,6 +31,8 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PY=${PY:-python3}
 BUDGET=${GPU_SESSION_BUDGET_S:-360}
+# the dry run checks that every step runs, not how long: 2 busy CPU cores take 4-5 minutes
+[ $DRY = 1 ] && BUDGET=${GPU_SESSION_BUDGET_S:-900}
 WORK=$(mktemp -d)
 LOG=$OUT/session.log
 STEPS=$OUT/steps.jsonl
@@ -35,6 +40,8 @@ TRACES=$WORK/traces
 mkdir -p "$TRACES"
 : >"$STEPS"
 : >"$LOG"
+# results of an earlier run into the same OUTDIR would mix with this one's (files are appended)
+rm -f "$OUT"/{preflight.json,cuda_tests.xml,gpu_checks.json,dispatch.jsonl,lm_gpu.jsonl,hf_bench.jsonl}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg TRITON_CACHE_DIR=$WORK/triton_cache
 export PYTHONPATH=$REPO  # the checkout itself: pip never resolves lifelong-moe's torch pin
 
@@ -42,12 +49,15 @@ if [ $DRY = 1 ]; then
   export TRITON_INTERPRET=1 GPU_SESSION_HIDE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 elif compgen -G ".whl/*.whl" >/dev/null; then
   # the machine has no package index: the carried wheels, without their dependencies
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$WORK/site" .whl/*.whl >>"$LOG" 2>&1 || echo "wheel install failed" >>"$LOG"
   export PYTHONPATH=$REPO:$WORK/site
+else
+  echo "no .whl/*.whl (carry .whl): the lm steps and the import check will fail" | tee -a "$LOG" >&2
 fi
 
-# step NAME TIMEOUT_S COMMAND...: run under the remaining budget, log, record rc and seconds.
+# step NAME TIMEOUT_S COMMAND...: run under the remaining budget, log, record rc and seconds;
+# returns 1 when skipped for the budget (callers then skip their follow-up work too), else 0.
 # Python commands run through gpu_imports.py trace, which records what each imports.
 step() {
   local name=$1 limit=$2
@@ -62,7 +72,7 @@ step() {
   json_cmd=${json_cmd//\"/\\\"}
   if [ $left -lt 15 ]; then
     printf '{"step": "%s", "skipped": "budget", "command": "%s"}\n' "$name" "$json_cmd" >>"$STEPS"
-    return
+    return 1
   fi
   [ "$limit" -gt $left ] && limit=$left
   echo "== [$SECONDS s] $name (timeout $limit s): $cmd" | tee -a "$LOG" >&2
@@ -71,6 +81,7 @@ step() {
   local rc=$?
   printf '{"step": "%s", "rc": %d, "seconds": %d, "timeout_s": %d, "command": "%s"}\n' \
     "$name" $rc $((SECONDS - t0)) "$limit" "$json_cmd" >>"$STEPS"
+  return 0
 }
 traced() {  # traced NAME ARGS...: python with the import trace named NAME
   local name=$1
@@ -91,6 +102,8 @@ if [ $DRY = 1 ]; then
   LM_FIRST=("grouped 32 false")
   LM_LATER=()
   CHECKS=(--dry)
+  HF=(--device cpu --dtype bf16 --layers 2 --d-model 64 --d-hidden 32 --experts 8 --top-k 2
+    --heads 2 --vocab 256 --batch 2 --seq 32 --repeats 5 --warmup 1 --grow 2 --grow-steps 2)
 else
   DEVICE=(--device cuda --dtype bf16 --repeats 10 --warmup 3)
   COARSE=(--experts 64 --tokens 32768 8192 --d-model 1024 --d-hidden 4096 --top-k 2)
@@ -101,6 +114,10 @@ else
   LM_FIRST=("grouped 64 false" "fused 64 false")
   LM_LATER=("grouped 128 false" "fused 128 false" "grouped 64 true" "fused 64 true")
   CHECKS=()
+  # OLMoE-1B-7B's layer (d 2048, 64 SwiGLU experts of 1024, top-8, 16 heads, vocabulary 50304),
+  # 4 of its 16 layers, 4 x 1024 tokens; then 8 new experts per layer and 3 AdamW steps
+  HF=(--device cuda --dtype bf16 --layers 4 --d-model 2048 --d-hidden 1024 --experts 64 --top-k 8
+    --heads 16 --vocab 50304 --batch 4 --seq 1024 --repeats 10 --warmup 3 --grow 8 --grow-steps 3)
 fi
 BENCH_CASES=(--cases dense-active moe-grouped moe-fused frozen-step)
 COMPILED_CASES=(--cases dense-active moe-grouped moe-fused)
@@ -113,7 +130,7 @@ bench() {  # bench NAME ARGS...: one lifelong-moe-bench dispatch report, appende
     return
   fi
   step "$name" "${BENCH_TIMEOUT:-150}" $(traced "$name") -m lifelong_moe.bench dispatch \
-    "${DEVICE[@]}" "$@" --max-gib 40 --json "$WORK/$name.json"
+    "${DEVICE[@]}" "$@" --max-gib 40 --json "$WORK/$name.json" || return 0
   [ -f "$WORK/$name.json" ] &&
     "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); r['step']=sys.argv[2]; print(json.dumps(r))" \
       "$WORK/$name.json" "$name" >>"$OUT/dispatch.jsonl"
@@ -128,9 +145,19 @@ lm() {  # lm DISPATCH BATCH COMPILE: one lm_gpu run (2 experiences), its cost/* 
     trainer.batch_size="$batch" trainer.compile="$compile" model.dispatch="$dispatch" \
     trainer.checkpoint_every_n_steps=0 "${LM_SIZE[@]}" tracking.uri="$uri" \
     tracking.run_name="$name" tracking.log_checkpoints=false \
-    trainer.checkpoint_dir="$WORK/checkpoints" hydra.run.dir="$WORK/hydra/$name"
-  "$PY" experiments/gpu_lm_metrics.py "$uri" "$name" "$OUT/lm_gpu.jsonl" \
+    trainer.checkpoint_dir="$WORK/checkpoints" hydra.run.dir="$WORK/hydra/$name" || return 0
+  timeout 60 "$PY" experiments/gpu_lm_metrics.py "$uri" "$name" "$OUT/lm_gpu.jsonl" \
     --config dispatch="$dispatch" batch_size="$batch" compile="$compile" >>"$LOG" 2>&1
+}
+
+hf() {  # hf NAME ARGS...: one lifelong-moe-bench hf report, appended to hf_bench.jsonl; the bench
+  local name=$1  # writes its JSON after the timings and again after the growth step, so a timeout
+  shift          # in the growth still returns the timings
+  step "$name" "${HF_TIMEOUT:-100}" $(traced "$name") -m lifelong_moe.bench hf "$@" \
+    --json "$WORK/$name.json" || return 0
+  [ -f "$WORK/$name.json" ] &&
+    "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); r['step']=sys.argv[2]; print(json.dumps(r))" \
+      "$WORK/$name.json" "$name" >>"$OUT/hf_bench.jsonl"
 }
 
 step preflight 60 $(traced preflight) experiments/gpu_preflight.py --json "$OUT/preflight.json"
@@ -143,8 +170,9 @@ bench dispatch-e64-eager "${COARSE[@]}" "${BENCH_CASES[@]}"
 bench dispatch-fine-eager "${FINE[@]}" "${BENCH_CASES[@]}"
 bench dispatch-e64-compiled "${COARSE_COMPILED[@]}" --compile "${COMPILED_CASES[@]}"
 for config in "${LM_FIRST[@]}"; do lm $config; done
+hf hf-olmoe "${HF[@]}"
 bench dispatch-fine-compiled "${FINE[@]}" --compile "${COMPILED_CASES[@]}"
 for config in "${LM_LATER[@]}"; do lm $config; done
-"$PY" experiments/gpu_imports.py check "$TRACES"/*.json --json "$OUT/imports.json" >>"$LOG" 2>&1
+step imports 30 "$PY" experiments/gpu_imports.py check "$TRACES"/*.json
 echo "== [$SECONDS s] done: $OUT" | tee -a "$LOG" >&2
 rm -rf "$WORK"

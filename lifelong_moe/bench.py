@@ -14,8 +14,10 @@ config, in one process (see lifelong_moe/loop_bench.py):
 
 `hf` times fwd+bwd of a tiny OLMoE-shaped model converted to the toolkit's MoELayer against
 transformers' own eager and grouped_mm experts on the same tokens (lifelong_moe/measure/hf_bench.py;
-needs the [hf] extra):
+needs the [hf] extra); on a GPU at an OLMoE-1B-7B-like layer shape, with the growth step:
     lifelong-moe-bench hf --threads 1 --repeats 7
+    lifelong-moe-bench hf --device cuda --dtype bf16 --layers 4 --d-model 2048 --d-hidden 1024 \
+        --experts 64 --top-k 8 --heads 16 --vocab 50304 --batch 4 --seq 1024 --grow 8
 """
 
 from __future__ import annotations
@@ -540,6 +542,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     h.add_argument("--vocab", type=int, default=1024)
     h.add_argument("--batch", type=int, default=16)
     h.add_argument("--seq", type=int, default=128)
+    h.add_argument("--heads", type=int, default=4)
+    h.add_argument("--device", default="cpu", help="cpu or cuda")
+    h.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    h.add_argument(
+        "--grow", type=int, default=0, help="then Lifelong-MoE growth: this many new experts"
+    )
+    h.add_argument("--grow-steps", type=int, default=3, help="AdamW steps after the growth")
     h.add_argument("--repeats", type=int, default=7)
     h.add_argument("--warmup", type=int, default=2)
     h.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -548,6 +557,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.command == "hf":
         if args.repeats < 5 or args.warmup < 1:
             parser.error("--repeats must be >= 5 and --warmup >= 1")
+        if args.grow < 0 or args.grow_steps < 1:
+            parser.error("--grow must be >= 0 and --grow-steps >= 1")
+        if args.device.split(":")[0] not in ("cpu", "cuda"):
+            parser.error(f"--device {args.device!r}: expected cpu or cuda")
         return args
     if args.command == "loop":
         if args.repeats < 1 or min(args.epochs) < 1:
@@ -598,29 +611,46 @@ def loop_main(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def hf_main(args: argparse.Namespace, argv: list[str]) -> int:
-    """The converted HF MoE vs transformers' experts implementations; a markdown table."""
+    """The converted HF MoE vs transformers' experts implementations; a markdown table.
+    Exit 1 when the logits check or the growth's exactness fails (the numbers still written)."""
     from lifelong_moe.measure import hf_bench
 
     shape = hf_bench.HFShape(
         args.layers, args.d_model, args.d_hidden, args.experts, args.top_k, args.vocab,
-        args.batch, args.seq,
+        args.batch, args.seq, args.heads,
     )  # fmt: skip
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"lifelong-moe-bench: --device {args.device}: no CUDA device", file=sys.stderr)
+        return 2
+    extra = {"device": device_name(device), "argv": argv}
+
+    def write(report: dict) -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report | extra, f, indent=2)
+
     try:
-        report = hf_bench.bench_hf(shape, args.repeats, args.warmup)
+        report = hf_bench.bench_hf(
+            shape, args.repeats, args.warmup, device=args.device, dtype=args.dtype,
+            grow=args.grow, grow_steps=args.grow_steps, progress=write,
+        )  # fmt: skip
     except ConfigError as err:
         print(f"lifelong-moe-bench: {err}", file=sys.stderr)
         return 2
-    report |= {"device": device_name(torch.device("cpu")), "argv": argv}
+    report |= extra
+    write(report)
     print(
         f"device: {report['device']}, torch {report['torch']}, transformers "
-        f"{report['transformers']}, fp32, {shape}, median of {args.repeats}\n"
+        f"{report['transformers']}, {args.dtype}, {shape}, median of {args.repeats}\n"
     )
     print(hf_bench.markdown(report))
     print(f"\nratio toolkit / {report['best_transformers']}: {report['ratio']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+    growth = report.get("growth", {})
+    ok = report["check"]["ok"] and all(
+        growth.get(k, True) for k in ("masked_ok", "frozen_exact", "new_experts_trained")
+    )
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -249,8 +249,11 @@ def load_hf_model(
         # model.config (the presets' tiny shape) is for training from scratch only: the
         # directory's config.json describes a pretrained model, so it is not read here.
         hf_config = _pretrained_config(tf, path)
+        # use_kernels=False: transformers >= 5.2x swaps in Hugging Face Hub kernels by default
+        # (and fails without the `kernels` package); 5.17 does not. The same function everywhere,
+        # and nothing fetched from a hub.
         model = tf.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=DTYPES[dtype]
+            path, local_files_only=True, dtype=DTYPES[dtype], use_kernels=False
         )
     else:
         _check_family(family)
