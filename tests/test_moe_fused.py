@@ -8,8 +8,12 @@ grouped_mm in bf16, for host syncs and for graph breaks under torch.compile.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# As tests/conftest.py: only without a GPU (with it set, the CUDA tests below ran the kernels
+# under the interpreter and failed on an H200).
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -168,12 +172,28 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @cuda
 @pytest.mark.parametrize(("E", "T"), [(8, 4096), (64, 8192)])
-def test_cuda_bf16_matches_grouped_mm(E, T):
-    args = _setup(T, 1024, 4096 if E == 8 else 1024, E, 2, E // 2, device="cuda",
-                  dtype=torch.bfloat16)  # fmt: skip
-    want = _run(grouped_experts, *args)
-    got = _run(fused.fused_experts, *args)
-    _assert_close(got, want, atol=3e-2, rtol=3e-2)
+def test_cuda_bf16_as_accurate_as_grouped_mm(E, T):
+    """bf16 against an fp32 reference on the same (bf16-valued) weights and inputs: the fused
+    kernels must be as accurate as grouped_mm, tensor by tensor. Comparing the two bf16 paths
+    with each other fails on the gate gradient, a 1024-long reduction whose rounding differs by
+    up to 0.11 (measured on an H200, results/dispatch_h200.md); neither path is the truth."""
+    experts, x, ids, gates, valid, grad = _setup(
+        T, 1024, 4096 if E == 8 else 1024, E, 2, E // 2, device="cuda", dtype=torch.bfloat16
+    )
+    exact = _run(loop_experts, experts.float(), x.float(), ids, gates.float(), valid, grad.float())
+    experts = experts.bfloat16()
+    fused_out = _run(fused.fused_experts, experts, x, ids, gates, valid, grad)
+    grouped_out = _run(grouped_experts, experts, x, ids, gates, valid, grad)
+    names = ("y", "counts", "dropped", "x.grad", "gates.grad", "w1.grad", "w2.grad")
+    for name, want, f, g in zip(names, exact, fused_out, grouped_out, strict=True):
+        if want is None or want.dtype in (torch.long, torch.int32):
+            assert (f is None and g is None) or torch.equal(f.long(), want.long()), name
+            continue
+        scale = want.abs().max().item()
+        fused_err = (f.float() - want).abs().max().item() / scale
+        grouped_err = (g.float() - want).abs().max().item() / scale
+        print(f"{name}: max error / max |ref| fused {fused_err:.2e}, grouped_mm {grouped_err:.2e}")
+        assert fused_err <= 2 * grouped_err + 1e-3, (name, fused_err, grouped_err)
 
 
 @cuda

@@ -39,9 +39,9 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
-# What dispatch="auto" picks on CUDA. False until a GPU measurement (lifelong-moe-bench dispatch
-# --device cuda --dtype bf16, the moe-fused row beside moe-grouped) shows the kernels faster;
-# this branch was written without a GPU, so nothing has measured them yet.
+# What dispatch="auto" picks on CUDA. False: on an H200 the kernels were slower than grouped_mm
+# at every measured shape, most of it in the backward's row kernel (results/dispatch_h200.md,
+# results/h200_session/profile_fused.txt); flip it only when a new measurement says otherwise.
 FUSED_BY_DEFAULT = False
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 # tl.dot needs every block dimension >= 16, hence d and h multiples of 16.
