@@ -19,7 +19,7 @@ from lifelong_moe.models.experience_heads import ExperienceHeads
 from lifelong_moe.models.mlp import ResidualMLP
 from lifelong_moe.moe import MoESettings
 from lifelong_moe.stream import Experience, Stream
-from tests.conftest import TINY_RUN, run_cli, runs, store_uri
+from tests.conftest import TINY_RUN, artifact_json, run_cli, runs, store_uri
 from tests.test_lm import TINY
 
 N_CLASSES, D_MODEL = 4, 16
@@ -198,3 +198,26 @@ def test_cli_runs_it_and_mlflow_holds_its_metrics(workdir, args, n_classes):
     total = [m.value for m in client.get_metric_history(run.info.run_id, "cost/params_total")]
     assert total[0] == metrics["cost/params_active"]
     assert total[1] - total[0] == 32 * n_classes + n_classes
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(workdir, monkeypatch):
+    """The resumed run gets its heads (frozen as they were) and its statistics back."""
+    args = [*TINY_RUN, "benchmark=permuted_digits", "benchmark.n_experiences=3",
+            "method=dense_heads", "seed=3"]  # fmt: skip
+    (workdir / "reference").mkdir()
+    reference_uri = store_uri(workdir / "reference")
+    run_cli(workdir, f"tracking.uri={reference_uri}", *args)
+    (reference,) = runs(reference_uri)
+    uri = store_uri(workdir)
+    monkeypatch.setenv("LIFELONG_MOE_SIGNAL_AT", "train_step:2:3=SIGKILL")
+    killed = run_cli(workdir, f"tracking.uri={uri}", *args, check=False)
+    monkeypatch.delenv("LIFELONG_MOE_SIGNAL_AT")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_cli(workdir, f"tracking.uri={uri}", "resume=last")
+    (resumed,) = runs(uri)
+    assert resumed.info.status == "FINISHED"
+    for key in ("acc/final", "acc/forgetting", "routing/inference_acc", "cost/params_total"):
+        assert resumed.data.metrics[key] == reference.data.metrics[key], key
+    expected = artifact_json(reference_uri, reference.info.run_id, "accuracy_matrix.json")
+    assert artifact_json(uri, resumed.info.run_id, "accuracy_matrix.json")["R"] == expected["R"]
