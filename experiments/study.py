@@ -97,14 +97,18 @@ INFINITE = [
 ]
 
 
-def routing_ablations(base: list[str], n_experts_at_end: int) -> dict[str, list[str]]:
+def routing_ablations(
+    base: list[str], n_experts_at_end: int, dense: list[str]
+) -> dict[str, list[str]]:
     """Issue 24's reviewer ablations on one benchmark (``base``: its overrides):
     Lifelong-MoE with task inference and masking against oracle routing (the true experience)
     and shuffled labels (each inferred experience rotated to a wrong one), the paper-faithful
-    lifelong_moe, and moe_finetune with as many experts from the start as Lifelong-MoE ends with
-    (capacity-matched). Not here yet: a dense model with per-experience heads chosen by the same
-    inferred experience (no such method exists yet)."""
+    lifelong_moe, moe_finetune with as many experts from the start as Lifelong-MoE ends with
+    (capacity-matched), and the dense peer given the same side information: ``dense_heads``,
+    the dense twin (``dense``: its model override) with one head per experience chosen by the
+    same inferred experience, and by the oracle."""
     specialized = [*base, "method=lifelong_moe_specialized"]
+    peer = [*base, *dense, "method=dense_heads"]
     return {
         "lifelong_moe (paper) and + task inference": [
             *base,
@@ -125,6 +129,12 @@ def routing_ablations(base: list[str], n_experts_at_end: int) -> dict[str, list[
             "method=moe_finetune",
             f"model.n_experts={n_experts_at_end}",
             f"method.name=moe_finetune_{n_experts_at_end}experts",
+        ],
+        "dense peer: a head per experience, inferred experience": peer,
+        "dense peer: a head per experience, oracle": [
+            *peer,
+            "method.infer_source=oracle",
+            "method.name=dense_heads_oracle",
         ],
     }
 
@@ -252,7 +262,7 @@ STUDIES = {
         "title": "Issue 24's ablations on permuted digits (10 epochs): routing source, capacity",
         # 5 experiences, 4 experts + 2 per later experience: 12 at the end
         "sweeps": routing_ablations(
-            ["benchmark=permuted_digits", DIGITS_EPOCHS, DIGITS_VALIDATION], 12
+            ["benchmark=permuted_digits", DIGITS_EPOCHS, DIGITS_VALIDATION], 12, ["model=mlp"]
         ),
         "routing": ("lifelong_moe_specialized", "permuted_digits"),
         "reference": "lifelong_moe",
@@ -262,7 +272,7 @@ STUDIES = {
         "the recipe with LR area matched and with the infinite schedule",
         "sweeps": {
             # 4 domains, 4 experts + 2 per later domain: 10 at the end
-            **routing_ablations(["experiment=lm_cpu", "trainer.max_epochs=1"], 10),
+            **routing_ablations(["experiment=lm_cpu", "trainer.max_epochs=1"], 10, ["model=lm"]),
             "moe_finetune + Thérien, LR area matched": [
                 "experiment=lm_cpu",
                 "trainer.max_epochs=1",

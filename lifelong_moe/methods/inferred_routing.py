@@ -19,6 +19,11 @@ drifts after its statistics were taken, the input does not.
   unigram model alone for 71-84 %.
 - Anything else (float [B, ...]): one Gaussian per experience on the flattened input, with the
   covariance shrunk toward a scaled identity so that it stays invertible with few samples.
+
+``ExperienceInference`` is the one piece every method given this side information uses: the
+statistics, the ablation switch ``infer_source`` and the ``routing/inference_acc`` metric.
+``lifelong_moe_specialized`` turns its answer into a routing bias (``routing_bias``),
+``dense_heads`` into the choice of an output head.
 """
 
 from __future__ import annotations
@@ -28,9 +33,17 @@ import math
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lifelong_moe import checks, names
+from lifelong_moe.stream import Stream
+
 SHRINKAGE = 0.1  # weight of the scaled identity in each covariance
 BIGRAM_WEIGHT = 0.8  # p(b | a) = 0.8 * bigram + 0.2 * unigram
 MAX_BIGRAM_VOCAB = 4096  # larger vocabularies keep the unigram model only (V^2 counts)
+
+# Where an input's experience is taken from at test time (ablations, issue 24): the input
+# statistics; the true experience (an oracle: the latest learned one for a future experience);
+# or the statistics' answer rotated by one (j -> j+1 mod n), wrong for every input.
+INFER_SOURCES = ("statistics", "oracle", "shuffled")
 
 
 class ExperienceStatistics:
@@ -132,6 +145,55 @@ class ExperienceStatistics:
         self.vocab_size = state["vocab_size"]
         self.stats = state["stats"]
         self._cache = None
+
+
+class ExperienceInference:
+    """The experience each test input is taken to come from, under ``infer_source``.
+
+    The statistics of an experience are added after its training (``add``), so after
+    experience t the answers range over 0..t.
+    """
+
+    def __init__(self, source: str = "statistics", vocab_size: int | None = None) -> None:
+        self.source = checks.choice("method.infer_source", source, INFER_SOURCES)
+        self.statistics = ExperienceStatistics(vocab_size)
+
+    def __len__(self) -> int:
+        return len(self.statistics)
+
+    def add(self, data: Dataset) -> None:
+        """Statistics of the experience just trained (the whole of its training data)."""
+        self.statistics.add(data)
+
+    def oracle(self, index: int) -> int:
+        """The true experience ``index``, clamped to the experiences learned so far."""
+        return min(index, len(self) - 1)
+
+    def infer(self, x: torch.Tensor, oracle: int) -> torch.Tensor:
+        """Long [B, L] for tokens (per position, causal), [B] otherwise; ``oracle`` is the
+        true experience (see ``oracle``), used only by ``infer_source=oracle``."""
+        inferred = self.statistics.infer(x)
+        if self.source == "oracle":
+            return torch.full_like(inferred, oracle)
+        if self.source == "shuffled":
+            return (inferred + 1) % len(self)
+        return inferred
+
+    def accuracy(self, stream: Stream, t: int, batch_size: int = 1024) -> dict[str, float]:
+        """``routing/inference_acc`` = mean over seen test experiences j <= t of the share of
+        j's test inputs (positions, for text) taken as experience j: the statistics' answer, or
+        the oracle's (1) or the shuffled one (0) under ``infer_source``;
+        ``routing/inference_acc/exp_j`` per experience. Empty before any statistics."""
+        out = {}
+        for j in range(min(t + 1, len(self))):
+            right, total = 0, 0
+            for batch in DataLoader(stream.experiences[j].test, batch_size=batch_size):
+                used = self.infer(batch[0], oracle=j)
+                right, total = right + int((used == j).sum()), total + used.numel()
+            out[names.exp_metric(names.ROUTING_INFERENCE_ACC, j)] = right / max(total, 1)
+        if out:
+            out[names.ROUTING_INFERENCE_ACC] = sum(out.values()) / len(out)
+        return out
 
 
 def routing_bias(

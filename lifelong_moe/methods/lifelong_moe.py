@@ -30,11 +30,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lifelong_moe import checks, names
+from lifelong_moe import checks
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.distillation import distillation, router_distillation
-from lifelong_moe.methods.inferred_routing import ExperienceStatistics, routing_bias
+from lifelong_moe.methods.inferred_routing import (
+    ExperienceInference,
+    ExperienceStatistics,
+    routing_bias,
+)
 from lifelong_moe.models import moe_layers
 from lifelong_moe.moe.domain import router_input_means
 from lifelong_moe.moe.experts import EXPERT_INITS
@@ -48,12 +52,6 @@ DEFAULT_LAMBDA_AUX = 0.01
 DEFAULT_GROWTH_INIT = {"expand_init": "random", "gate_init": "mean"}
 # gate_init=domain: how many of the new experience's inputs the mean router input is taken over.
 DOMAIN_WINDOWS = 1024
-
-
-# Where inferred routing takes an input's experience from at test time (ablations, issue 24):
-# the input statistics; the true experience (an oracle: the latest learned one for a future
-# experience); or the statistics' answer rotated by one (j -> j+1 mod n), wrong for every input.
-INFER_SOURCES = ("statistics", "oracle", "shuffled")
 
 
 class LifelongMoE(ContinualMethod):
@@ -123,9 +121,7 @@ class LifelongMoE(ContinualMethod):
         self.infer_routing = infer_routing
         self.infer_bonus = float(infer_bonus)
         self.infer_restrict = infer_restrict
-        checks.choice("method.infer_source", infer_source, INFER_SOURCES)
-        self.infer_source = infer_source
-        self.statistics = ExperienceStatistics()
+        self.inference = ExperienceInference(infer_source)
         if infer_routing:
             model.register_forward_pre_hook(_InferredRoutingHook(self), with_kwargs=True)
         top_k = next(iter(moe_layers(model).values())).top_k
@@ -154,6 +150,15 @@ class LifelongMoE(ContinualMethod):
         self.teacher_mask: torch.Tensor | None = None
         # Routing distillation needs a teacher even without output distillation.
         self.needs_teacher = lambda_kd > 0 or lambda_router > 0
+
+    @property
+    def statistics(self) -> ExperienceStatistics:
+        """The per-experience input statistics behind inferred routing."""
+        return self.inference.statistics
+
+    @property
+    def infer_source(self) -> str:
+        return self.inference.source
 
     @property
     def layers(self) -> dict:
@@ -216,9 +221,9 @@ class LifelongMoE(ContinualMethod):
 
     def expert_mask(self, exp: Experience) -> torch.Tensor | None:
         if self.infer_routing and self.infer_source == "oracle" and not self.model.training:
-            if len(self.statistics) == 0:
+            if len(self.inference) == 0:
                 return None
-            experience = torch.tensor(min(exp.index, len(self.statistics) - 1))
+            experience = torch.tensor(self.inference.oracle(exp.index))
             origin = torch.tensor(self.expert_origin)
             return routing_bias(experience, origin, self.infer_bonus, self.infer_restrict)
         return self.task_mask(exp.task_id)
@@ -226,12 +231,7 @@ class LifelongMoE(ContinualMethod):
     def inferred_experience(self, x: torch.Tensor, oracle: int) -> torch.Tensor:
         """The experience inferred routing uses for x at test time (``infer_source``); ``oracle``
         is the true one, clamped to the experiences learned so far."""
-        inferred = self.statistics.infer(x)
-        if self.infer_source == "oracle":
-            return torch.full_like(inferred, oracle)
-        if self.infer_source == "shuffled":
-            return (inferred + 1) % len(self.statistics)
-        return inferred
+        return self.inference.infer(x, oracle)
 
     def expert_origins(self) -> list[int]:
         return list(self.expert_origin)
@@ -247,7 +247,7 @@ class LifelongMoE(ContinualMethod):
         # Before evaluation, which must recognise this experience too. Here, in the process that
         # called fit, from the whole experience: DDP workers each train on a shard only.
         if self.infer_routing:
-            self.statistics.add(exp.train)
+            self.inference.add(exp.train)
 
     def routing_bias(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per-input logit bias of inferred routing; in training the experience is known."""
@@ -282,21 +282,10 @@ class LifelongMoE(ContinualMethod):
         return torch.cat([bias, hidden], dim=-1)
 
     def evaluation_metrics(self, t: int) -> dict[str, float]:
-        """Inferred routing: ``routing/inference_acc`` = mean over seen test experiences j <= t
-        of the share of j's test inputs (positions, for text) routed as experience j: the
-        statistics' answer, or the oracle's (1) or the shuffled one (0) under ``infer_source``;
-        ``routing/inference_acc/exp_j`` per experience."""
-        if not self.infer_routing or self.stream is None or len(self.statistics) == 0:
+        """Inferred routing: ``routing/inference_acc`` (``ExperienceInference.accuracy``)."""
+        if not self.infer_routing or self.stream is None:
             return {}
-        out = {}
-        for j in range(min(t + 1, len(self.statistics))):
-            right, total = 0, 0
-            for batch in DataLoader(self.stream.experiences[j].test, batch_size=1024):
-                used = self.inferred_experience(batch[0], oracle=j)
-                right, total = right + int((used == j).sum()), total + used.numel()
-            out[names.exp_metric(names.ROUTING_INFERENCE_ACC, j)] = right / max(total, 1)
-        out[names.ROUTING_INFERENCE_ACC] = sum(out.values()) / len(out)
-        return out
+        return self.inference.accuracy(self.stream, t)
 
     def method_state(self) -> dict:
         return super().method_state() | {

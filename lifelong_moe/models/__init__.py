@@ -10,6 +10,8 @@ Layout, from a model config to the grouped GEMM:
   moe/dispatch.py's grouped GEMMs, or the dense twin's DenseMLP.
 - transformer.py: the pre-norm block stack shared by vit.py and lm.py; it receives the FFNs.
 - checkpoint.py: save and reload a grown model; params.py: total / trainable / active counts.
+- seed_ensemble.py, experience_heads.py: predictors a method builds around a backbone (SEED's
+  ensemble; one output head per experience for ``method=dense_heads``).
 """
 
 from __future__ import annotations

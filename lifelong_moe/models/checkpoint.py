@@ -4,7 +4,7 @@ A grown model cannot be rebuilt from its Hydra config alone, because every MoE l
 gained experts; each layer's own config records its size and frozen bank.
 
 A method may also build its predictor around the backbone (SEED's ensemble of experts and
-class Gaussians). The file then names that wrapper and its arguments, so that ``load_model``
+class Gaussians, dense_heads' head per experience). The file then names that wrapper and its arguments, so that ``load_model``
 rebuilds the same predictor and not the bare backbone. The name is looked up in a fixed table
 (``wrapper_classes``), never imported from the file, so a file can only choose among these.
 """
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lifelong_moe.models.build import build_model
+from lifelong_moe.models.experience_heads import ExperienceHeads
 from lifelong_moe.models.params import moe_layers
 from lifelong_moe.models.seed_ensemble import SeedEnsemble
 from lifelong_moe.moe import MoELayer
@@ -29,7 +30,7 @@ def wrapper_classes() -> dict[str, type[nn.Module]]:
 
     Each takes ``(backbone, **config)`` and returns its ``config`` from ``get_config()``.
     """
-    return {"seed": SeedEnsemble}
+    return {"seed": SeedEnsemble, "dense_heads": ExperienceHeads}
 
 
 def save_model(model: nn.Module, model_cfg: dict[str, Any], path: str | Path, **build: Any) -> None:
