@@ -84,7 +84,8 @@ if [ $DRY = 1 ]; then
   COARSE=(--experts 8 --tokens 64 --d-model 16 --d-hidden 32 --top-k 2)
   COARSE_COMPILED=("${COARSE[@]}")
   FINE=(--experts 8 --tokens 64 --d-model 32 --d-hidden 16 --top-k 4)
-  LM_SIZE=(benchmark.context_length=16 benchmark.max_bytes_per_domain=32768 model.d_model=16
+  LM_SIZE=(benchmark.context_length=16 benchmark.max_bytes_per_domain=17000 model.d_model=16
+    trainer.max_steps=2 evaluation.max_batches=1
     model.d_hidden=16 model.n_heads=1 model.n_blocks=2 "model.moe_blocks=[1]" model.n_experts=2
     trainer.accelerator=cpu trainer.precision=32-true trainer.eval_batch_size=64
     tracking.system_metrics=false)

@@ -18,8 +18,9 @@ of Lifelong-MoE (seed 0) is copied beside them. README.md records the commands a
 comparison.json holds the table's numbers, which experiments/render.py renders into README.md
 and the findings. A study resumes: a (method, benchmark, seed) run already FINISHED in the
 study's store is not run again (``--fresh`` starts over), so a long study can span sittings.
-Each of the N_JOBS parallel jobs (``--jobs``) gets its share of the cores (OMP_NUM_THREADS): two
-jobs with torch's default threads oversubscribe a 2-core machine several times over.
+Each of the N_JOBS parallel jobs (``--jobs``) gets its share of the cores (OMP_NUM_THREADS, unless
+the caller sets it): two jobs with torch's default threads oversubscribe a 2-core machine several
+times over.
 
 Protocol (issue 24): settings are chosen on validation, studies report test. Every benchmark
 holds out both with the same training data: the digits studies through DIGITS_VALIDATION, the
@@ -409,7 +410,8 @@ def main() -> None:
     ]
     plots: list[str] = []
     total = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // options.jobs))}
+    share = str(max(1, (os.cpu_count() or 2) // options.jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", share)}
     plot_sets = study.get("plots")
     common = [o if not o.startswith("seed=") else options.seeds for o in COMMON]
     for i, (label, overrides) in enumerate(study["sweeps"].items()):
