@@ -405,7 +405,7 @@ def main() -> None:
     lines = [
         f"# Study: {study['title']}",
         "",
-        f"Reproduce: `.venv/bin/python {Path(__file__).relative_to(REPO)} {options.study}`",
+        f"Reproduce: `.venv/bin/python {Path(__file__).relative_to(REPO)} {reproduce(options)}`",
         "",
     ]
     plots: list[str] = []
@@ -503,6 +503,15 @@ def main() -> None:
     text = "\n".join(lines).replace(f"{REPO}/", "")
     (results / "README.md").write_text(render.render_text(text + "\n"))
     print(f"wrote {results / 'README.md'}")
+
+
+def reproduce(options: argparse.Namespace) -> str:
+    """The study's command line: its name and the options that differ from the defaults."""
+    words = [options.study]
+    words += [f"--seeds {options.seeds}"] if options.seeds != SEEDS else []
+    words += [f"--split {options.split}"] if options.split != "test" else []
+    words += [f"--jobs {options.jobs}"] if options.jobs != N_JOBS else []
+    return " ".join(words)
 
 
 def per_experience_rows(client: MlflowClient, experiment_id: str) -> list[dict]:
