@@ -39,3 +39,23 @@ def test_lr_area_of_the_recipe_is_about_half_of_constant():
     assert study.lr_area(study.LRSchedule(), 58) == 1.0
     matched = study.AREA_MATCHED_LR * study.lr_area(schedule, study.LM_STEPS)
     assert abs(matched - study.LM_LR) < 1e-15
+
+
+def test_every_text_study_holds_out_validation_and_test_documents_for_the_split_flag():
+    """Issue 24's protocol on text: each text study's runs compose with validation and test
+    documents held out, and ``--split validation`` (benchmark.split=validation) switches what
+    is evaluated, not what is trained on."""
+    from hydra import compose, initialize_config_dir
+
+    text = {
+        name: s for name, s in study.STUDIES.items()
+        if any("lm_cpu" in o or "text_domains" in o for v in s["sweeps"].values() for o in v)
+    }  # fmt: skip
+    assert {"lm", "routing_lm", "routing_lm_long", "ablations_lm", "hf"} <= set(text)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for name, definition in text.items():  # the first job of each study
+            job = [study.sweep_values(o)[0] for o in next(iter(definition["sweeps"].values()))]
+            cfg = compose("config", [*job, "benchmark.split=validation"])
+            assert cfg.benchmark.name == "text_domains", name
+            assert cfg.benchmark.split == "validation"
+            assert cfg.benchmark.validation_fraction > 0 < cfg.benchmark.test_fraction

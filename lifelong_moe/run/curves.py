@@ -205,7 +205,7 @@ def validation_loss(
 
 def validation_sets(stream: Any, max_batches: int | None, batch_size: int) -> list:
     """(domain name, data, experience) per experience: the stream's validation windows where it
-    has them (token streams), else its test set; cut to ``max_batches`` like evaluation."""
+    has them (text and token streams), else its test set; cut to ``max_batches`` like evaluation."""
     held_out = list(getattr(stream, "validation", None) or [])
     domains = list(getattr(stream, "domains", None) or [])
     out = []
