@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lifelong_moe import names
-from lifelong_moe.config import aliases
+from lifelong_moe.config import aliases, schema
 from lifelong_moe.config.files import CONF_DIR
 from lifelong_moe.config.groups import (
     CheckpointPolicy,
@@ -130,12 +130,12 @@ def test_a_stored_config_with_old_keys_is_migrated_when_a_resume_loads_it(tmp_pa
     ]
 
 
-def test_a_new_key_already_set_wins_over_its_old_one():
+def test_an_old_key_wins_over_the_default_its_new_one_holds():
     cfg = OmegaConf.create(
         {"trainer": {"lr_schedule": "infinite"}, "schedule": {"name": "constant"}}
     )
     assert aliases.migrate(cfg, "test") == ["trainer.lr_schedule"]
-    assert OmegaConf.to_container(cfg) == {"trainer": {}, "schedule": {"name": "constant"}}
+    assert OmegaConf.to_container(cfg) == {"trainer": {}, "schedule": {"name": "infinite"}}
 
 
 @pytest.mark.parametrize(
@@ -153,3 +153,28 @@ def test_each_group_s_dataclass_defaults_equal_its_packaged_option(option, setti
     assert STRUCTURED[option.partition("/")[0]] is settings
     packaged = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{option}.yaml"))
     assert packaged == dataclasses.asdict(settings())
+
+
+def test_a_preset_of_your_own_with_old_keys_is_read_under_today_s(tmp_path: Path, capsys):
+    """A config file written before issue 21 (here an experiment preset in --config-dir)."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "old.yaml").write_text(
+        "# @package _global_\n"
+        "trainer:\n  lr_schedule: cosine_rewarm\n  checkpoint_keep: 3\n"
+        "method:\n  balance_scope: trainable\n"
+    )
+    check_command_line(["experiment=old"], CONF_DIR, extra_dirs=[tmp_path])  # the CLI's check
+    assert capsys.readouterr().out == ""  # silent there: the run itself says it
+    cfg = schema._compose(CONF_DIR, "config", ["experiment=old"], [tmp_path])
+    with pytest.raises(ConfigError, match="^method.balance_scope: unknown key"):
+        check_config(cfg)
+    build_view = cfg.copy()
+    assert aliases.migrate(build_view, "the config") == [
+        "trainer.lr_schedule",
+        "trainer.checkpoint_keep",
+        "method.balance_scope",
+    ]
+    check_config(build_view)
+    assert build_view.schedule.name == "cosine_rewarm" and build_view.checkpoint.keep == 3
+    assert build_view.model.balance_scope == "trainable"
+    assert capsys.readouterr().out.startswith("note: the config: read the old keys ")

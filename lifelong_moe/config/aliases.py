@@ -6,7 +6,8 @@ that tracking/ (compare's grouping of old runs' params) reads the same one. Here
 - :func:`modernize_overrides` rewrites a command line's old keys before Hydra composes it (also
   under ``+``/``++``/``~`` and inside sweeps, whose values it leaves alone), with one note per key
   naming the new one;
-- :func:`migrate` moves the values of a stored config's old keys to today's (resume).
+- :func:`migrate` moves the values of a config's old keys to today's: a config stored by an
+  older run (resume), and a composed one whose preset or config file still names old keys.
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ def modernize_overrides(args: Sequence[str]) -> list[str]:
 _ABSENT = object()
 
 
-def migrate(cfg: DictConfig, where: str) -> list[str]:
+def migrate(cfg: DictConfig, where: str | None) -> list[str]:
     """Move the values of ``cfg``'s old keys to today's, in place; returns the old keys found.
 
-    A new key already set wins over its old one (a config cannot mean both). ``where`` names the
-    config in the note (``resume=<run_id>``).
+    The old key's value wins over the new key's: in a composed config the new key always holds
+    at least the packaged default, and the old one was written on purpose. ``where`` names the
+    config in the note (``resume=<run_id>``); None: no note (the CLI's check before Hydra, whose
+    run notes it again).
     """
     moved = []
     with open_dict(cfg):
@@ -63,9 +66,8 @@ def migrate(cfg: DictConfig, where: str) -> list[str]:
                 continue
             parent, _, name = old.rpartition(".")
             OmegaConf.select(cfg, parent).pop(name)
-            if OmegaConf.select(cfg, new, default=_ABSENT) is _ABSENT:
-                OmegaConf.update(cfg, new, value, force_add=True)
+            OmegaConf.update(cfg, new, value, force_add=True)
             moved.append(old)
-    if moved:
+    if moved and where is not None:
         LOGGER.info(f"note: {where}: read the old keys {', '.join(moved)} under today's names")
     return moved

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lifelong_moe import checks, compat
+from lifelong_moe.config.aliases import migrate
 from lifelong_moe.config.groups import (
     CheckpointPolicy,
     EvaluationConfig,
@@ -369,4 +370,6 @@ def check_command_line(
         return
     name = parsed.config_name or config_name
     for overrides in jobs(parsed.overrides, parsed.multirun):
-        check_config(_compose(config_dir, name, overrides, extra_dirs))
+        cfg = _compose(config_dir, name, overrides, extra_dirs)
+        migrate(cfg, None)  # a preset or config file with old keys: as the run will read it
+        check_config(cfg)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lifelong_moe import names
+from lifelong_moe.config.aliases import migrate
 from lifelong_moe.config.groups import CheckpointPolicy
 from lifelong_moe.config.schema import check_config
 from lifelong_moe.data.tokenizer import ByteTokenizer
@@ -93,6 +94,7 @@ class Experiment:
 
 
 def build(cfg: DictConfig) -> Experiment:
+    migrate(cfg, "the config")  # old keys in a preset or config file (config/aliases.py)
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stream = instantiate(cfg.benchmark, "benchmark")
