@@ -8,7 +8,7 @@ for; part of the training time), ``cost/checkpoint_write_s`` (serialising and wr
 average around each case is written beside it.
 
 Then it compares writing in line with writing in a background thread
-(``trainer.checkpoint_async=false|true``) end to end: the digits case's training time, runs
+(``checkpoint.background=false|true``) end to end: the digits case's training time, runs
 interleaved, at the default interval and with a checkpoint at every step, reported as the
 median ratio background / in line. Writes results/checkpoint_cost.md.
 
@@ -83,7 +83,7 @@ def share_table() -> list[str]:
     lines = [
         "share = time training waited for checkpoints / training time of the same experience of",
         "the same run (the wait is part of training time). On this CPU checkpoints are written in",
-        "line (trainer.checkpoint_async=auto), so the wait is the whole write. Load: 1-minute load",
+        "line (checkpoint.background=auto), so the wait is the whole write. Load: 1-minute load",
         "average before and after each case.",
         "",
         "| case | experience | train s | checkpoint s (all) | share | MB per checkpoint | load |",
@@ -106,7 +106,7 @@ def background_table(repeats: int = 3) -> list[str]:
     """Training time with checkpoints written in line and in a background thread, interleaved."""
     lines = [
         "",
-        "## In line or in a background thread (trainer.checkpoint_async), this machine",
+        "## In line or in a background thread (checkpoint.background), this machine",
         "",
         f"{CASE_DIGITS}: training time of both experiences, {repeats} runs of each, interleaved;",
         "ratio = median background / median in line. `waited` is what training waited for per",
@@ -120,7 +120,7 @@ def background_table(repeats: int = 3) -> list[str]:
     # falls on the last one), or at every step.
     settings = (
         ("default interval", [], 2 * 5),
-        ("every step", ["trainer.checkpoint_every_n_steps=1"], 2 * 100),
+        ("every step", ["checkpoint.every_n_steps=1"], 2 * 100),
     )
     for label, every, count in settings:
         before = load()
@@ -128,7 +128,7 @@ def background_table(repeats: int = 3) -> list[str]:
         waited: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(repeats):
             for background in (False, True):
-                args = [*CASES[CASE_DIGITS], *every, f"trainer.checkpoint_async={background}"]
+                args = [*CASES[CASE_DIGITS], *every, f"checkpoint.background={background}"]
                 rows = measure(args)
                 train[background].append(sum(r["train_s"] for r in rows))
                 waited[background].append(sum(r["checkpoint_s"] for r in rows) / count)
@@ -143,7 +143,7 @@ def background_table(repeats: int = 3) -> list[str]:
 
 def main() -> None:
     lines = [
-        "# Checkpoint cost at the default interval (trainer.checkpoint_every_n_steps=100, and",
+        "# Checkpoint cost at the default interval (checkpoint.every_n_steps=100, and",
         "# every epoch end), per experience. Command: .venv/bin/python experiments/checkpoint_cost.py",
         "",
         *share_table(),

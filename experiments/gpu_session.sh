@@ -145,9 +145,9 @@ lm() {  # lm DISPATCH BATCH COMPILE: one lm_gpu run (2 experiences), its cost/* 
   step "$name" "${LM_TIMEOUT:-120}" $(traced "$name") -m lifelong_moe.cli experiment=lm_gpu \
     method=lifelong_moe "benchmark.domains=[english,python]" trainer.max_epochs=1 \
     trainer.batch_size="$batch" trainer.compile="$compile" model.dispatch="$dispatch" \
-    trainer.checkpoint_every_n_steps=0 "${LM_SIZE[@]}" tracking.uri="$uri" \
+    checkpoint.every_n_steps=0 "${LM_SIZE[@]}" tracking.uri="$uri" \
     tracking.run_name="$name" tracking.log_checkpoints=false \
-    trainer.checkpoint_dir="$WORK/checkpoints" hydra.run.dir="$WORK/hydra/$name" || return 0
+    checkpoint.dir="$WORK/checkpoints" hydra.run.dir="$WORK/hydra/$name" || return 0
   timeout 60 "$PY" experiments/gpu_lm_metrics.py "$uri" "$name" "$OUT/lm_gpu.jsonl" \
     --config dispatch="$dispatch" batch_size="$batch" compile="$compile" >>"$LOG" 2>&1
 }

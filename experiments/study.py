@@ -64,8 +64,8 @@ N_JOBS = 2
 # Issue 12's LM methods; the Thérien recipe (Thérien et al., TMLR 2025): learning-rate re-warming
 # and re-decaying at every experience plus a little replay of earlier domains.
 THERIEN = [
-    "trainer.lr_schedule=cosine_rewarm",
-    "trainer.warmup_steps=20",
+    "schedule.name=cosine_rewarm",
+    "schedule.warmup_steps=20",
     "method.replay_fraction=0.05",
 ]
 LM_MOE = "method=moe_finetune,lifelong_moe,lifelong_moe_specialized,joint"
@@ -100,10 +100,10 @@ AREA_MATCHED_LR = LM_LR / lr_area(LRSchedule("cosine_rewarm", warmup_steps=20), 
 # The infinite schedule (Ibrahim et al. 2024): warm-up and cool-down to a constant level on the
 # first domain only, then constant, the last steps of each domain annealed to the floor.
 INFINITE = [
-    "trainer.lr_schedule=infinite",
-    "trainer.warmup_steps=20",
-    "trainer.cooldown_steps=20",
-    "trainer.anneal_steps=10",
+    "schedule.name=infinite",
+    "schedule.warmup_steps=20",
+    "schedule.cooldown_steps=20",
+    "schedule.anneal_steps=10",
     "method.replay_fraction=0.05",
 ]
 
@@ -329,7 +329,7 @@ STUDIES = {
                 "experiment=lm_cpu",
                 "method=lifelong_moe",
                 "method.lambda_router=1",
-                "method.balance_scope=trainable",
+                "model.balance_scope=trainable",
                 "method.name=lifelong_moe_router_kd",
             ],
             "G: the preset with bonus 5": [

@@ -26,6 +26,24 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _bounded(
+    kind: str,
+    low: float | None,
+    high: float | None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> str:
+    """What a value must be: ``an integer in [0, 9]``, ``a number > 0``, ``a number``."""
+    if low is not None and high is not None:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        return f"{kind} in {left}{low}, {high}{right}"
+    if low is not None:
+        return f"{kind} {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{kind} {'<' if high_open else '<='} {high}"
+    return kind
+
+
 def integer(key: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
     """An integer in [low, high] (either bound optional)."""
     if (
@@ -33,15 +51,8 @@ def integer(key: str, value: Any, *, low: int | None = None, high: int | None = 
         or (low is not None and value < low)
         or (high is not None and value > high)
     ):
-        if low is not None and high is not None:
-            _fail(key, value, f"an integer in [{low}, {high}]")
-        elif low == 1:
-            _fail(key, value, "a positive integer")
-        elif low is not None:
-            _fail(key, value, f"an integer >= {low}")
-        elif high is not None:
-            _fail(key, value, f"an integer <= {high}")
-        _fail(key, value, "an integer")
+        positive = low == 1 and high is None
+        _fail(key, value, "a positive integer" if positive else _bounded("an integer", low, high))
     return value
 
 
@@ -69,14 +80,7 @@ def number(
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        if low is not None and high is not None:
-            left, right = "(" if low_open else "[", ")" if high_open else "]"
-            _fail(key, value, f"a number in {left}{low}, {high}{right}")
-        elif low is not None:
-            _fail(key, value, f"a number {'>' if low_open else '>='} {low}")
-        elif high is not None:
-            _fail(key, value, f"a number {'<' if high_open else '<='} {high}")
-        _fail(key, value, "a number")
+        _fail(key, value, _bounded("a number", low, high, low_open, high_open))
     return value
 
 

@@ -18,6 +18,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from lifelong_moe import log, names  # noqa: E402
+from lifelong_moe.config.aliases import modernize_overrides  # noqa: E402
 from lifelong_moe.config.files import (  # noqa: E402
     CONF_DIR,
     GROUPS,
@@ -102,7 +103,9 @@ def main() -> None:
     from lifelong_moe.tracking.hydra_callback import close_open_parents
 
     try:
-        args = sys.argv[1:]
+        # An old key (trainer.lr_schedule) is read as today's (schedule.name), with a note;
+        # Hydra's app reads sys.argv itself.
+        args = sys.argv[1:] = modernize_overrides(sys.argv[1:])
         user_dirs = user_config_dirs(args)
         importable(user_dirs)  # _target_: my_method.MyMethod beside the user's configs
         check_choices(args, user_dirs)

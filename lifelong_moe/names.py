@@ -103,7 +103,7 @@ def train_term(key: str) -> str:
     return f"{TRAIN}/{key}"
 
 
-# What trainer.lr_schedule and replay did in one experience (methods trained by Lightning's loop).
+# What the LR schedule (the schedule group) and replay did in one experience (Lightning-trained).
 TRAIN_LR_MEAN = f"{TRAIN}/lr_mean"  # mean learning rate over the experience's optimizer steps
 TRAIN_LR_LAST = f"{TRAIN}/lr_last"  # the learning rate of its last step
 TRAIN_REPLAYED = f"{TRAIN}/replayed"  # training examples (LM: windows) from earlier experiences
@@ -273,3 +273,38 @@ ROUTING_TABLE = "tables/routing.json"
 RESUME_FOLDER = "~resume"
 RESUME_STATE = f"{RESUME_FOLDER}/state.pt"
 LEGACY_RESUME_STATE = "resume/state.pt"  # runs started before issue 13
+
+
+# --- config keys (MLflow params) renamed by issue 21 --------------------------------------------
+
+# Old dotted config key -> today's. The one table behind every old key that keeps working: on the
+# command line (config/aliases.py rewrites it, with a note), in a stored run config (resume
+# migrates it) and among a stored run's params (compare groups and labels under today's names).
+RENAMED_KEYS: dict[str, str] = {
+    # trainer -> schedule (methods/lr_schedule.py's LRSchedule is the node)
+    "trainer.lr_schedule": "schedule.name",
+    "trainer.warmup_steps": "schedule.warmup_steps",
+    "trainer.lr_floor": "schedule.lr_floor",
+    "trainer.lr_constant": "schedule.lr_constant",
+    "trainer.cooldown_steps": "schedule.cooldown_steps",
+    "trainer.anneal_steps": "schedule.anneal_steps",
+    # trainer -> checkpoint (the step-checkpoint policy, run/checkpoints.py)
+    "trainer.checkpoint_every_n_steps": "checkpoint.every_n_steps",
+    "trainer.checkpoint_dir": "checkpoint.dir",
+    "trainer.checkpoint_keep": "checkpoint.keep",
+    "trainer.checkpoint_async": "checkpoint.background",
+    # an MoE setting that lived under method
+    "method.balance_scope": "model.balance_scope",
+}
+
+
+def modern_key(key: str) -> str:
+    """Today's name of a config key (or MLflow param); a key that did not change is itself."""
+    return RENAMED_KEYS.get(key, key)
+
+
+def modernize_params(params: Mapping[str, str]) -> dict[str, str]:
+    """A run's params under today's names; an old name yields to a new one logged beside it."""
+    out = {RENAMED_KEYS[k]: v for k, v in params.items() if k in RENAMED_KEYS}
+    out |= {k: v for k, v in params.items() if k not in RENAMED_KEYS}
+    return out

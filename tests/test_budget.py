@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lifelong_moe import names
-from lifelong_moe.config.schema import check_trainer
+from lifelong_moe.config.groups import check_budget
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
@@ -47,10 +47,13 @@ def data(n: int = 23) -> TensorDataset:
     return TensorDataset(x, (x * 3 + 1) % VOCAB)
 
 
-def trainer_cfg(**overrides: object):
+def trainer_cfg(schedule: dict | None = None, every_n_steps: int = 0, **overrides: object):
+    """The run config's trainer (the packaged defaults and ``overrides``), LR schedule and
+    checkpoint interval."""
     cfg = OmegaConf.load(CONF / "trainer" / "default.yaml")
-    cfg.update({"progress_bar": False, "checkpoint_every_n_steps": 0, **overrides})
-    return OmegaConf.create({"trainer": cfg})
+    cfg.update({"progress_bar": False, **overrides})
+    checkpoint = {"every_n_steps": every_n_steps}
+    return OmegaConf.create({"trainer": cfg, "schedule": schedule or {}, "checkpoint": checkpoint})
 
 
 def train(cfg, dataset, *, every: int = 1, folder: Path | None = None, ckpt=None, seed=0):
@@ -58,14 +61,14 @@ def train(cfg, dataset, *, every: int = 1, folder: Path | None = None, ckpt=None
     torch.manual_seed(seed)
     method = ContinualMethod(TokenModel(), lr=0.05)
     t = cfg.trainer
-    method.set_lr_schedule(LRSchedule.from_trainer(t))
+    method.set_lr_schedule(LRSchedule(**cfg.schedule))
     loader = make_loader(dataset, t.batch_size, 0, seed=7)
     limits = budget.budget_for(t, len(dataset), LENGTH)
     callbacks = [curves.TrainingCurves(every_n_steps=every)]
     writer = None
     if folder is not None:
         writer = checkpoint_writer(keep=100, background=False)
-        saver = StepCheckpoint(folder, 0, t.checkpoint_every_n_steps, writer, loader.sampler)
+        saver = StepCheckpoint(folder, 0, cfg.checkpoint.every_n_steps, writer, loader.sampler)
         callbacks.append(saver)  # after the curves, as run/loop.fit orders them
     trainer = make_trainer(cfg, callbacks=callbacks, checkpoint_io=writer, budget=limits)
     trainer.fit(method, loader, ckpt_path=ckpt, weights_only=True)
@@ -113,15 +116,14 @@ def test_lr_schedule_spans_the_step_budget(limit: dict) -> None:
     cfg = trainer_cfg(
         batch_size=4,
         accumulate_grad_batches=2,
-        lr_schedule="cosine_rewarm",
-        warmup_steps=2,
+        schedule={"name": "cosine_rewarm", "warmup_steps": 2},
         **limit,
     )
     _, trainer, points = train(cfg, data())
     lr = {s: v for k, s, v in points if k == names.CURVE_LR}
     assert trainer.global_step == 9
     assert lr[1] == 0.0 and lr[3] == pytest.approx(0.05)  # warm-up, then the peak
-    floor = cfg.trainer.lr_floor
+    floor = LRSchedule(**cfg.schedule).lr_floor
     # half-way through the cosine (step index 5 of 2..8): a schedule sized to one epoch of 3
     # steps (max_epochs taken for the length) would already sit at the floor here
     assert lr[6] == pytest.approx(0.05 * (floor + (1 - floor) * 0.5))
@@ -130,7 +132,7 @@ def test_lr_schedule_spans_the_step_budget(limit: dict) -> None:
 
 def test_both_budgets_are_refused_in_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^trainer.max_steps=5 with trainer.max_tokens=100: "):
-        check_trainer({"max_steps": 5, "max_tokens": 100})
+        check_budget({"max_steps": 5, "max_tokens": 100})
 
 
 def test_accumulation_equals_the_larger_batch() -> None:
@@ -145,7 +147,7 @@ def test_accumulation_equals_the_larger_batch() -> None:
 
 
 def test_resume_from_a_step_checkpoint_under_max_steps_is_exact(tmp_path: Path) -> None:
-    cfg = trainer_cfg(batch_size=4, max_steps=8, checkpoint_every_n_steps=2)
+    cfg = trainer_cfg(batch_size=4, max_steps=8, every_n_steps=2)
     whole, _, points = train(cfg, data(), folder=tmp_path / "a")
     # A fresh process state: another initial model, resumed from the step-4 checkpoint.
     ckpt = tmp_path / "a" / "exp0-step4.ckpt"

@@ -28,7 +28,7 @@ ARGS = [
     "model.d_hidden=32",
     "trainer.max_epochs=2",
     "trainer.progress_bar=false",
-    "trainer.checkpoint_every_n_steps=5",
+    "checkpoint.every_n_steps=5",
     "tracking.log_checkpoints=false",
     "seed=3",
 ]
@@ -74,7 +74,7 @@ def reference(tmp_path_factory) -> dict:
 
 
 # Checkpoints are written in line on CPU; "async" cases write them in a background thread
-# (trainer.checkpoint_async=true, the GPU default) and must end bit-identical all the same.
+# (checkpoint.background=true, the GPU default) and must end bit-identical all the same.
 @pytest.mark.parametrize(
     ("at", "where", "writes"),
     [
@@ -89,13 +89,13 @@ def reference(tmp_path_factory) -> dict:
 )
 def test_kill_inside_experience_then_resume_is_bit_identical(workdir, reference, at, where, writes):
     uri = store_uri(workdir)
-    background = f"trainer.checkpoint_async={str(writes == 'async').lower()}"
+    background = f"checkpoint.background={str(writes == 'async').lower()}"
     run_until(workdir, [f"tracking.uri={uri}", *ARGS, background], at)
     (killed,) = runs(uri)
     assert killed.info.status == "RUNNING"
     folder = Path(killed.data.tags["checkpoint_dir"])
     assert [p.name for p in folder.iterdir()], "no checkpoint was written"
-    assert len(list(folder.glob("*.ckpt"))) <= 2  # trainer.checkpoint_keep
+    assert len(list(folder.glob("*.ckpt"))) <= 2  # checkpoint.keep
     newest = checkpoints(folder, experience=3)[-1]
     trained_before = torch.load(newest, weights_only=True)["lifelong_moe"]["train_s"]
 

@@ -87,7 +87,14 @@ SCHEMA_CASES = {
     "trainer.precision=fp7": "trainer.precision='fp7': expected one of ",
     "trainer.accelerator=tpu": "trainer.accelerator='tpu': expected one of cpu, gpu, cuda, mps, auto",
     "trainer.batch_size=0": "trainer.batch_size=0: expected a positive integer",
-    "trainer.lr_schedule=linear": "trainer.lr_schedule='linear': expected one of constant,",
+    "schedule.name=linear": "schedule.name='linear': expected one of constant,",
+    "schedule.warmup_steps=abc": "schedule.warmup_steps='abc': expected an integer",
+    "checkpoint.keep=0": "checkpoint.keep=0: expected a positive integer",
+    "checkpoint.background=maybe": "checkpoint.background='maybe': expected true or false or "
+    "one of auto",
+    "checkpoint.every_n=3": "checkpoint.every_n: unknown key; did you mean "
+    "checkpoint.every_n_steps?",
+    "evaluation.lm_eval.every=0": "evaluation.lm_eval.every=0: expected a positive integer",
     "tracking.system_metrics=maybe": "tracking.system_metrics='maybe': expected true or false",
     "trainer.max_epoch=3": "trainer.max_epoch: unknown key; did you mean trainer.max_epochs?",
     "model.d_modle=3": "model.d_modle: unknown key; did you mean model.d_model?",

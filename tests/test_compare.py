@@ -39,9 +39,17 @@ def accuracy_matrix(method: str, seed: int) -> np.ndarray:
 
 
 def log_run(
-    client, experiment_id, method, seed, status="FINISHED", matrix="accuracy", legacy=False
+    client,
+    experiment_id,
+    method,
+    seed,
+    status="FINISHED",
+    matrix="accuracy",
+    legacy=False,
+    extra_params: dict[str, str] | None = None,
 ) -> str:
-    """One run as the runner logs it; ``legacy`` logs the names used before issue 13."""
+    """One run as the runner logs it; ``legacy`` logs the names used before issue 13, ``extra_params``
+    adds params."""
     benchmark = "char_lm" if matrix == "perplexity" else "permuted_digits"
     tags = {
         "method": method,
@@ -54,6 +62,7 @@ def log_run(
     }
     run_id = client.create_run(experiment_id, run_name=f"{method}-{seed}", tags=tags).info.run_id
     params = {"method.name": method, "method.lr": "0.01", "benchmark.n_experiences": str(T)}
+    params |= extra_params or {}
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     R = accuracy_matrix(method, seed)
     OLD = {new: old for old, new in names.LEGACY.items()} if legacy else {}
@@ -320,6 +329,21 @@ def test_store_with_pre_rename_names_compares_alike(store, tmp_path, capsys):
     folder = tmp_path / "plots"
     assert main(["--tracking-uri", uri, "--plot", str(folder), "--format", "csv"]) == 0
     assert (folder / "accuracy_curves.png").is_file()
+
+
+def test_runs_recorded_under_old_param_names_group_with_today_s(tmp_path, capsys):
+    """A run recorded with ``trainer.lr_schedule`` (before issue 21) and one with
+    ``schedule.name`` fall into one group, asked for by either name."""
+    uri = f"sqlite:///{tmp_path}/renamed.db"
+    client = mlflow.MlflowClient(uri)
+    eid = client.create_experiment("lifelong-moe", artifact_location=str(tmp_path / "a"))
+    old = log_run(client, eid, "naive", 0, extra_params={"trainer.lr_schedule": "cosine_rewarm"})
+    new = log_run(client, eid, "naive", 1, extra_params={"schedule.name": "cosine_rewarm"})
+    constant = log_run(client, eid, "naive", 2, extra_params={"schedule.name": "constant"})
+    for key in ("schedule.name", "trainer.lr_schedule", "params.trainer.lr_schedule"):
+        rows = json_rows({"uri": uri}, capsys, "--group-by", f"method,{key}")
+        groups = [(r[key], sorted(r["run_ids"])) for r in rows]
+        assert groups == [("constant", [constant]), ("cosine_rewarm", sorted([old, new]))], key
 
 
 def test_reference_shows_paired_intervals_over_seeds(store, capsys):

@@ -23,7 +23,7 @@ from tests.test_torchrun import torchrun
 
 pytestmark = pytest.mark.slow
 # 10 batches an epoch on one process; 2 ranks take 5 steps each, so step 3 is mid-epoch.
-ARGS = [*TINY_RUN, "trainer.checkpoint_every_n_steps=5"]
+ARGS = [*TINY_RUN, "checkpoint.every_n_steps=5"]
 
 
 def interrupt_and_resume(cwd: Path, hook: str, *extra: str) -> str:

@@ -172,9 +172,7 @@ def test_resume_under_accumulation_is_exact(tmp_path: Path) -> None:
     so the scale differs at each epoch's end) resumes to bit-identical weights."""
     from tests.test_budget import data, train, trainer_cfg
 
-    cfg = trainer_cfg(
-        batch_size=4, max_steps=7, accumulate_grad_batches=2, checkpoint_every_n_steps=2
-    )
+    cfg = trainer_cfg(batch_size=4, max_steps=7, accumulate_grad_batches=2, every_n_steps=2)
     whole, _, _ = train(cfg, data(), folder=tmp_path / "a")
     ckpt = tmp_path / "a" / "exp0-step4.ckpt"
     resumed, trainer, _ = train(cfg, data(), folder=tmp_path / "b", ckpt=ckpt, seed=5)

@@ -29,9 +29,11 @@ def tiny_stream(n_experiences: int = 3, task_labels: bool = False) -> Stream:
     return Stream("tiny", experiences, 4, (1, 4, 4), "domain_incremental", task_labels)
 
 
-def make(task_labels: bool = False, **kwargs) -> tuple[LifelongMoE, Stream]:
+def make(
+    task_labels: bool = False, moe: MoESettings | None = None, **kwargs
+) -> tuple[LifelongMoE, Stream]:
     torch.manual_seed(0)
-    moe = MoESettings(blocks=[0, 1], n_experts=4)
+    moe = moe or MoESettings(blocks=[0, 1], n_experts=4)
     model = ResidualMLP([1, 4, 4], 4, d_model=16, d_hidden=8, moe=moe)
     method = LifelongMoE(model, **kwargs)
     stream = tiny_stream(task_labels=task_labels)

@@ -56,10 +56,10 @@ def test_infinite_warms_up_once_cools_down_holds_and_anneals():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"name": "linear"}, "trainer.lr_schedule='linear'"),
-        ({"warmup_steps": -1}, "trainer.warmup_steps=-1"),
-        ({"lr_floor": 1.5}, "trainer.lr_floor=1.5"),
-        ({"name": "infinite", "lr_floor": 0.6, "lr_constant": 0.5}, "trainer.lr_floor=0.6"),
+        ({"name": "linear"}, "schedule.name='linear'"),
+        ({"warmup_steps": -1}, "schedule.warmup_steps=-1"),
+        ({"lr_floor": 1.5}, "schedule.lr_floor=1.5"),
+        ({"name": "infinite", "lr_floor": 0.6, "lr_constant": 0.5}, "schedule.lr_floor=0.6"),
     ],
 )
 def test_bad_settings_are_one_line_errors(kwargs, message):
@@ -99,24 +99,27 @@ def test_lightning_steps_the_schedule_over_the_experience():
 
 
 def test_cli_runs_with_cosine_rewarm_and_logs_it(tmp_path: Path):
+    # The keys from before issue 21 (trainer.lr_schedule, ...): read as schedule.*, with a note.
     uri = store_uri(tmp_path)
-    run_cli(
+    result = run_cli(
         tmp_path,
         "benchmark=split_digits",
         "benchmark.n_experiences=2",
         "trainer.lr_schedule=cosine_rewarm",
-        "trainer.warmup_steps=5",
+        "schedule.warmup_steps=5",
         *FAST,
         f"tracking.uri={uri}",
     )
     (run,) = runs(uri)
-    assert run.data.params["trainer.lr_schedule"] == "cosine_rewarm"
-    assert run.data.params["trainer.warmup_steps"] == "5"
+    assert run.data.params["schedule.name"] == "cosine_rewarm"
+    assert run.data.params["schedule.warmup_steps"] == "5"
+    assert "trainer.lr_schedule" not in run.data.params
+    assert "note: trainer.lr_schedule is now schedule.name" in result.stdout
     assert 0 <= run.data.metrics["acc/seen"] <= 1
 
 
 def test_cli_rejects_a_bad_schedule_before_training(tmp_path: Path):
-    result = run_cli(tmp_path, "trainer.lr_schedule=linear", *FAST, check=False)
+    result = run_cli(tmp_path, "schedule.name=linear", *FAST, check=False)
     assert result.returncode != 0
-    assert "trainer.lr_schedule='linear': expected one of" in result.stderr
+    assert "schedule.name='linear': expected one of" in result.stderr
     assert not (tmp_path / "mlflow.db").exists() or not runs(store_uri(tmp_path))

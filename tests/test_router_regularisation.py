@@ -6,9 +6,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from lifelong_moe import names
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.methods.distillation import router_distillation
 from lifelong_moe.methods.inferred_routing import ExperienceStatistics, routing_bias
+from lifelong_moe.moe import MoESettings
 from lifelong_moe.moe.layer import MoEAux
 from tests.conftest import FAST, run_cli, runs, store_uri
 from tests.test_lifelong_moe import fit, make
@@ -51,11 +53,16 @@ def test_router_distillation_in_training_zero_where_the_old_routing_is_unchanged
     assert "kd" not in terms  # lambda_kd=0: the teacher runs for the routing term alone
 
 
-def test_balance_scope_reaches_every_router_and_bad_values_stop():
-    method, _ = make(balance_scope="trainable")
-    assert {layer.router.balance_scope for layer in method.layers.values()} == {"trainable"}
-    with pytest.raises(ConfigError, match="balance_scope='new'"):
-        make(balance_scope="new")
+def test_balance_scope_reaches_every_router_through_growth_and_bad_values_stop():
+    # An MoE setting of the model (model.balance_scope; method.balance_scope until issue 21).
+    moe = MoESettings(blocks=[0, 1], n_experts=4, balance_scope="trainable")
+    method, stream = make(moe=moe)
+    method.before_experience(stream.experiences[0])
+    method.before_experience(stream.experiences[1])  # grown: 4 frozen + 2 new experts per layer
+    routers = [layer.router for layer in method.layers.values()]
+    assert [(r.balance_scope, r.n_frozen) for r in routers] == [("trainable", 4)] * 2
+    with pytest.raises(ConfigError, match=r"^model.balance_scope='new': expected one of"):
+        MoESettings(balance_scope="new")
     with pytest.raises(ConfigError, match="lambda_router=-1"):
         make(lambda_router=-1)
 
@@ -136,7 +143,8 @@ def test_cli_option_runs_and_logs_routing_metrics(workdir, option):
     (run,) = runs(uri)
     assert run.info.status == "FINISHED"
     key, value = option.split("=")
-    assert run.data.params[key].lower() == value.lower()
+    # method.balance_scope (its name until issue 21) is recorded as model.balance_scope
+    assert run.data.params[names.modern_key(key)].lower() == value.lower()
     client = MlflowClient(uri)
     spec = client.get_metric_history(run.info.run_id, "routing/specialization")
     assert [m.step for m in spec] == [0, 1, 2]

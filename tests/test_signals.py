@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import TINY_RUN, cli, run_cli, runs, store_uri
 
 pytestmark = pytest.mark.slow
-ARGS = [*TINY_RUN, "trainer.checkpoint_every_n_steps=5"]
+ARGS = [*TINY_RUN, "checkpoint.every_n_steps=5"]
 
 
 def run_signalled(

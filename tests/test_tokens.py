@@ -227,7 +227,7 @@ def test_cli_run_is_recorded_and_resumes_mid_experience_bit_identical(tmp_path: 
         "method=lifelong_moe",
         "trainer.max_epochs=1",
         "trainer.batch_size=16",
-        "trainer.checkpoint_every_n_steps=3",
+        "checkpoint.every_n_steps=3",
         "trainer.progress_bar=false",
         "tracking.log_checkpoints=false",
     ]

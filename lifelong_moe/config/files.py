@@ -33,7 +33,16 @@ def conf_dir() -> Path:
 
 
 CONF_DIR = conf_dir()
-GROUPS = ("benchmark", "model", "method", "trainer", "tracking", "experiment")
+GROUPS = (
+    "benchmark",
+    "model",
+    "method",
+    "trainer",
+    "schedule",
+    "checkpoint",
+    "tracking",
+    "experiment",
+)
 
 
 def choices(group: str, extra_dirs: Iterable[Path] = ()) -> list[str]:

@@ -3,8 +3,9 @@
 A bad value or a misspelt key is refused in one ``ConfigError`` line that names the key, the
 value and what was expected, before seeding, data or the MLflow run. Two kinds of schema:
 
-- the plain groups (``trainer``, ``tracking``) and the top-level keys have a table here,
-  key -> check from ``lifelong_moe.checks``;
+- the plain groups (``trainer``, ``schedule``, ``checkpoint``, ``tracking``, ``evaluation``)
+  are dataclasses (config/groups.py, ``LRSchedule``): a node must build its dataclass, whose
+  ``__post_init__`` keeps the range checks; the top-level keys have a table here;
 - the ``_target_`` groups (``benchmark``, ``model``, ``method``) are checked against the
   target's signature: a key must be one of its parameters, a value must fit the parameter's
   annotation. The target's constructor keeps the range checks, which need its semantics.
@@ -31,8 +32,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lifelong_moe import checks, compat
+from lifelong_moe.config.aliases import migrate
+from lifelong_moe.config.groups import (
+    CheckpointPolicy,
+    EvaluationConfig,
+    TrackingConfig,
+    TrainerConfig,
+)
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.methods.lr_schedule import SCHEDULES
+from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.moe import MoESettings
 from lifelong_moe.targets import parameters
 
@@ -150,104 +158,19 @@ def fields_of(settings: type) -> dict[str, Any]:
 
 
 # -- the top level and the plain groups ---------------------------------------------------------
-def _precision(key: str, value: Any) -> None:
-    """The values Lightning accepts: 32-true, bf16-mixed, ..., and the aliases 32, "bf16"."""
-
-    def flat(annotation: Any) -> list:
-        args = typing.get_args(annotation)
-        return [v for a in args for v in flat(a)] if _is_union(annotation) else list(args)
-
-    valid = flat(compat.precision_input())
-    if not fits(Literal[tuple(valid)], value):
-        checks.choice(key, value, dict.fromkeys(str(v) for v in valid))
-
-
-def _lightning_strategies() -> tuple:
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    return ("auto", *StrategyRegistry.available_strategies())
-
-
-def _devices(key: str, value: Any) -> None:
-    if value != "auto":
-        checks.positive_int(key, value)
-
-
-def _deterministic(key: str, value: Any) -> None:
-    if value != "warn":  # Lightning: warn instead of failing on non-deterministic ops
-        checks.boolean(key, value)
-
-
 TOP_LEVEL: dict[str, Check] = {
     "seed": functools.partial(checks.integer, low=0, high=2**32 - 1),
     "resume": typed(str | None),  # an MLflow run id, or "last"
     "resume_force": checks.boolean,
     "resume_trust": checks.boolean,
 }
-TRAINER: dict[str, Check] = {
-    "max_epochs": checks.positive_int,
-    # run/budget.py: either replaces max_epochs; both together are refused (check_trainer)
-    "max_steps": functools.partial(checks.optional, checks.positive_int),
-    "max_tokens": functools.partial(checks.optional, checks.positive_int),
-    "accumulate_grad_batches": checks.positive_int,
-    "val_check_interval": functools.partial(checks.optional, checks.positive_int),
-    "batch_size": checks.positive_int,
-    "eval_batch_size": checks.positive_int,
-    "num_workers": checks.non_negative_int,
-    "accelerator": functools.partial(checks.choice, valid=("cpu", "gpu", "cuda", "mps", "auto")),
-    "devices": _devices,
-    "num_nodes": checks.positive_int,
-    "strategy": lambda key, value: checks.choice(key, value, _lightning_strategies()),
-    "precision": _precision,
-    "progress_bar": checks.boolean,
-    "gradient_clip_val": functools.partial(checks.optional, checks.non_negative),
-    "deterministic": _deterministic,
-    "compile": checks.boolean,
-    # methods/lr_schedule.py checks these again, with the relations between them
-    "lr_schedule": functools.partial(checks.choice, valid=SCHEDULES),
-    "warmup_steps": checks.non_negative_int,
-    "lr_floor": checks.fraction,
-    "lr_constant": checks.fraction,
-    "cooldown_steps": checks.non_negative_int,
-    "anneal_steps": checks.non_negative_int,
-    "checkpoint_every_n_steps": checks.non_negative_int,
-    "checkpoint_dir": typed(str),
-    "checkpoint_keep": checks.positive_int,
-    "checkpoint_async": functools.partial(checks.choice, valid=("auto", True, False)),
-}
-TRACKING: dict[str, Check] = {
-    "uri": typed(str),
-    "experiment": typed(str),
-    "run_name": typed(str | None),
-    "sweep_id": typed(str | None),
-    "log_checkpoints": checks.boolean,
-    "keep_resume_state": checks.boolean,
-    "system_metrics": checks.boolean,
-    "system_metrics_interval_s": checks.positive,
-    "export": lambda key, value: checks.choice(key, value, ("none", "hf")),
-    "export_every": checks.positive_int,
-    "log_every_n_steps": checks.non_negative_int,  # training curves (run/curves.py); 0: none
-}
-LM_EVAL: dict[str, Check] = {
-    "tasks": typed(list[str]),  # evaluation/downstream.py checks the names against lm-eval
-    "include_path": typed(str | None),
-    "every": checks.positive_int,
-    "limit": functools.partial(checks.optional, checks.positive_int),
-    "num_fewshot": functools.partial(checks.optional, checks.non_negative_int),
-    "batch_size": checks.positive_int,
-    "progress_every": checks.positive_int,  # requests between lm-eval progress lines
-}
-
-
-def _lm_eval(key: str, value: Any) -> None:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}={value!r}: expected a mapping of {', '.join(LM_EVAL)}")
-    check_table(key, value, LM_EVAL)
-
-
-EVALUATION: dict[str, Check] = {
-    "max_batches": functools.partial(checks.optional, checks.positive_int),
-    "lm_eval": _lm_eval,
+# The plain groups: each node builds its dataclass (config/groups.py, methods/lr_schedule.py).
+STRUCTURED: dict[str, type] = {
+    "trainer": TrainerConfig,
+    "schedule": LRSchedule,
+    "checkpoint": CheckpointPolicy,
+    "tracking": TrackingConfig,
+    "evaluation": EvaluationConfig,
 }
 # Keys of a _target_ group that a builder consumes beside the target's own parameters:
 # group -> {key: annotation}. The model's flat MoE keys become the backbone's one ``moe``.
@@ -256,42 +179,30 @@ EXTRA_FIELDS: dict[str, dict[str, Any]] = {"model": MoESettings.config_annotatio
 SUPPLIED = {"benchmark": (), "model": ("input_shape", "n_classes"), "method": ("model",)}
 TARGET_GROUPS = tuple(SUPPLIED)
 PLAIN_GROUPS = ("trainer", "tracking")
-# Groups that configs stored by older runs (resume) lack: checked when present.
-OPTIONAL_GROUPS = ("evaluation",)
+# Groups that configs stored by older runs (resume) lack: their dataclass's defaults then.
+OPTIONAL_GROUPS = ("schedule", "checkpoint", "evaluation")
 
 
-def check_table(group: str, node: Mapping[str, Any], table: Mapping[str, Check]) -> None:
-    """Only the keys present: configs stored by older runs (resume) may lack newer keys."""
+def structured(group: str, node: Mapping[str, Any], settings: type) -> Any:
+    """The node as its dataclass: a key that is no field or a value whose type does not fit is
+    one line; then the dataclass's ``__post_init__`` checks ranges and relations. Keys the node
+    lacks (a config stored by an older run) take the field's default."""
+    fields = fields_of(settings)
+    values = {}
     for name, value in node.items():
-        if name not in table:
-            raise unknown_key(f"{group}.{name}", table)
-        table[name](f"{group}.{name}", value)
-
-
-def check_trainer(cfg: Mapping[str, Any]) -> None:
-    check_table("trainer", cfg, TRAINER)
-    check_budget(cfg)
-    if cfg.get("num_nodes", 1) > 1 and cfg.get("strategy") != "ddp":
-        raise ConfigError(
-            f"trainer.strategy={cfg.get('strategy')} with trainer.num_nodes={cfg['num_nodes']}: "
-            "several nodes need trainer.strategy=ddp (one process per device, started by "
-            "SLURM/torchrun)"
-        )
-
-
-def check_budget(trainer: Mapping[str, Any]) -> None:
-    """One budget per experience (run/budget.py): ``max_steps`` and ``max_tokens`` together are
-    refused."""
-    steps, tokens = trainer.get("max_steps"), trainer.get("max_tokens")
-    if steps is not None and tokens is not None:
-        raise ConfigError(
-            f"trainer.max_steps={steps} with trainer.max_tokens={tokens}: expected one budget "
-            "per experience (set the other to null)"
-        )
-
-
-def check_tracking(cfg: Mapping[str, Any]) -> None:
-    check_table("tracking", cfg, TRACKING)
+        key = f"{group}.{name}"
+        if name not in fields:
+            raise unknown_key(key, fields)
+        annotation = fields[name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, Mapping):
+                inner = ", ".join(fields_of(annotation))
+                raise ConfigError(f"{key}={value!r}: expected a mapping of {inner}")
+            value = structured(key, value, annotation)
+        else:
+            check_value(key, value, annotation)
+        values[name] = value
+    return settings(**values)
 
 
 # -- the _target_ groups ------------------------------------------------------------------------
@@ -352,12 +263,11 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{group}: missing; choose one with {group}=<name>")
     for group in TARGET_GROUPS:
         check_target(group, data[group])
-    check_trainer(data["trainer"])
-    check_tracking(data["tracking"])
-    if "evaluation" in data:
-        if not isinstance(data["evaluation"], dict):
-            raise ConfigError("evaluation: expected a mapping; choose one with evaluation=<name>")
-        check_table("evaluation", data["evaluation"], EVALUATION)
+    for group, settings in STRUCTURED.items():
+        node = data.get(group, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{group}: expected a mapping; choose one with {group}=<name>")
+        structured(group, node, settings)
 
 
 # -- the command line, before Hydra -------------------------------------------------------------
@@ -460,4 +370,6 @@ def check_command_line(
         return
     name = parsed.config_name or config_name
     for overrides in jobs(parsed.overrides, parsed.multirun):
-        check_config(_compose(config_dir, name, overrides, extra_dirs))
+        cfg = _compose(config_dir, name, overrides, extra_dirs)
+        migrate(cfg, None)  # a preset or config file with old keys: as the run will read it
+        check_config(cfg)

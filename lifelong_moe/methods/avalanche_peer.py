@@ -135,7 +135,7 @@ class AvalanchePeer(ContinualMethod):
         """Avalanche's loop builds its own optimizer steps: only a constant LR applies."""
         if not schedule.is_constant:
             raise ConfigError(
-                f"trainer.lr_schedule={schedule.name} (warmup_steps={schedule.warmup_steps}) does "
+                f"schedule.name={schedule.name} (schedule.warmup_steps={schedule.warmup_steps}) does "
                 "not apply to method=avalanche: Avalanche trains with its own loop at a constant LR"
             )
         super().set_lr_schedule(schedule)

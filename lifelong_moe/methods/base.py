@@ -206,7 +206,7 @@ class ContinualMethod(L.LightningModule):
         return self.experience.index if self.experience is not None else "?"
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
-        """AdamW, plus the per-step LR schedule of ``trainer.lr_schedule`` unless it is constant."""
+        """AdamW, plus the per-step LR schedule of ``schedule.name`` unless it is constant."""
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
         if self.lr_schedule.is_constant:

@@ -13,7 +13,7 @@ token stays constant while capacity grows.
 
 Router-level options (off by default): ``lambda_router`` distills the teacher's routing
 distribution over the old experts into the student's on the current batch (loss term
-``router_kd``); ``balance_scope=trainable`` applies the balance loss to the new experts only;
+``router_kd``); ``model.balance_scope=trainable`` applies the balance loss to the new experts only;
 ``infer_routing`` routes each input toward the experts grown for the experience it most likely
 comes from, inferred from per-experience input statistics (see ``inferred_routing.py``).
 """
@@ -43,7 +43,7 @@ from lifelong_moe.models import moe_layers
 from lifelong_moe.moe.domain import router_input_means
 from lifelong_moe.moe.experts import EXPERT_INITS
 from lifelong_moe.moe.quant import check_frozen_dtype
-from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS
+from lifelong_moe.moe.router import GATE_INITS
 from lifelong_moe.stream import Experience
 
 # Weight of the balance loss when neither the config nor the model (router_aux_loss_coef) sets one.
@@ -69,7 +69,6 @@ class LifelongMoE(ContinualMethod):
         gate_init: str | None = None,
         task_aware_routing: bool = False,
         lambda_router: float = 0.0,
-        balance_scope: str = "all",
         infer_routing: bool = False,
         infer_bonus: float = 0.0,
         infer_restrict: bool = True,
@@ -96,7 +95,6 @@ class LifelongMoE(ContinualMethod):
                 f"method=lifelong_moe needs a backbone with MoE layers, got {type(model).__name__} "
                 "without any; use model=moe_mlp, model=moe_vit, model=moe_lm or model=olmoe"
             )
-        checks.choice("method.balance_scope", balance_scope, BALANCE_SCOPES)
         # null: the backbone's measured choice (HFMoECausalLM.growth_init), else the defaults.
         preferred = {**DEFAULT_GROWTH_INIT, **getattr(model, "growth_init", {})}
         expand_init = preferred["expand_init"] if expand_init is None else expand_init
@@ -115,9 +113,6 @@ class LifelongMoE(ContinualMethod):
         self.experts_per_experience = experts_per_experience
         self.task_aware_routing = task_aware_routing
         self.lambda_router = lambda_router
-        self.balance_scope = balance_scope
-        for layer in moe_layers(model).values():
-            layer.router.balance_scope = balance_scope
         self.infer_routing = infer_routing
         self.infer_bonus = float(infer_bonus)
         self.infer_restrict = infer_restrict

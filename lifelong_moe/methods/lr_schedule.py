@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from lifelong_moe import checks
 from lifelong_moe.errors import ConfigError
@@ -32,7 +31,7 @@ SCHEDULES = ("constant", "cosine_rewarm", "infinite")
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """The trainer-level schedule settings (``trainer.lr_schedule`` and friends)."""
+    """The ``schedule`` group (conf/schedule/default.yaml): its node builds this object."""
 
     name: str = "constant"
     warmup_steps: int = 0
@@ -42,14 +41,14 @@ class LRSchedule:
     anneal_steps: int = 0
 
     def __post_init__(self) -> None:
-        checks.choice("trainer.lr_schedule", self.name, SCHEDULES)
+        checks.choice("schedule.name", self.name, SCHEDULES)
         for key in ("warmup_steps", "cooldown_steps", "anneal_steps"):
-            checks.non_negative_int(f"trainer.{key}", getattr(self, key))
+            checks.non_negative_int(f"schedule.{key}", getattr(self, key))
         for key in ("lr_floor", "lr_constant"):  # fractions of method.lr
-            checks.fraction(f"trainer.{key}", getattr(self, key))
+            checks.fraction(f"schedule.{key}", getattr(self, key))
         if self.name == "infinite" and self.lr_floor > self.lr_constant:
             raise ConfigError(
-                f"trainer.lr_floor={self.lr_floor}: expected a number <= trainer.lr_constant="
+                f"schedule.lr_floor={self.lr_floor}: expected a number <= schedule.lr_constant="
                 f"{self.lr_constant} (infinite anneals from the constant level down to the floor)"
             )
 
@@ -57,19 +56,6 @@ class LRSchedule:
     def is_constant(self) -> bool:
         """True when every step runs at eta_max: no scheduler is needed at all."""
         return self.name == "constant" and self.warmup_steps == 0
-
-    @classmethod
-    def from_trainer(cls, trainer_cfg: Any) -> LRSchedule:
-        """From the trainer config; configs stored before these keys existed get the defaults."""
-        get = trainer_cfg.get
-        return cls(
-            name=get("lr_schedule", "constant"),
-            warmup_steps=get("warmup_steps", 0),
-            lr_floor=get("lr_floor", 0.1),
-            lr_constant=get("lr_constant", 0.5),
-            cooldown_steps=get("cooldown_steps", 0),
-            anneal_steps=get("anneal_steps", 0),
-        )
 
     def factor(self, step: int, total: int, experience: int) -> float:
         """Multiplier of eta_max at optimizer ``step`` (0-based) of an experience of ``total`` steps."""

@@ -101,19 +101,14 @@ class ReplayBuffer:
         classes, counts = self.groups.unique(return_counts=True)
         return dict(zip(classes.tolist(), counts.tolist(), strict=True))
 
+    # What the resume state holds as it is (beside the generator's state).
+    STATE = ("capacity", "x", "y", "t", "groups", "keys")
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "capacity": self.capacity,
-            "x": self.x,
-            "y": self.y,
-            "t": self.t,
-            "groups": self.groups,
-            "keys": self.keys,
-            "generator": self.generator.get_state(),
-        }
+        state = {name: getattr(self, name) for name in self.STATE}
+        return {**state, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.capacity = state["capacity"]
-        self.x, self.y, self.t = state["x"], state["y"], state["t"]
-        self.groups, self.keys = state["groups"], state["keys"]
+        for name in self.STATE:
+            setattr(self, name, state[name])
         self.generator.set_state(state["generator"])

@@ -21,6 +21,11 @@ from lifelong_moe import names
 from lifelong_moe.errors import NonFiniteLossError
 
 
+def _copied(value: Any) -> Any:
+    """A list or dict as a new one (its items shared), anything else as it is."""
+    return type(value)(value) if isinstance(value, list | dict) else value
+
+
 class StepStats:
     """Batch-size weighted loss sum and the first non-finite step, both as device tensors."""
 
@@ -86,23 +91,16 @@ class StepStats:
     def mean(self) -> torch.Tensor | None:
         return None if self.loss_sum is None or not self.count else self.loss_sum / self.count
 
+    # The epoch's sums so far; lists and dicts are copied on the way out and in.
+    STATE = ("loss_sum", "count", "bad_step", "bad_values", "names", "term_sums", "term_counts")
+
     def state_dict(self) -> dict[str, Any]:
         """The epoch's sums so far, in types that ``torch.load(weights_only=True)`` reads."""
-        return {
-            "loss_sum": self.loss_sum,
-            "count": self.count,
-            "bad_step": self.bad_step,
-            "bad_values": self.bad_values,
-            "names": list(self.names),
-            "term_sums": dict(self.term_sums),
-            "term_counts": dict(self.term_counts),
-        }
+        return {name: _copied(getattr(self, name)) for name in self.STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loss_sum, self.count = state["loss_sum"], state["count"]
-        self.bad_step, self.bad_values = state["bad_step"], state["bad_values"]
-        self.names = list(state["names"])
-        self.term_sums, self.term_counts = dict(state["term_sums"]), dict(state["term_counts"])
+        for name in self.STATE:
+            setattr(self, name, _copied(state[name]))
 
     def _to(self, device: torch.device) -> None:
         self.loss_sum = self.loss_sum.to(device)

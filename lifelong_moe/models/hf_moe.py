@@ -187,6 +187,7 @@ def _moe_from_block(
         router_order="softmax_topk" if norm is not None else "topk_softmax",
         shared_hidden=0 if shared is None else shared.gate_proj.out_features,
         shared_gate=spec.shared_gate is not None,
+        balance_scope=settings.balance_scope,
     )
     dtype = router.weight.dtype
     layer.to(dtype)

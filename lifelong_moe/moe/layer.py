@@ -341,6 +341,9 @@ class MoESettings:
     # switch: the toolkit's per-layer Switch loss; transformers: the families' own, pooled over
     # layers (moe/balance.py; model=hf_moe only)
     balance_loss: str = "switch"
+    # all: the Switch balance loss over every expert; trainable: over the new ones only (until
+    # issue 21 this was method.balance_scope)
+    balance_scope: str = "all"
 
     CONFIG_KEYS: ClassVar[dict[str, str]] = {
         "moe": "enabled",
@@ -357,6 +360,7 @@ class MoESettings:
         "shared_hidden": "shared_hidden",
         "shared_gate": "shared_gate",
         "balance_loss": "balance_loss",
+        "balance_scope": "balance_scope",
     }
 
     def __post_init__(self) -> None:
@@ -379,6 +383,7 @@ class MoESettings:
         checks.non_negative_int("model.shared_hidden", self.shared_hidden)
         checks.boolean("model.shared_gate", self.shared_gate)
         checks.choice("model.balance_loss", self.balance_loss, BALANCE_LOSSES)
+        checks.choice("model.balance_scope", self.balance_scope, BALANCE_SCOPES)
         if self.gated and self.dispatch == "fused":
             raise ConfigError(fused.GATED_REFUSAL)
 
@@ -440,4 +445,5 @@ class MoESettings:
             router_order=self.router_order,
             shared_hidden=self.shared_hidden,
             shared_gate=self.shared_gate,
+            balance_scope=self.balance_scope,
         )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lifelong_moe import checks
-from lifelong_moe.config.schema import check_budget
+from lifelong_moe.config.groups import check_budget
 
 
 @dataclass(frozen=True)

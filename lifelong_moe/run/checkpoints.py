@@ -1,9 +1,9 @@
 """Training checkpoints inside an experience, so that a kill loses minutes, not an experience.
 
-Every ``trainer.checkpoint_every_n_steps`` optimizer steps and at the end of every epoch the
+Every ``checkpoint.every_n_steps`` optimizer steps and at the end of every epoch the
 ``StepCheckpoint`` callback writes a Lightning checkpoint (``Trainer.save_checkpoint``) to
-``<trainer.checkpoint_dir>/<run_id>/exp<i>-step<s>.ckpt`` on local disk and keeps the newest
-``trainer.checkpoint_keep``. It holds what Lightning holds (model of the grown size, optimizer,
+``<checkpoint.dir>/<run_id>/exp<i>-step<s>.ckpt`` on local disk and keeps the newest
+``checkpoint.keep``. It holds what Lightning holds (model of the grown size, optimizer,
 loop progress, the data loader's position) plus the RNG states and the method's running epoch
 loss sums (``StepStats``, so a resumed epoch logs the same train/* means). An epoch's checkpoint
 is written in ``on_train_epoch_end``, once Lightning counts the epoch as processed, never at its
@@ -21,7 +21,7 @@ batches already trained on; so the resumed run sees exactly the batches the unin
 would have seen.
 
 Writing (``RotatingCheckpointIO``): temporary file, rename, drop the oldest, so a kill while
-writing leaves the previous checkpoint intact. With ``trainer.checkpoint_async`` (by default on
+writing leaves the previous checkpoint intact. With ``checkpoint.background`` (by default on
 a GPU) Lightning's ``AsyncCheckpointIO`` does it in a background thread and training waits only
 while the checkpoint is gathered and its tensors copied; Lightning waits for the last write when
 ``fit`` ends, also when a signal stops it. On CPU the writes stay in line: there a writer thread
@@ -176,8 +176,8 @@ def checkpoint_writer(
 ) -> RotatingCheckpointIO | AsyncCheckpointIO:
     """The Trainer plugin that writes training checkpoints: in a background thread when
     ``background`` (``auto``: when training on a GPU), else in line."""
-    checks.positive_int("trainer.checkpoint_keep", keep)
-    checks.choice("trainer.checkpoint_async", background, ("auto", True, False))
+    checks.positive_int("checkpoint.keep", keep)
+    checks.choice("checkpoint.background", background, ("auto", True, False))
     if background == "auto":
         background = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     files = RotatingCheckpointIO(keep)
@@ -195,7 +195,7 @@ class StepCheckpoint(L.Callback):
         writer: RotatingCheckpointIO | AsyncCheckpointIO,
         sampler: Any,
     ) -> None:
-        checks.non_negative_int("trainer.checkpoint_every_n_steps", every_n_steps)
+        checks.non_negative_int("checkpoint.every_n_steps", every_n_steps)
         self.folder = folder
         self.experience = experience
         self.every_n_steps = every_n_steps

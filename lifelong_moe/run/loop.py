@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lifelong_moe import names
+from lifelong_moe.config.aliases import migrate
+from lifelong_moe.config.groups import CheckpointPolicy
 from lifelong_moe.config.schema import check_config
 from lifelong_moe.data.tokenizer import ByteTokenizer
 from lifelong_moe.errors import ConfigError
@@ -92,6 +94,7 @@ class Experiment:
 
 
 def build(cfg: DictConfig) -> Experiment:
+    migrate(cfg, "the config")  # old keys in a preset or config file (config/aliases.py)
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stream = instantiate(cfg.benchmark, "benchmark")
@@ -101,7 +104,7 @@ def build(cfg: DictConfig) -> Experiment:
     hf_export.check_export(cfg.tracking.get("export", "none"), model)
     method = instantiate(cfg.method, "method", model=model)
     method.after_fit = stop_sync.after_fit
-    method.set_lr_schedule(LRSchedule.from_trainer(cfg.trainer))
+    method.set_lr_schedule(LRSchedule(**cfg.get("schedule", {})))
     method.setup_stream(stream)
     check_store(cfg.tracking.uri)
     tasks = check_downstream(cfg, stream)
@@ -146,11 +149,11 @@ def run_downstream(exp: Experiment, device: torch.device) -> dict[str, float]:
 
 
 def checkpoint_root(cfg: DictConfig) -> Path:
-    return Path(cfg.trainer.get("checkpoint_dir", "checkpoints"))
+    return Path(CheckpointPolicy(**cfg.get("checkpoint", {})).dir)
 
 
 def checkpoint_folder(cfg: DictConfig, run_id: str) -> Path:
-    """``<trainer.checkpoint_dir>/<run_id>``, absolute (also recorded as the run's tag)."""
+    """``<checkpoint.dir>/<run_id>``, absolute (also recorded as the run's tag)."""
     return (checkpoint_root(cfg) / run_id).resolve()
 
 

@@ -22,18 +22,20 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lifelong_moe.config.aliases import modernize_overrides
 from lifelong_moe.config.files import CONF_DIR
 from lifelong_moe.run.loop import build
 from lifelong_moe.run.trainer import make_trainer
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The run config of ``lifelong-moe <overrides>``, without starting Hydra's app."""
+    """The run config of ``lifelong-moe <overrides>``, without starting Hydra's app (old keys
+    read as today's, as the command line does)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=modernize_overrides(overrides))
 
 
 def _loader(cfg: DictConfig, data: Any, index: int) -> DataLoader:

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lifelong_moe import names
+from lifelong_moe.config.aliases import migrate
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.log import LOGGER
 from lifelong_moe.targets import check_own_targets
@@ -120,11 +121,14 @@ def find_run(uri: str, experiment: str, spec: str) -> str:
 
 
 def run_config(uri: str, run_id: str) -> DictConfig:
-    """The resolved config the run started with (its config.yaml artifact)."""
+    """The resolved config the run started with (its config.yaml artifact), with keys renamed
+    since then under today's names (config/aliases.py)."""
     text = queries.run_config_text(store.client(uri), run_id)
     if text is None:
         raise ConfigError(f"resume={run_id}: the run has no {names.CONFIG} to resume from")
-    return OmegaConf.create(text)
+    stored = OmegaConf.create(text)
+    migrate(stored, f"resume={run_id}")
+    return stored
 
 
 def check_run(uri: str, experiment: str, run_id: str, commit: str, force: bool) -> None:

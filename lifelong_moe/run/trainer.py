@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from lifelong_moe import compat, names
+from lifelong_moe.config.groups import CheckpointPolicy
 from lifelong_moe.measure.throughput import tokens_per_sample
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.run import distributed, signals
@@ -115,15 +116,14 @@ def fit(
         seed=cfg.seed * 1_000 + i,
         shard=(distributed.global_rank(), distributed.world_size()),
     )
+    policy = CheckpointPolicy(**cfg.get("checkpoint", {}))
     writer = checkpoint_writer(
-        keep=cfg.trainer.get("checkpoint_keep", 2),
-        background=cfg.trainer.get("checkpoint_async", "auto"),
-        accelerator=cfg.trainer.accelerator,
+        keep=policy.keep, background=policy.background, accelerator=cfg.trainer.accelerator
     )
     saver = StepCheckpoint(
         folder,
         i,
-        every_n_steps=cfg.trainer.get("checkpoint_every_n_steps", 0),
+        every_n_steps=policy.every_n_steps,
         writer=writer,
         sampler=loader.sampler,
     )
@@ -144,7 +144,7 @@ def fit(
 class LRTrace(L.Callback):
     """Mean and last learning rate of one experience's optimizer steps, read from the optimizer.
 
-    What ``trainer.lr_schedule`` did, logged beside the losses as ``train/lr_mean`` and
+    What ``schedule.name`` did, logged beside the losses as ``train/lr_mean`` and
     ``train/lr_last`` (the schedule's formula is tested on its own; this shows a run used it).
     Logged like the losses, at each epoch end, so that the values also come back from DDP
     workers; the sums travel in training checkpoints (``state_dict``), so an experience resumed

@@ -94,8 +94,8 @@ class RunRecord:
         if prefix in ("tags", "tag") and rest:
             return self.tags.get(rest)
         if prefix in ("params", "param") and rest:
-            return self.params.get(rest)
-        return self.tags.get(key, self.params.get(key))
+            return self.params.get(names.modern_key(rest))
+        return self.tags.get(key, self.params.get(names.modern_key(key)))
 
 
 @dataclass
@@ -122,11 +122,10 @@ def search(client: MlflowClient, experiments: Sequence[str], filter_string: str)
 
 
 def record_of(run) -> RunRecord:
-    """An MLflow run as a record; runs logged before the metric rename (issue 13) read under
-    today's names."""
-    return RunRecord(
-        run.info.run_id, run.data.tags, run.data.params, names.modernize(run.data.metrics)
-    )
+    """An MLflow run as a record; runs logged before the metric rename (issue 13) and the config
+    key renames (issue 21) read under today's names."""
+    params = names.modernize_params(run.data.params)
+    return RunRecord(run.info.run_id, run.data.tags, params, names.modernize(run.data.metrics))
 
 
 # --- grouping and the aggregate -----------------------------------------------------------------
