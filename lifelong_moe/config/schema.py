@@ -197,6 +197,7 @@ TRAINER: dict[str, Check] = {
     "accelerator": functools.partial(checks.choice, valid=("cpu", "gpu", "cuda", "mps", "auto")),
     "devices": _devices,
     "num_nodes": checks.positive_int,
+    "expert_parallel": checks.positive_int,  # run/distributed.py: a divisor of the world size
     "strategy": lambda key, value: checks.choice(key, value, _lightning_strategies()),
     "precision": _precision,
     "progress_bar": checks.boolean,

@@ -35,9 +35,9 @@ from lifelong_moe.measure.costs import cost_row
 from lifelong_moe.measure.throughput import tokens_per_sample
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
-from lifelong_moe.models import build_model, hf_export, save_model
+from lifelong_moe.models import build_model, hf_export, moe_layers, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
-from lifelong_moe.run import curves, distributed, signals, stop_sync
+from lifelong_moe.run import curves, distributed, expert_parallel, signals, stop_sync
 from lifelong_moe.run.checkpoints import (
     EARLIER_TRAIN_S,
     checkpoints,
@@ -100,6 +100,8 @@ def build(cfg: DictConfig) -> Experiment:
         model.compile()  # in place: parameter names, checkpoints and expand() stay as they are
     hf_export.check_export(cfg.tracking.get("export", "none"), model)
     method = instantiate(cfg.method, "method", model=model)
+    # trainer.expert_parallel: every MoE layer sharded over the ranks, before any training.
+    expert_parallel.shard(cfg, method, device_of(cfg).type)
     method.after_fit = stop_sync.after_fit
     method.set_lr_schedule(LRSchedule.from_trainer(cfg.trainer))
     method.setup_stream(stream)
@@ -160,8 +162,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     signals.point("startup")
     resume_id, cfg = resume_target(cfg, git_commit())
     distributed.check_launch(cfg)
+    distributed.init(cfg)  # before build: expert parallelism shards the model over the ranks
     exp = build(cfg)
-    distributed.init(cfg)  # before the first (sharded) evaluation
     recorder = RunRecorder(tracker_for_rank(cfg.tracking.uri, cfg.tracking.experiment), cfg)
     saved, ckpt, folder = open_run(exp, recorder, resume_id)
     signals.STATE.run_id = recorder.run_id
@@ -326,6 +328,10 @@ def _loop(
             precision=cfg.trainer.precision,
             n_devices=trainer.world_size,
         )
+        if moe_layers(exp.model):  # the fullest rank's expert weights (trainer.expert_parallel)
+            row[names.COST_EXPERT_PARAMS_PER_RANK] = expert_parallel.expert_params_per_rank(
+                exp.model
+            )
         # train/loss and its terms (train/ce, train/kd, ...): means over the last epoch; the
         # learning rates the optimizer stepped with (train/lr_mean, train/lr_last; LRTrace).
         prefix = names.train_term("")
