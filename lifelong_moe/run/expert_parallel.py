@@ -65,11 +65,11 @@ def check(cfg: DictConfig, world_size: int, command: str) -> None:
         )
 
 
-def shard(cfg: DictConfig, method: nn.Module, device_type: str) -> dict[str, ExpertParallelMoE]:
-    """Shard every MoE layer of the method's model over a (dp, ep) mesh; {} when N is 1."""
+def check_method(cfg: DictConfig, method: nn.Module) -> None:
+    """The model and growth of a run that will be sharded (while building, before any run)."""
     n = degree(cfg)
     if n == 1:
-        return {}
+        return
     expand_init = getattr(method, "expand_init", "random")
     if expand_init not in EP_EXPERT_INITS:
         raise ConfigError(
@@ -87,7 +87,15 @@ def shard(cfg: DictConfig, method: nn.Module, device_type: str) -> dict[str, Exp
             f"trainer.expert_parallel={n} with model {type(model).__name__}: expected a backbone "
             "with MoE layers"
         )
-    return shard_moe_layers(model, expert_mesh(n, device_type))
+
+
+def shard(cfg: DictConfig, method: nn.Module, device_type: str) -> dict[str, ExpertParallelMoE]:
+    """Shard every MoE layer of the method's model over a (dp, ep) mesh of the open process
+    group; {} when N is 1. Every rank built the same seeded model, so the shards fit together."""
+    n = degree(cfg)
+    if n == 1:
+        return {}
+    return shard_moe_layers(method.model, expert_mesh(n, device_type))
 
 
 def ddp_ignored(module: nn.Module) -> list[str]:

@@ -100,8 +100,7 @@ def build(cfg: DictConfig) -> Experiment:
         model.compile()  # in place: parameter names, checkpoints and expand() stay as they are
     hf_export.check_export(cfg.tracking.get("export", "none"), model)
     method = instantiate(cfg.method, "method", model=model)
-    # trainer.expert_parallel: every MoE layer sharded over the ranks, before any training.
-    expert_parallel.shard(cfg, method, device_of(cfg).type)
+    expert_parallel.check_method(cfg, method)  # sharded once the process group is open
     method.after_fit = stop_sync.after_fit
     method.set_lr_schedule(LRSchedule.from_trainer(cfg.trainer))
     method.setup_stream(stream)
@@ -162,8 +161,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     signals.point("startup")
     resume_id, cfg = resume_target(cfg, git_commit())
     distributed.check_launch(cfg)
-    distributed.init(cfg)  # before build: expert parallelism shards the model over the ranks
     exp = build(cfg)
+    distributed.init(cfg)  # before the first (sharded) evaluation; after Avalanche's import
+    # trainer.expert_parallel: every MoE layer sharded over the ranks, before any training.
+    expert_parallel.shard(cfg, exp.method, device_of(cfg).type)
     recorder = RunRecorder(tracker_for_rank(cfg.tracking.uri, cfg.tracking.experiment), cfg)
     saved, ckpt, folder = open_run(exp, recorder, resume_id)
     signals.STATE.run_id = recorder.run_id
