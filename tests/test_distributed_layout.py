@@ -96,3 +96,23 @@ def test_evaluation_shards_have_equal_batch_counts_and_every_example_once() -> N
         assert seen == list(range(7))
         for s in shards:
             assert all(b[0].shape[1:] == (1,) for b in s)
+
+
+def test_routing_statistics_of_evaluation_shards_merge_into_one_process_statistics() -> None:
+    """Each rank counts its shard; merged, the sums and the top-k sets (in token order, one
+    example's block of tokens per rank in turn) are what one process records."""
+    from lifelong_moe.evaluation import routing
+
+    examples, block, world = 7, 3, 3
+    ids = torch.randint(0, 6, (examples, block, 2), generator=torch.Generator().manual_seed(0))
+    whole = routing.new_stats(6)
+    routing.add_batch(whole, ids.reshape(-1, 2), None, None)
+    shards = []
+    for rank in range(world):
+        stats = routing.new_stats(6)
+        routing.add_batch(stats, ids[rank::world].reshape(-1, 2), None, None)
+        shards.append(stats)
+    merged = routing.merge_shards(shards, block)
+    assert merged["topk"] == whole["topk"]
+    assert (merged["tokens"], merged["counts"]) == (whole["tokens"], whole["counts"])
+    assert merged["expected"] == pytest.approx(whole["expected"])

@@ -55,6 +55,16 @@ def _empty_batch(data: Dataset) -> Any:
     return [t[:0] if torch.is_tensor(t) else t for t in one]
 
 
+def gather_from_ranks(obj: Any) -> list[Any]:
+    """``obj`` of every process, in rank order (``[obj]`` when there is one process)."""
+    world = _group()[1]
+    if world == 1:
+        return [obj]
+    found: list[Any] = [None] * world
+    dist.all_gather_object(found, obj)
+    return found
+
+
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed over every process (in place; itself when there is one process)."""
     if _group()[1] > 1:

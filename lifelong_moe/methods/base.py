@@ -228,6 +228,11 @@ class ContinualMethod(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def experts_after(self, n_done: int, n_built: int) -> int:
+        """Experts per MoE layer once ``n_done`` experiences are trained, from ``n_built`` (a
+        resume checks its checkpoint against it). A method that grows overrides it."""
+        return n_built
+
     # -- training checkpoints under expert parallelism --------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Experts sharded over ranks are gathered, so a step checkpoint (written by rank 0) is

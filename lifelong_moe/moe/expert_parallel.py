@@ -192,7 +192,16 @@ class ExpertParallelMoE(nn.Module):
         if self.training:
             self.expert_usage.add_(counts.to(self.expert_usage.dtype))
         dropped = torch.zeros((), dtype=torch.long, device=x.device)
-        aux = MoEAux(routing.balance_loss, routing.z_loss, counts, dropped, routing.logits)
+        aux = MoEAux(
+            routing.balance_loss,
+            routing.z_loss,
+            counts,
+            dropped,
+            routing.logits,
+            routing.expert_ids,
+            routing.valid,
+            routing.reachable,
+        )
         return y.view(x.shape), aux
 
     def _exchange(

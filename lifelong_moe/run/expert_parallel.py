@@ -87,6 +87,12 @@ def check_method(cfg: DictConfig, method: nn.Module) -> None:
             f"trainer.expert_parallel={n} with model {type(model).__name__}: expected a backbone "
             "with MoE layers"
         )
+    for name, layer in moe_layers(model).items():
+        if layer.shared is not None or layer.capacity_factor is not None:
+            raise ConfigError(
+                f"trainer.expert_parallel={n} with MoE layer {name} (shared expert or "
+                f"capacity_factor={layer.capacity_factor}): expected dropless routed experts only"
+            )
 
 
 def shard(cfg: DictConfig, method: nn.Module, device_type: str) -> dict[str, ExpertParallelMoE]:

@@ -212,6 +212,8 @@ def open_run(
         return None, None, checkpoint_folder(cfg, run_id)
     saved = load_state(uri, resume_id)
     done = saved["next"] if saved else 0
+    if saved:
+        check_expert_counts(exp, saved["model"], done, resume_id)
     exp.method.trust_pickles = is_local(uri) or bool(cfg.get("resume_trust"))
     folder = Path(checkpoint_dir(uri, resume_id) or checkpoint_folder(cfg, resume_id))
     found, ckpt = checkpoints(folder, done), None
@@ -224,6 +226,20 @@ def open_run(
     with signals.deferred():
         recorder.reopen(resume_id)
     return saved, ckpt, folder
+
+
+def check_expert_counts(exp: Experiment, payload: dict[str, Any], done: int, run_id: str) -> None:
+    """The checkpoint's MoE layers must have the experts the config grows to after ``done``
+    experiences (model.n_experts, the method's growth): else one line, before training."""
+    built = {name: layer.n_experts for name, layer in moe_layers(exp.model).items()}
+    for name, layer_cfg in payload.get("moe", {}).items():
+        expected = exp.method.experts_after(done, built.get(name, 0))
+        if layer_cfg["n_experts"] != expected:
+            raise ConfigError(
+                f"resume={run_id}: MoE layer {name} of the checkpoint has "
+                f"{layer_cfg['n_experts']} experts, expected {expected} from the config after "
+                f"{done} experience(s)"
+            )
 
 
 def run_identity(exp: Experiment) -> dict[str, str]:
