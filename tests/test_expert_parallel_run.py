@@ -3,8 +3,8 @@
 A Lifelong-MoE run on split digits (5 experiences, 1 epoch, ``lambda_aux=0``: the balance loss
 is not linear in the batch) at the same global batch (one process: 128; two: 64 each) and seed.
 The sharded run is stopped before its fourth experience (after two growths under expert
-parallelism) and resumed in one process (``expert_parallel=1``), which rebuilds every layer
-from the gathered resume state. Its accuracy matrix must be one process's within 0.01, its
+parallelism) and resumed under torchrun with ``expert_parallel=1`` (the same global batch),
+which rebuilds every layer whole from the gathered resume state. Its accuracy matrix must be one process's within 0.01, its
 logged ``cost/expert_params_per_rank`` at most ceil(E/2) experts per layer, and the gathered
 checkpoint of an experience trained sharded must load in one process (``load_model``) and
 predict as one process's model does.
@@ -67,7 +67,9 @@ def test_sharded_run_matches_one_process_and_resumes_unsharded(workdir):
     (two,) = runs(two_uri)
     assert two.info.status == "KILLED"
     run_id = two.info.run_id
-    run_cli(two_dir, f"tracking.uri={two_uri}", f"resume={run_id}")  # one process, ep=1
+    # the same global batch (2 x 64) with unsharded layers: expert_parallel=1 by default
+    done = torchrun(two_dir, 2, f"tracking.uri={two_uri}", f"resume={run_id}")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert runs(two_uri)[0].info.status == "FINISHED"
 
     R_one = artifact_json(one_uri, one.info.run_id, "accuracy_matrix.json")
