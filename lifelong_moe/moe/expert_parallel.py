@@ -23,6 +23,11 @@ experts of a layer. ``placement`` is a buffer, so it is in the state dict; ``ful
 gathers the shards into the state dict of a plain ``MoELayer`` (loadable in one process), and
 ``ExpertParallelMoE.from_layer`` shards such a layer again, at any ep degree.
 
+Usage counts. ``expert_usage`` of a sharded layer is this rank's share of the layer's count:
+rank 0 starts from the full layer's counts, the others from zero, and each adds the tokens it
+routed; ``full_state_dict`` sums them over the ranks (so a data-parallel run must not also sum
+these buffers after a fit, as it does for plain layers).
+
 Gradients. The router's gradient is complete on every rank only after a sum over all ranks
 (data parallel over dp x ep: DDP's job); an expert's gradient already holds the contributions of
 every rank of its ep group (they arrive through the all-to-all's backward), so it is summed over
