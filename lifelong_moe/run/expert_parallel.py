@@ -8,10 +8,11 @@ rank 0's shard over the others' at every wrap and average gradients of different
 their gradients are summed over the replicas of the same shard before each optimizer step
 (``ExpertGrads``), then divided by the world size as DDP averages the rest.
 
-What is refused, in one line before any run exists (``check``, ``shard``): N that does not
-divide the world size, N > 1 without a launcher, gradient clipping (its norm would be taken
-over each rank's own experts), and growth inits a shard cannot reproduce on every rank
-(``copy_most_used``/``upcycle``, ``gate_init=domain``).
+What is refused, in one line before any run exists (``check`` before the process group opens,
+``check_method`` while building): N that does not divide the world size, N > 1 without a
+launcher, gradient clipping (its norm would be taken over each rank's own experts), an HF
+export, growth inits a shard cannot reproduce on every rank (``copy_most_used``/``upcycle``,
+``gate_init=domain``), shared experts and a capacity factor.
 """
 
 from __future__ import annotations
