@@ -5,7 +5,8 @@ pointing down this list):
 
 - ``cli.py``, ``compare.py``, ``bench.py``: the console entry points.
 - ``run/``: the experience loop (``loop.py``), the Trainer of one experience and its budget,
-  step checkpoints, resume, signals, the stop decision DDP ranks share, training curves.
+  step checkpoints, resume, signals, the stop decision DDP ranks share, training curves,
+  torchrun and expert parallelism in a run.
 - ``config/``: what a valid config is, and where conf/ and your own config directories are.
 - ``methods/``, ``tracking/`` (the whole MLflow contract), ``measure/`` (the ``cost/*`` row).
 - ``data/`` (streams: Avalanche, your own data, text, token shards, instructions) and

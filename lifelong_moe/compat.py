@@ -112,3 +112,12 @@ def all_to_all_single_autograd(
 # ``forward_sync_buffers=False`` (DistributedDataParallel._distributed_broadcast_coalesced):
 # tests/comm_bytes.py wraps it to count the bytes a training step sends.
 DDP_BUFFER_BROADCAST = "_broadcast_coalesced"
+
+
+def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
+    """Parameters and buffers (by name) that DDP neither broadcasts nor reduces: torch's
+    ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` (private; torch
+    2.14 has no public way), set before the module is wrapped."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)

@@ -29,6 +29,10 @@ TOUCHED = [
     ("torch.distributed._functional_collectives", "all_to_all_single_autograd"),
     ("torch.distributed", compat.DDP_BUFFER_BROADCAST),
     ("torch.nn.parallel.distributed", "DistributedDataParallel._distributed_broadcast_coalesced"),
+    (
+        "torch.nn.parallel.distributed",
+        "DistributedDataParallel._set_params_and_buffers_to_ignore_for_model",
+    ),
 ]
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.utils.data import TensorDataset
 
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.evaluation.shard import shard_batches
 from lifelong_moe.run import distributed
 from lifelong_moe.run.checkpoints import EpochSampler
 
@@ -81,3 +83,36 @@ def test_loop_ddp_keeps_the_random_state(no_launcher):
         )
         strategy.setup_distributed()
     assert torch.equal(torch.get_rng_state(), expected)
+
+
+def test_evaluation_shards_have_equal_batch_counts_and_every_example_once() -> None:
+    """Expert parallelism runs a collective in every forward: every rank the same batch count,
+    the short ranks padded with empty batches, and each example on exactly one rank."""
+    data = TensorDataset(torch.arange(7.0).unsqueeze(1), torch.arange(7))
+    for world, batch in ((2, 2), (3, 2), (4, 1), (8, 4)):
+        shards = [list(shard_batches(data, batch, r, world)) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1, (world, batch)
+        seen = sorted(int(y) for s in shards for b in s for y in b[1])
+        assert seen == list(range(7))
+        for s in shards:
+            assert all(b[0].shape[1:] == (1,) for b in s)
+
+
+def test_routing_statistics_of_evaluation_shards_merge_into_one_process_statistics() -> None:
+    """Each rank counts its shard; merged, the sums and the top-k sets (in token order, one
+    example's block of tokens per rank in turn) are what one process records."""
+    from lifelong_moe.evaluation import routing
+
+    examples, block, world = 7, 3, 3
+    ids = torch.randint(0, 6, (examples, block, 2), generator=torch.Generator().manual_seed(0))
+    whole = routing.new_stats(6)
+    routing.add_batch(whole, ids.reshape(-1, 2), None, None)
+    shards = []
+    for rank in range(world):
+        stats = routing.new_stats(6)
+        routing.add_batch(stats, ids[rank::world].reshape(-1, 2), None, None)
+        shards.append(stats)
+    merged = routing.merge_shards(shards, block)
+    assert merged["topk"] == whole["topk"]
+    assert (merged["tokens"], merged["counts"]) == (whole["tokens"], whole["counts"])
+    assert merged["expected"] == pytest.approx(whole["expected"])

@@ -70,6 +70,7 @@ class TrainerConfig:
     accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
     devices: int | Literal["auto"] = 1
     num_nodes: int = 1
+    expert_parallel: int = 1  # run/expert_parallel.py: a divisor of the world size
     strategy: str = "auto"
     precision: str | int = "32-true"
     progress_bar: bool = True
@@ -86,6 +87,7 @@ class TrainerConfig:
         if self.devices != "auto":
             checks.positive_int("trainer.devices", self.devices)
         checks.positive_int("trainer.num_nodes", self.num_nodes)
+        checks.positive_int("trainer.expert_parallel", self.expert_parallel)
         checks.choice("trainer.strategy", self.strategy, _lightning_strategies())
         _precision("trainer.precision", self.precision)
         checks.optional(checks.non_negative, "trainer.gradient_clip_val", self.gradient_clip_val)

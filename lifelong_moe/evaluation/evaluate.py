@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lifelong_moe.evaluation import routing
 from lifelong_moe.evaluation.routing import RoutingStats
-from lifelong_moe.evaluation.shard import shard_loader, sum_over_ranks
+from lifelong_moe.evaluation.shard import gather_from_ranks, shard_loader, sum_over_ranks
 from lifelong_moe.stream import Experience, Stream
 
 ExpertMask = Callable[[Experience], torch.Tensor | None]
@@ -59,8 +59,14 @@ class RoutingCounts:
         self.stats: list[RoutingStats] = []
         self.rows: list[list[list[float]]] = []  # rows[j][layer] = shares on test experience j
         self.stat_rows: list[list[RoutingStats]] = []  # stat_rows[j][layer]
+        self.block = 1  # tokens per example
 
-    def add(self, aux: list) -> None:
+    def add(self, aux: list, n_examples: int = 1) -> None:
+        """One batch's routing; ``n_examples`` rows of the batch (tokens per example: the block
+        in which evaluation shards interleave, ``routing.merge_shards``)."""
+        ids = aux[0].expert_ids if aux else None
+        if ids is not None and n_examples:
+            self.block = max(ids.shape[0] // n_examples, 1)
         if not self.counts:
             self.counts = [a.tokens_per_expert.double() for a in aux]
             self.stats = [routing.new_stats(len(a.tokens_per_expert)) for a in aux]
@@ -74,6 +80,14 @@ class RoutingCounts:
         for counts in self.counts:  # every rank's shard (evaluation/shard.py)
             sum_over_ranks(counts)
         self.rows.append([(c / c.sum().clamp_min(1)).tolist() for c in self.counts])
+        # every rank's statistics, merged as one process computes them (a resume at another
+        # process count compares its top-k sets with these)
+        shards = gather_from_ranks(self.stats)
+        if len(shards) > 1:
+            self.stats = [
+                routing.merge_shards([shard[i] for shard in shards], self.block)
+                for i in range(len(self.stats))
+            ]
         self.stat_rows.append(self.stats)
         self.counts, self.stats = [], []
 
@@ -121,9 +135,10 @@ def evaluate(
         for batch in shard_loader(exp.test, batch_size):
             x, y = batch[0].to(device), batch[1].to(device)
             logits, aux = forward(model, x, mask)
-            overall.update(logits, y)
-            within_task.update(logits + task_mask, y)
-            counts.add(aux)
+            if len(y):  # an empty batch keeps the ranks in step (shard.py); torchmetrics refuses it
+                overall.update(logits, y)
+                within_task.update(logits + task_mask, y)
+            counts.add(aux, len(y))
         accuracy.append(overall.compute().item())
         accuracy_task.append(within_task.compute().item())
         counts.end_experience()

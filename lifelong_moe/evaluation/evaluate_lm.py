@@ -60,7 +60,7 @@ def evaluate_lm(
                 correct += (right & scored).sum()
             n_tokens += scored.sum()
             n_examples += len(y)
-            routing.add(aux)
+            routing.add(aux, len(y))
         for value in (total, correct, n_tokens, n_examples):  # every rank's shard
             sum_over_ranks(value)
         scored_count = int(n_examples if per_example else n_tokens)

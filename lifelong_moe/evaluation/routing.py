@@ -93,6 +93,26 @@ def add_batch(
         stats["topk"] += ids[:room].sort(dim=1).values.cpu().tolist()
 
 
+def merge_shards(shards: Sequence[RoutingStats], block: int) -> RoutingStats:
+    """One experience's statistics from the evaluation shards of w ranks (evaluation/shard.py:
+    rank r holds examples r, r + w, ...): sums, and the top-k sets back in one process's token
+    order, taking ``block`` tokens (one example's) from each rank in turn."""
+    merged = new_stats(len(shards[0]["counts"]))
+    for stats in shards:
+        merged["tokens"] += stats["tokens"]
+        merged["counts"] = [a + b for a, b in zip(merged["counts"], stats["counts"], strict=True)]
+        merged["expected"] = [
+            a + b for a, b in zip(merged["expected"], stats["expected"], strict=True)
+        ]
+    topk, start = [], 0
+    while len(topk) < TOPK_SUBSET and any(start < len(s["topk"]) for s in shards):
+        for stats in shards:
+            topk += stats["topk"][start : start + block]
+        start += block
+    merged["topk"] = topk[:TOPK_SUBSET]
+    return merged
+
+
 # --- metrics --------------------------------------------------------------------------------------
 
 

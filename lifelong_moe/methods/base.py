@@ -26,6 +26,12 @@ from lifelong_moe.methods.replay_buffer import ReplayBuffer
 from lifelong_moe.methods.step_stats import StepStats
 from lifelong_moe.methods.step_tokens import StepTokens
 from lifelong_moe.models import moe_layers
+from lifelong_moe.models.checkpoint import (
+    drop_expert_moments,
+    gathered_state_dict,
+    sharded_layers,
+    sharded_state_dict,
+)
 from lifelong_moe.stream import Experience, Stream
 
 __all__ = ["ContinualMethod", "make_replay"]
@@ -221,6 +227,25 @@ class ContinualMethod(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def experts_after(self, n_done: int, n_built: int) -> int:
+        """Experts per MoE layer once ``n_done`` experiences are trained, from ``n_built`` (a
+        resume checks its checkpoint against it). A method that grows overrides it."""
+        return n_built
+
+    # -- training checkpoints under expert parallelism --------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Experts sharded over ranks are gathered, so a step checkpoint (written by rank 0) is
+        the one process's model; their optimizer moments stay out (one file, many shards)."""
+        if sharded_layers(self):
+            checkpoint["state_dict"] = gathered_state_dict(self)
+            drop_expert_moments(self.model, checkpoint.get("optimizer_states", []))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A gathered checkpoint cut to this rank's shard, at this run's expert-parallel degree."""
+        if sharded_layers(self):
+            checkpoint["state_dict"] = sharded_state_dict(self, checkpoint["state_dict"])
+            drop_expert_moments(self.model, checkpoint.get("optimizer_states", []))
 
     # -- state for checkpoints ----------------------------------------------------------------
     def method_state(self) -> dict:

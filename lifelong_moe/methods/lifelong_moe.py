@@ -190,6 +190,11 @@ class LifelongMoE(ContinualMethod):
             n_new = next(iter(self.layers.values())).n_experts
             self.teacher_mask = torch.arange(n_new) < n_old
 
+    def experts_after(self, n_done: int, n_built: int) -> int:
+        """Growth before every experience but the first (every one, for a continued model)."""
+        growths = n_done if self.continues else max(n_done - 1, 0)
+        return n_built + self.experts_per_experience * growths
+
     def _domain_embeddings(self, exp: Experience) -> dict[str, torch.Tensor]:
         """gate_init=domain: each layer's mean router input over the first DOMAIN_WINDOWS
         training inputs of the new experience (Nexus / FlexOlmo router embeddings)."""

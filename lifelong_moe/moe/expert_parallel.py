@@ -23,6 +23,11 @@ experts of a layer. ``placement`` is a buffer, so it is in the state dict; ``ful
 gathers the shards into the state dict of a plain ``MoELayer`` (loadable in one process), and
 ``ExpertParallelMoE.from_layer`` shards such a layer again, at any ep degree.
 
+Usage counts. ``expert_usage`` of a sharded layer is this rank's share of the layer's count:
+rank 0 starts from the full layer's counts, the others from zero, and each adds the tokens it
+routed; ``full_state_dict`` sums them over the ranks (so a data-parallel run must not also sum
+these buffers after a fit, as it does for plain layers).
+
 Gradients. The router's gradient is complete on every rank only after a sum over all ranks
 (data parallel over dp x ep: DDP's job); an expert's gradient already holds the contributions of
 every rank of its ep group (they arrive through the all-to-all's backward), so it is summed over
@@ -50,6 +55,9 @@ from lifelong_moe.moe.experts import Experts
 from lifelong_moe.moe.layer import ACTIVATIONS, MoEAux, MoELayer
 
 BANKS = ("w1", "w2")
+# Growth inits a sharded layer supports: "random" draws every new expert on every rank alike;
+# copying the most used expert would need its weights from the rank that holds it.
+EP_EXPERT_INITS = ("random",)
 
 
 def check_expert_parallel(expert_parallel: int, world_size: int) -> int:
@@ -102,6 +110,19 @@ def _local_experts(layer: MoELayer, owned: torch.Tensor) -> Experts:
     return local
 
 
+class _Groups:
+    """The mesh and its process groups, shared by reference when a model is deep-copied (a
+    process group cannot be copied; a teacher snapshot talks over the same groups)."""
+
+    def __init__(self, mesh: DeviceMesh) -> None:
+        self.mesh = mesh
+        self.ep = mesh.get_group("ep")
+        self.dp = mesh.get_group("dp")
+
+    def __deepcopy__(self, memo: dict) -> _Groups:
+        return self
+
+
 class ExpertParallelMoE(nn.Module):
     """A MoELayer whose experts are spread over the ep group of `mesh`; same forward contract."""
 
@@ -112,9 +133,12 @@ class ExpertParallelMoE(nn.Module):
                 f"capacity_factor={layer.capacity_factor}: expert parallelism is dropless; "
                 "expected null"
             )
-        self.mesh = mesh
-        self.ep_group = mesh.get_group("ep")
-        self.dp_group = mesh.get_group("dp")
+        if layer.shared is not None:
+            raise ConfigError(
+                "a shared expert: expert parallelism shards routed experts only; expected "
+                "a MoE layer without one"
+            )
+        self.groups = _Groups(mesh)
         self.ep_size = mesh.size(mesh.mesh_dim_names.index("ep"))
         self.ep_rank = mesh.get_local_rank("ep")
         self.config = layer.get_config()
@@ -124,8 +148,23 @@ class ExpertParallelMoE(nn.Module):
         if placement is None:
             placement = place([], layer.n_experts, self.ep_size)
         self.register_buffer("placement", torch.tensor(placement, dtype=torch.long))
-        self.register_buffer("expert_usage", layer.expert_usage.clone())
+        # The layer's usage is the sum over ranks of this buffer (each rank counts its own
+        # tokens), so rank 0 starts from the full layer's counts and the others from zero.
+        usage = layer.expert_usage.clone()
+        self.register_buffer("expert_usage", usage if dist.get_rank() == 0 else usage.zero_())
         self.experts = _local_experts(layer, self.owned())
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        return self.groups.mesh
+
+    @property
+    def ep_group(self) -> Any:
+        return self.groups.ep
+
+    @property
+    def dp_group(self) -> Any:
+        return self.groups.dp
 
     @classmethod
     def from_layer(cls, layer: MoELayer, mesh: DeviceMesh) -> ExpertParallelMoE:
@@ -158,7 +197,16 @@ class ExpertParallelMoE(nn.Module):
         if self.training:
             self.expert_usage.add_(counts.to(self.expert_usage.dtype))
         dropped = torch.zeros((), dtype=torch.long, device=x.device)
-        aux = MoEAux(routing.balance_loss, routing.z_loss, counts, dropped, routing.logits)
+        aux = MoEAux(
+            routing.balance_loss,
+            routing.z_loss,
+            counts,
+            dropped,
+            routing.logits,
+            routing.expert_ids,
+            routing.valid,
+            routing.reachable,
+        )
         return y.view(x.shape), aux
 
     def _exchange(
@@ -209,16 +257,25 @@ class ExpertParallelMoE(nn.Module):
 
     # -- growth ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def expand(self, n_new: int, init: str = "random", gate_init: str = "mean") -> None:
+    def expand(
+        self,
+        n_new: int,
+        init: str = "random",
+        gate_init: str = "mean",
+        noise_std: float = 0.01,
+        domain: torch.Tensor | None = None,
+    ) -> None:
         """Append n_new experts on the ranks holding the fewest; the same RNG draws as
         MoELayer.expand ("random" init), so ranks seeded alike agree with one process."""
-        if init != "random":
-            raise ConfigError(f"init={init!r}: expert parallelism supports init='random'")
+        if init not in EP_EXPERT_INITS:
+            raise ConfigError(
+                f"init={init!r}: expert parallelism supports init in {list(EP_EXPERT_INITS)}"
+            )
         mine_now = self.experts
         full_new = Experts(mine_now.d_model, mine_now.d_hidden, 0, gated=mine_now.gated)
         full_new = full_new.to(self.placement.device)
-        full_new.expand(n_new, "random")
-        self.router.expand(n_new, gate_init)
+        full_new.expand(n_new, "random", noise_std)
+        self.router.expand(n_new, gate_init, noise_std, domain=domain)
         start = self.n_experts
         placement = place(self.placement.tolist(), n_new, self.ep_size)
         self.placement = torch.tensor(placement, dtype=torch.long, device=self.placement.device)
@@ -270,6 +327,21 @@ class ExpertParallelMoE(nn.Module):
                 parts.append(shard[key])
             order = torch.cat(ids).argsort()
             state[f"experts.{key}"] = torch.cat(parts)[order]
+        return state
+
+    def local_state_dict(self, full: dict[str, Any]) -> dict[str, Any]:
+        """This rank's shard of a gathered state dict (``full_state_dict``'s inverse): the
+        experts it holds under the current placement, at any ep degree."""
+        n_frozen = self.router.n_frozen
+        owned = self.owned().cpu()
+        frozen, trainable = owned[owned < n_frozen], owned[owned >= n_frozen] - n_frozen
+        state = {k: v for k, v in full.items() if k.startswith("router.")}
+        usage = full["expert_usage"]
+        state["expert_usage"] = usage if dist.get_rank() == 0 else torch.zeros_like(usage)
+        state["placement"] = self.placement
+        for key in self.experts.state_dict():
+            ids = frozen if "_frozen" in key else trainable
+            state[f"experts.{key}"] = full[f"experts.{key}"][ids]
         return state
 
     def full_config(self) -> dict[str, Any]:

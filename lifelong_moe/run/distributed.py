@@ -36,8 +36,11 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
 
+from lifelong_moe import compat
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.log import LOGGER
+from lifelong_moe.moe.expert_parallel import ExpertParallelMoE
+from lifelong_moe.run import expert_parallel
 from lifelong_moe.run.resume import capture_rng, restore_rng
 
 COUNTERS = ("expert_usage",)  # buffers that training changes on each rank: summed after a fit
@@ -109,9 +112,11 @@ def check_launch(cfg: DictConfig, argv: list[str] | None = None) -> None:
     """
     t = cfg.trainer
     wanted = requested_devices(cfg)
+    args = sys.argv[1:] if argv is None else argv
+    nproc = max(wanted, expert_parallel.degree(cfg))
+    expert_parallel.check(cfg, world_size(), torchrun_command(nproc, args))
     if world_size() == 1:
         if wanted > 1 and int(t.num_nodes) == 1:
-            args = sys.argv[1:] if argv is None else argv
             raise ConfigError(
                 f"trainer.devices={t.devices} needs one process per device, started by a "
                 f"launcher; run: {torchrun_command(wanted, args)}"
@@ -183,6 +188,12 @@ class LoopDDP(DDPStrategy):
         super().setup_distributed()
         restore_rng(state)
 
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Experts sharded over ranks (trainer.expert_parallel) stay out of DDP: their names
+        are set again at every fit, since growth adds new ones."""
+        compat.ddp_ignore(model, expert_parallel.ddp_ignored(model))
+        return super()._setup_model(model)
+
 
 class SumCounters(L.Callback):
     """At the end of a fit, sum over the ranks what each counted in ``COUNTERS`` buffers.
@@ -197,8 +208,13 @@ class SumCounters(L.Callback):
         self.start: dict[str, torch.Tensor] = {}
 
     def _counters(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """A sharded layer's counter is left alone: its layer's count is the sum over ranks
+        already (moe/expert_parallel.py gathers it so)."""
+        sharded = [f"{n}." for n, m in module.named_modules() if isinstance(m, ExpertParallelMoE)]
         return {
-            name: buf for name, buf in module.named_buffers() if name.rsplit(".", 1)[-1] in COUNTERS
+            name: buf
+            for name, buf in module.named_buffers()
+            if name.rsplit(".", 1)[-1] in COUNTERS and not name.startswith(tuple(sharded))
         }
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -37,9 +37,9 @@ from lifelong_moe.measure.costs import cost_row
 from lifelong_moe.measure.throughput import tokens_per_sample
 from lifelong_moe.methods.base import ContinualMethod
 from lifelong_moe.methods.lr_schedule import LRSchedule
-from lifelong_moe.models import build_model, hf_export, save_model
+from lifelong_moe.models import build_model, hf_export, moe_layers, save_model
 from lifelong_moe.models.checkpoint import model_payload, restore_model
-from lifelong_moe.run import curves, distributed, signals, stop_sync
+from lifelong_moe.run import curves, distributed, expert_parallel, signals, stop_sync
 from lifelong_moe.run.checkpoints import (
     EARLIER_TRAIN_S,
     checkpoints,
@@ -103,6 +103,7 @@ def build(cfg: DictConfig) -> Experiment:
         model.compile()  # in place: parameter names, checkpoints and expand() stay as they are
     hf_export.check_export(cfg.tracking.get("export", "none"), model)
     method = instantiate(cfg.method, "method", model=model)
+    expert_parallel.check_method(cfg, method)  # sharded once the process group is open
     method.after_fit = stop_sync.after_fit
     method.set_lr_schedule(LRSchedule(**cfg.get("schedule", {})))
     method.setup_stream(stream)
@@ -164,7 +165,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     resume_id, cfg = resume_target(cfg, git_commit())
     distributed.check_launch(cfg)
     exp = build(cfg)
-    distributed.init(cfg)  # before the first (sharded) evaluation
+    distributed.init(cfg)  # before the first (sharded) evaluation; after Avalanche's import
+    # trainer.expert_parallel: every MoE layer sharded over the ranks, before any training.
+    expert_parallel.shard(cfg, exp.method, device_of(cfg).type)
     recorder = RunRecorder(tracker_for_rank(cfg.tracking.uri, cfg.tracking.experiment), cfg)
     saved, ckpt, folder = open_run(exp, recorder, resume_id)
     signals.STATE.run_id = recorder.run_id
@@ -212,6 +215,8 @@ def open_run(
         return None, None, checkpoint_folder(cfg, run_id)
     saved = load_state(uri, resume_id)
     done = saved["next"] if saved else 0
+    if saved:
+        check_expert_counts(exp, saved["model"], done, resume_id)
     exp.method.trust_pickles = is_local(uri) or bool(cfg.get("resume_trust"))
     folder = Path(checkpoint_dir(uri, resume_id) or checkpoint_folder(cfg, resume_id))
     found, ckpt = checkpoints(folder, done), None
@@ -224,6 +229,20 @@ def open_run(
     with signals.deferred():
         recorder.reopen(resume_id)
     return saved, ckpt, folder
+
+
+def check_expert_counts(exp: Experiment, payload: dict[str, Any], done: int, run_id: str) -> None:
+    """The checkpoint's MoE layers must have the experts the config grows to after ``done``
+    experiences (model.n_experts, the method's growth): else one line, before training."""
+    built = {name: layer.n_experts for name, layer in moe_layers(exp.model).items()}
+    for name, layer_cfg in payload.get("moe", {}).items():
+        expected = exp.method.experts_after(done, built.get(name, 0))
+        if layer_cfg["n_experts"] != expected:
+            raise ConfigError(
+                f"resume={run_id}: MoE layer {name} of the checkpoint has "
+                f"{layer_cfg['n_experts']} experts, expected {expected} from the config after "
+                f"{done} experience(s)"
+            )
 
 
 def run_identity(exp: Experiment) -> dict[str, str]:
@@ -329,6 +348,10 @@ def _loop(
             precision=cfg.trainer.precision,
             n_devices=trainer.world_size,
         )
+        if moe_layers(exp.model):  # the fullest rank's expert weights (trainer.expert_parallel)
+            row[names.COST_EXPERT_PARAMS_PER_RANK] = expert_parallel.expert_params_per_rank(
+                exp.model
+            )
         # train/loss and its terms (train/ce, train/kd, ...): means over the last epoch; the
         # learning rates the optimizer stepped with (train/lr_mean, train/lr_last; LRTrace).
         prefix = names.train_term("")

@@ -190,8 +190,8 @@ def resume_target(cfg: DictConfig, commit: str) -> tuple[str | None, DictConfig]
     """The run this command continues, checked, and the config to continue it with.
 
     ``resume=<id>|last`` names it; a requeued SLURM job runs the same command again and
-    continues its own run. The run's stored config wins (the store URI and the resume options
-    come from the command); a new run keeps ``cfg`` as is.
+    continues its own run. The run's stored config wins (the store URI, the resume options and
+    ``trainer.expert_parallel`` come from the command); a new run keeps ``cfg`` as is.
     """
     uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
     if cfg.get("resume"):
@@ -212,6 +212,8 @@ def resume_target(cfg: DictConfig, commit: str) -> tuple[str | None, DictConfig]
         )
     with open_dict(stored):
         stored.tracking.uri, stored.resume = uri, run_id
+        # The process layout is the launcher's: a resume may shard experts another way.
+        stored.trainer.expert_parallel = cfg.trainer.get("expert_parallel", 1)
         stored.resume_force = bool(cfg.get("resume_force"))
         stored.resume_trust = bool(cfg.get("resume_trust"))
     return run_id, stored

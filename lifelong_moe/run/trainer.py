@@ -24,7 +24,7 @@ from lifelong_moe import compat, names
 from lifelong_moe.config.groups import CheckpointPolicy
 from lifelong_moe.measure.throughput import tokens_per_sample
 from lifelong_moe.methods.base import ContinualMethod
-from lifelong_moe.run import distributed, signals
+from lifelong_moe.run import distributed, expert_parallel, signals
 from lifelong_moe.run.budget import Budget, budget_for
 from lifelong_moe.run.checkpoints import StepCheckpoint, checkpoint_writer, make_loader
 from lifelong_moe.run.stop_sync import StopSync
@@ -130,6 +130,7 @@ def fit(
     limits = budget_for(cfg.trainer, len(data), tokens_per_sample(data), distributed.world_size())
     callbacks = [*([curve] if curve is not None else []), saver, StopSync()]
     callbacks.append(distributed.SumCounters())
+    callbacks.append(expert_parallel.ExpertGrads())  # trainer.expert_parallel: expert gradients
     trainer = make_trainer(cfg, callbacks=callbacks, checkpoint_io=writer, budget=limits)
     if method.lightning_loop:
         # A signal stops at the next step boundary, every DDP rank at the same (stop_sync.py).
