@@ -133,6 +133,18 @@ def _paired(study: str) -> str:
     return "\n" + paired_markdown(data["paired"], GROUP_BY, data["reference"])
 
 
+def _difference(study: str, method: str, benchmark: str, metric: str) -> str:
+    """One paired difference ``method - reference`` with its 95 % interval, for prose."""
+    data = load(study)
+    found = [
+        p for p in data.get("paired", []) if (p["method"], p["benchmark"]) == (method, benchmark)
+    ]
+    value = found[0]["metrics"].get(metric) if found else None
+    if value is None or value.get("mean") is None:
+        raise RenderError(f"{study}: no paired {metric} for {method} on {benchmark}")
+    return f"{value['mean']:+.3f} [{value['low']:+.3f}, {value['high']:+.3f}]"
+
+
 def _wall(study: str) -> str:
     return f"{load(study)['wall_s']:.0f} s"
 
@@ -150,6 +162,7 @@ KINDS: dict[str, Callable[..., str]] = {
     "mean": _mean,
     "ratio": _ratio,
     "paired": _paired,
+    "difference": _difference,
     "wall": _wall,
     "seeds": _seeds,
 }

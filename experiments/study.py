@@ -199,6 +199,7 @@ STUDIES = {
             for benchmark in ("permuted_digits", "split_digits")
         },
         "routing": ("lifelong_moe", "permuted_digits"),
+        "reference": "lifelong_moe",
     },
     "lm": {
         "title": "Lifelong language-model pretraining over 4 text domains (experiment=lm_cpu)",

@@ -39,12 +39,15 @@ def test_the_headline_files_have_rendered_blocks():
 def test_a_hand_edited_number_is_caught_and_a_bad_block_names_what_is_missing():
     block = "<!-- render:value study_digits lifelong_moe permuted_digits acc/forgetting -->"
     right = render.render_text(f"{block}x<!-- /render -->")
-    assert right == f"{block}0.152 ± 0.010<!-- /render -->"
-    assert render.render_text(right.replace("0.152", "0.125")) == right
+    assert right == f"{block}0.167 ± 0.022<!-- /render -->"
+    assert render.render_text(right.replace("0.167", "0.176")) == right
     ratio = (
         "<!-- render:ratio study_digits lifelong_moe naive permuted_digits cost/train_total_s -->"
     )
-    assert render.render_text(f"{ratio}?<!-- /render -->") == f"{ratio}2.2x<!-- /render -->"
+    assert render.render_text(f"{ratio}?<!-- /render -->") == f"{ratio}8.6x<!-- /render -->"
+    difference = "<!-- render:difference study_digits naive permuted_digits acc/final -->"
+    want = f"{difference}-0.296 [-0.355, -0.238]<!-- /render -->"
+    assert render.render_text(f"{difference}?<!-- /render -->") == want
     with pytest.raises(render.RenderError, match="no row for method=seed"):
         render.render_text(
             "<!-- render:value study_digits seed split_digits acc/final -->-<!-- /render -->"
