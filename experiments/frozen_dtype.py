@@ -51,7 +51,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 # -- part 1: whole runs -------------------------------------------------------------------------
-def run_all(data: dict, save) -> None:
+def run_all(data: dict, save, benchmarks: tuple[str, ...] = tuple(BENCHMARKS)) -> None:
     """Appends one row per run to data["runs"] and saves after each; done runs are skipped."""
     from lifelong_moe.tracking import store as tracking_store
 
@@ -61,7 +61,7 @@ def run_all(data: dict, save) -> None:
     # fp32 and int8 (the target) first on both benchmarks, then bf16 and fp8: a run that is
     # stopped early has the pairs that matter most; started again, it skips what is done.
     order = [
-        (b, f) for pair in (("fp32", "int8"), ("bf16", "fp8")) for b in BENCHMARKS for f in pair
+        (b, f) for pair in (("fp32", "int8"), ("bf16", "fp8")) for b in benchmarks for f in pair
     ]
     for benchmark, fmt in order:
         preset = BENCHMARKS[benchmark]
@@ -241,6 +241,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--render", action="store_true", help="tables from results.json only")
     parser.add_argument("--probe-only", action="store_true", help="part 2 only, keep the runs")
+    parser.add_argument(
+        "--benchmark", choices=sorted(BENCHMARKS), action="append", help="only these (repeatable)"
+    )
     options = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "results.json"
@@ -254,7 +257,7 @@ def main() -> None:
             data["probes"] = probe_all()
             save()
         if not options.probe_only:
-            run_all(data, save)
+            run_all(data, save, tuple(options.benchmark or BENCHMARKS))
     (RESULTS / "README.md").write_text(render(data))
 
 
