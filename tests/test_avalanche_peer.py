@@ -50,6 +50,8 @@ def test_config_errors_name_the_bad_value():
         peer("Naive", strategy_args={"bogus": 1})
     with pytest.raises(ConfigError, match="replay_buffer_size=10"):
         peer("Naive", replay_buffer_size=10)
+    with pytest.raises(ConfigError, match="replay_fraction=0.5 does not apply"):
+        peer("Naive", replay_fraction=0.5)  # the base's replay: Avalanche trains with its own loop
     with pytest.raises(ConfigError, match="Avalanche benchmark"):
         peer().setup_stream(Stream("plain", [], 10, (1, 8, 8), "class_incremental"))
 

@@ -70,7 +70,7 @@ from torch.utils.data import TensorDataset
 from lifelong_moe import checks
 from lifelong_moe.data.corpus import find_domains, select_domains
 from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, load_tokenizer
-from lifelong_moe.data.tokens import split_documents
+from lifelong_moe.data.tokens import domain_record, split_documents
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Experience, Stream
 
@@ -253,16 +253,8 @@ class DomainInfo:
 
     def record(self) -> dict[str, Any]:
         """Plain, JSON-ready: what the run logs as this domain's dataset input profile."""
-        return {
-            "name": self.name,
-            "where": self.where,
-            "sha256": self.sha256,
-            "n_bytes": self.n_bytes,
-            "n_documents": self.n_documents,
-            "n_duplicates": self.n_duplicates,
-            **{f"n_{s}_windows": n for s, n in self.n_windows.items()},
-            **{f"n_{s}_documents": n for s, n in self.n_split_documents.items()},
-        }
+        fields = ("name", "where", "sha256", "n_bytes", "n_documents", "n_duplicates")
+        return domain_record(self, fields)
 
 
 def read_domain(

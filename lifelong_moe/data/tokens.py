@@ -133,17 +133,18 @@ class TokenDomainInfo:
     n_split_documents: dict[str, int] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "where": self.where,
-            "sha256": self.sha256,
-            "tokenizer": self.tokenizer,
-            "n_bytes": self.n_bytes,
-            "n_documents": self.n_documents,
-            "n_tokens": self.n_tokens,
-            **{f"n_{s}_windows": n for s, n in self.n_windows.items()},
-            **{f"n_{s}_documents": n for s, n in self.n_split_documents.items()},
-        }
+        fields = ("name", "where", "sha256", "tokenizer", "n_bytes", "n_documents", "n_tokens")
+        return domain_record(self, fields)
+
+
+def domain_record(info: Any, fields: Sequence[str]) -> dict[str, Any]:
+    """A text domain's plain, JSON-ready profile (its MLflow dataset input): ``fields`` of
+    ``info`` in that order, then its windows and documents per split, one key each."""
+    return {
+        **{name: getattr(info, name) for name in fields},
+        **{f"n_{s}_windows": n for s, n in info.n_windows.items()},
+        **{f"n_{s}_documents": n for s, n in info.n_split_documents.items()},
+    }
 
 
 @dataclass

@@ -84,22 +84,21 @@ class AvalanchePeer(ContinualMethod):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        replay_buffer_size: int = 0,
         strategy: str = "Naive",
         strategy_args: dict[str, Any] | None = None,
         train_epochs: int = 1,
         train_mb_size: int = 64,
         accelerator: str = "cpu",
         seed: int = 0,
+        **base: Any,
     ) -> None:
-        super().__init__(model, lr=lr, weight_decay=weight_decay)
-        if replay_buffer_size:
-            raise ConfigError(
-                f"method.replay_buffer_size={replay_buffer_size} does not apply to method=avalanche: "
-                "use method.strategy=Replay with method.strategy_args={mem_size: N}"
-            )
+        super().__init__(model, **base)  # lr, weight_decay: ContinualMethod's
+        for key in ("replay_buffer_size", "replay_fraction"):
+            if base.get(key):
+                raise ConfigError(
+                    f"method.{key}={base[key]} does not apply to method=avalanche: "
+                    "use method.strategy=Replay with method.strategy_args={mem_size: N}"
+                )
         classes = strategy_classes()
         if strategy not in classes:
             examples = "Naive, EWC, LwF, SynapticIntelligence, GEM, AGEM, Replay, GDumb"
@@ -110,7 +109,9 @@ class AvalanchePeer(ContinualMethod):
         self.strategy_name = strategy
         self.seed = seed
         self.net = LogitsOnly(model)
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
         from avalanche.training.plugins import EvaluationPlugin
 
         with warnings.catch_warnings():

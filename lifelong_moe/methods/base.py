@@ -149,6 +149,15 @@ class ContinualMethod(L.LightningModule):
         """
         trainer.fit(self, loader, ckpt_path=ckpt_path, weights_only=True)
         self.after_fit(trainer)  # the run's stop decision, before any post-fit work
+        self.fitted(exp)
+
+    def fitted(self, exp: Experience) -> None:
+        """Called once ``exp`` is trained, before the run evaluates it; nothing by default.
+
+        Runs in the process that called fit, with the whole experience at hand (DDP workers
+        each train on a shard only): methods that recognise experiences at test time learn
+        this one here.
+        """
 
     def after_experience(self, exp: Experience) -> None:
         """Called after evaluation of experience ``exp``; e.g. EWC's Fisher, replay buffer updates.

@@ -25,13 +25,10 @@ head (``ExperienceHeads.active_parameters``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lifelong_moe import checks
 from lifelong_moe.errors import ConfigError
@@ -81,14 +78,7 @@ class DenseHeads(ContinualMethod):
             self.model.freeze_heads()
             self.model.add_head(self.head_init)
 
-    def fit_experience(
-        self,
-        exp: Experience,
-        loader: DataLoader,
-        trainer: L.Trainer,
-        ckpt_path: str | Path | None = None,
-    ) -> None:
-        super().fit_experience(exp, loader, trainer, ckpt_path=ckpt_path)
+    def fitted(self, exp: Experience) -> None:
         # Before evaluation, which must recognise this experience too (as inferred routing).
         self.inference.add(exp.train)
 

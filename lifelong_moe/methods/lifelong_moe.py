@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -236,16 +234,8 @@ class LifelongMoE(ContinualMethod):
     def expert_origins(self) -> list[int]:
         return list(self.expert_origin)
 
-    def fit_experience(
-        self,
-        exp: Experience,
-        loader: DataLoader,
-        trainer: L.Trainer,
-        ckpt_path: str | Path | None = None,
-    ) -> None:
-        super().fit_experience(exp, loader, trainer, ckpt_path=ckpt_path)
-        # Before evaluation, which must recognise this experience too. Here, in the process that
-        # called fit, from the whole experience: DDP workers each train on a shard only.
+    def fitted(self, exp: Experience) -> None:
+        # Before evaluation, which must recognise this experience too.
         if self.infer_routing:
             self.inference.add(exp.train)
 

@@ -197,17 +197,7 @@ class ExpertParallelMoE(nn.Module):
         if self.training:
             self.expert_usage.add_(counts.to(self.expert_usage.dtype))
         dropped = torch.zeros((), dtype=torch.long, device=x.device)
-        aux = MoEAux(
-            routing.balance_loss,
-            routing.z_loss,
-            counts,
-            dropped,
-            routing.logits,
-            routing.expert_ids,
-            routing.valid,
-            routing.reachable,
-        )
-        return y.view(x.shape), aux
+        return y.view(x.shape), MoEAux.of(routing, counts, dropped)
 
     def _exchange(
         self, x: torch.Tensor, expert_ids: torch.Tensor, valid: torch.Tensor | None

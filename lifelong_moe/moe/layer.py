@@ -27,7 +27,7 @@ from lifelong_moe.moe import fused
 from lifelong_moe.moe.balance import BALANCE_LOSSES
 from lifelong_moe.moe.dispatch import capacity_for, grouped_experts, loop_experts
 from lifelong_moe.moe.experts import ACTIVATIONS, EXPERT_INITS, Experts, glu
-from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS, ROUTER_ORDERS, Router
+from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS, ROUTER_ORDERS, Router, Routing
 from lifelong_moe.moe.shared import SharedExpert
 
 DISPATCHES = {"grouped": grouped_experts, "loop": loop_experts}
@@ -52,6 +52,20 @@ class MoEAux:
     expert_ids: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     reachable: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, routing: Routing, counts: torch.Tensor, dropped: torch.Tensor) -> MoEAux:
+        """What a layer returns after dispatching ``routing`` (the full and the sharded layer)."""
+        return cls(
+            routing.balance_loss,
+            routing.z_loss,
+            counts,
+            dropped,
+            routing.logits,
+            routing.expert_ids,
+            routing.valid,
+            routing.reachable,
+        )
 
 
 # What a backbone's forward returns beside the logits: one MoEAux per MoE layer, in order.
@@ -183,17 +197,7 @@ class MoELayer(nn.Module):
             y = y + self.shared(flat)
         if self.training:
             self.expert_usage.add_(counts.to(self.expert_usage.dtype))
-        aux = MoEAux(
-            routing.balance_loss,
-            routing.z_loss,
-            counts,
-            dropped,
-            routing.logits,
-            routing.expert_ids,
-            routing.valid,
-            routing.reachable,
-        )
-        return y.view(x.shape), aux
+        return y.view(x.shape), MoEAux.of(routing, counts, dropped)
 
     def _token_mask(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """[E] stays as it is; a per-token mask [..., E] becomes [T, E] in x's token order."""
