@@ -164,8 +164,8 @@ def test_an_moe_backbone_is_refused_in_one_line():
 TINY_TEXT = [
     "experiment=lm_cpu",
     "model=lm",
-    "benchmark.domains=[english,python]",
-    "benchmark.max_bytes_per_domain=4096",
+    "benchmark.domains=[yaml,python]",
+    "benchmark.max_bytes_per_domain=6144",
     "trainer.max_epochs=1",
     "trainer.batch_size=16",
     "trainer.progress_bar=false",

@@ -213,7 +213,10 @@ def resume_target(cfg: DictConfig, commit: str) -> tuple[str | None, DictConfig]
     with open_dict(stored):
         stored.tracking.uri, stored.resume = uri, run_id
         # The process layout is the launcher's: a resume may shard experts another way.
-        stored.trainer.expert_parallel = cfg.trainer.get("expert_parallel", 1)
+        if "trainer" in stored:
+            stored.trainer.expert_parallel = OmegaConf.select(
+                cfg, "trainer.expert_parallel", default=1
+            )
         stored.resume_force = bool(cfg.get("resume_force"))
         stored.resume_trust = bool(cfg.get("resume_trust"))
     return run_id, stored
