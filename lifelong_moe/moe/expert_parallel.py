@@ -51,7 +51,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from lifelong_moe import checks, compat
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe.dispatch import combine, grouped_experts
-from lifelong_moe.moe.experts import EXPERT_INITS, Experts
+from lifelong_moe.moe.experts import EXPERT_INITS, Experts, glu
 from lifelong_moe.moe.layer import ACTIVATIONS, MoEAux, MoELayer
 from lifelong_moe.moe.router import GATE_INITS
 
@@ -141,7 +141,9 @@ class ExpertParallelMoE(nn.Module):
         self.ep_rank = mesh.get_local_rank("ep")
         self.config = layer.get_config()
         self.top_k = layer.top_k
-        self.activation = ACTIVATIONS[layer.activation]
+        # gated (SwiGLU) experts hold [gate | up] in w1: the activation is its gated form
+        activation = ACTIVATIONS[layer.activation]
+        self.activation = glu(activation) if layer.experts.gated else activation
         self.router = layer.router
         if placement is None:
             placement = place([], layer.n_experts, self.ep_size)
