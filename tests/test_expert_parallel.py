@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe import MoELayer
+from lifelong_moe.moe.domain import router_input_means
 from lifelong_moe.moe.expert_parallel import (
     ExpertParallelMoE,
     check_expert_parallel,
@@ -111,6 +112,40 @@ def check_growth(ep: ExpertParallelMoE, frozen_dtype: str) -> MoELayer:
     return gathered
 
 
+USAGE = torch.tensor([3.0, 9.0, 1.0, 9.0, 4.0, 2.0])  # a tie (1, 3): the lowest id wins
+
+
+def sharded_with_usage(ref: MoELayer, mesh) -> ExpertParallelMoE:
+    """ref sharded, its usage counts spread over every rank (each rank's counter is a share)."""
+    ref.expert_usage.copy_(USAGE)
+    ep = ExpertParallelMoE(copy.deepcopy(ref), mesh)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ep.expert_usage.copy_(USAGE * (torch.arange(USAGE.numel()) % world == rank))
+    return ep
+
+
+def check_growth_inits(mesh) -> None:
+    """copy_most_used / upcycle (sources on both ep ranks, one frozen in int8, n_new past E)
+    and gate_init=domain grow the shards into exactly what one process's expand grows."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    rows = slice(rank * T // world, (rank + 1) * T // world)
+    x, _ = batch()
+    cases = [("copy_most_used", "mean", 3), ("upcycle", "random", 3), ("upcycle", "domain", 8)]
+    for init, gate_init, n_new in cases:
+        ref = reference("int8")
+        ep = sharded_with_usage(ref, mesh)
+        domain = None
+        if gate_init == "domain":  # each rank sees its slice; the mean is over all of them
+            domain = router_input_means(ep, [x[rows]], ep)[""]
+            torch.testing.assert_close(domain, router_input_means(ref, [x], ref)[""], **TOL)
+        for layer in (ref, ep):
+            torch.manual_seed(7)
+            layer.expand(n_new, init=init, gate_init=gate_init, domain=domain)
+        gathered = ep.full_state_dict()
+        for k, v in ref.state_dict().items():
+            assert torch.equal(gathered[k], v), (init, k)
+
+
 def worker(rank: int, world: int, rdv: str, out: str, job: str) -> None:
     torch.set_num_threads(1)
     try:
@@ -120,10 +155,12 @@ def worker(rank: int, world: int, rdv: str, out: str, job: str) -> None:
             check_against_one_process(mesh, "int8")
             ep = check_against_one_process(mesh, "fp32")
             grown = check_growth(ep, "fp32")
+            check_growth_inits(mesh)
             if rank == 0:
                 torch.save({"config": grown.get_config(), "state": grown.state_dict()}, out)
         else:  # four processes: dp 2 x ep 2, then re-shard the 2-process checkpoint over ep 4
             check_against_one_process(expert_mesh(2), "fp32")
+            check_growth_inits(expert_mesh(2))  # usage spread over dp replicas too
             saved = torch.load(out, weights_only=True)
             full = MoELayer.from_config(saved["config"])
             full.load_state_dict(saved["state"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -84,3 +86,42 @@ def test_ctrl_c_marks_killed_and_stays_resumable(workdir, monkeypatch):
     (run,) = runs(uri)
     assert run.info.status == "FINISHED"
     assert state_files(uri, run.info.run_id) == []
+
+
+def test_a_checkpoint_with_another_expert_count_is_refused_untouched(workdir, monkeypatch):
+    """A resume whose stored config grows another expert count than its resume state holds
+    (here model.n_experts edited in the stored config.yaml): one line, exit 2, nothing written."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import TINY_RUN
+
+    uri = store_uri(workdir)
+    monkeypatch.setenv("LIFELONG_MOE_SIGNAL_AT", "train_step:1:1=SIGINT")
+    done = run_cli(workdir, f"tracking.uri={uri}", *TINY_RUN, "method=lifelong_moe", check=False)
+    monkeypatch.delenv("LIFELONG_MOE_SIGNAL_AT")
+    assert done.returncode == 130, done.stderr[-2000:]
+    (before,) = runs(uri)
+    run_id = before.info.run_id
+    artifacts = Path(before.info.artifact_uri.removeprefix("file://"))
+    stored = OmegaConf.load(artifacts / names.CONFIG)
+    assert stored.model.n_experts == 4
+    stored.model.n_experts = 6
+    OmegaConf.save(stored, artifacts / names.CONFIG)
+    files = {p: p.read_bytes() for p in sorted(artifacts.rglob("*")) if p.is_file()}
+
+    # the console script's own environment: tracking/store.py turns MLflow's download bars off
+    # at import, which the forked test CLI (tests/cli_process.py) replaces by the parent's
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    done = run_cli(workdir, f"tracking.uri={uri}", f"resume={run_id}", check=False, extra_env=quiet)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line == (
+        f"error: resume={run_id}: MoE layer ffns.0 of the checkpoint has 4 experts, "
+        "expected 6 from the config after 1 experience(s)"
+    )
+    (after,) = runs(uri)
+    assert after.info.status == before.info.status == "KILLED"
+    assert after.info.end_time == before.info.end_time
+    assert after.data.metrics == pytest.approx(before.data.metrics, nan_ok=True, rel=0, abs=0)
+    assert (after.data.params, after.data.tags) == (before.data.params, before.data.tags)
+    assert {p: p.read_bytes() for p in sorted(artifacts.rglob("*")) if p.is_file()} == files

@@ -48,16 +48,14 @@ from torch import nn
 # that it is deprecated in favour of this one).
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from lifelong_moe import compat
+from lifelong_moe import checks, compat
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe.dispatch import combine, grouped_experts
-from lifelong_moe.moe.experts import Experts
+from lifelong_moe.moe.experts import EXPERT_INITS, Experts, glu
 from lifelong_moe.moe.layer import ACTIVATIONS, MoEAux, MoELayer
+from lifelong_moe.moe.router import GATE_INITS
 
 BANKS = ("w1", "w2")
-# Growth inits a sharded layer supports: "random" draws every new expert on every rank alike;
-# copying the most used expert would need its weights from the rank that holds it.
-EP_EXPERT_INITS = ("random",)
 
 
 def check_expert_parallel(expert_parallel: int, world_size: int) -> int:
@@ -143,7 +141,9 @@ class ExpertParallelMoE(nn.Module):
         self.ep_rank = mesh.get_local_rank("ep")
         self.config = layer.get_config()
         self.top_k = layer.top_k
-        self.activation = ACTIVATIONS[layer.activation]
+        # gated (SwiGLU) experts hold [gate | up] in w1: the activation is its gated form
+        activation = ACTIVATIONS[layer.activation]
+        self.activation = glu(activation) if layer.experts.gated else activation
         self.router = layer.router
         if placement is None:
             placement = place([], layer.n_experts, self.ep_size)
@@ -174,6 +174,10 @@ class ExpertParallelMoE(nn.Module):
     @property
     def n_experts(self) -> int:
         return self.placement.numel()
+
+    @property
+    def d_model(self) -> int:
+        return self.config["d_model"]
 
     @property
     def n_frozen(self) -> int:
@@ -255,25 +259,67 @@ class ExpertParallelMoE(nn.Module):
         noise_std: float = 0.01,
         domain: torch.Tensor | None = None,
     ) -> None:
-        """Append n_new experts on the ranks holding the fewest; the same RNG draws as
-        MoELayer.expand ("random" init), so ranks seeded alike agree with one process."""
-        if init not in EP_EXPERT_INITS:
-            raise ConfigError(
-                f"init={init!r}: expert parallelism supports init in {list(EP_EXPERT_INITS)}"
-            )
-        mine_now = self.experts
-        full_new = Experts(mine_now.d_model, mine_now.d_hidden, 0, gated=mine_now.gated)
-        full_new = full_new.to(self.placement.device)
-        full_new.expand(n_new, "random", noise_std)
+        """Append n_new experts on the ranks holding the fewest, as MoELayer.expand would.
+
+        Collective over every rank. Every rank builds all n_new experts with the same RNG draws
+        as MoELayer.expand and keeps the ones placed on it, so ranks seeded alike agree with one
+        process. "copy_most_used"/"upcycle" pick their sources from the layer's usage (the sum
+        of every rank's counter) and take the sources' weights from their owners by broadcast
+        over the ep group. ``domain`` (gate_init="domain") must be the same on every rank:
+        moe/domain.py's router_input_means all-reduces it for sharded layers.
+        """
+        checks.positive_int("n_new", n_new)
+        checks.choice("init", init, EXPERT_INITS)
+        checks.choice("gate_init", gate_init, GATE_INITS)
+        donor = self._donor(init, n_new)
+        n_donor = donor.n_experts
+        donor.expand(n_new, init, noise_std)  # sources in donor order: no usage needed
         self.router.expand(n_new, gate_init, noise_std, domain=domain)
         start = self.n_experts
         placement = place(self.placement.tolist(), n_new, self.ep_size)
         self.placement = torch.tensor(placement, dtype=torch.long, device=self.placement.device)
         mine = (self.placement[start:] == self.ep_rank).nonzero().squeeze(1)
         for name in BANKS:
-            grown = torch.cat([getattr(self.experts, name).detach(), getattr(full_new, name)[mine]])
+            new = getattr(donor, name).detach()[n_donor:][mine]
+            grown = torch.cat([getattr(self.experts, name).detach(), new])
             setattr(self.experts, name, nn.Parameter(grown))
         self.expert_usage = torch.cat([self.expert_usage, self.expert_usage.new_zeros(n_new)])
+
+    def _donor(self, init: str, n_new: int) -> Experts:
+        """An fp32 Experts bank holding, in order, the experts Experts.expand(init) copies from
+        (the most used for "copy_most_used", the n_new most used for "upcycle"; none for
+        "random"), so that expanding it draws exactly what the full layer's expand draws."""
+        local = self.experts
+        donor = Experts(local.d_model, local.d_hidden, 0, gated=local.gated)
+        donor = donor.to(device=self.placement.device, dtype=local.w1.dtype)
+        if init == "random" or self.n_experts == 0:
+            return donor
+        usage = self.expert_usage.clone()
+        dist.all_reduce(usage)  # the layer's usage: every rank counted its own tokens
+        if init == "copy_most_used":
+            sources = [int(torch.argmax(usage).item())]
+        else:
+            ranked = sorted(range(self.n_experts), key=lambda e: (-float(usage[e]), e))
+            sources = ranked[:n_new]
+        w1, w2 = zip(*(self._fetch(e) for e in sources), strict=True)
+        donor.w1 = nn.Parameter(torch.stack(w1))
+        donor.w2 = nn.Parameter(torch.stack(w2))
+        return donor
+
+    def _fetch(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w1, w2) of global expert `expert` (dequantized if frozen), broadcast by its owner
+        over the ep group; collective over the ep group."""
+        owner = int(self.placement[expert])
+        like = self.experts.w1
+        w1 = like.new_empty(self.experts.d_model, self.experts.w1_width)
+        w2 = like.new_empty(self.experts.d_hidden, self.experts.d_model)
+        if owner == self.ep_rank:
+            local = int((self.owned() == expert).nonzero())
+            held = self.experts.weights(local)
+            w1.copy_(held[0]), w2.copy_(held[1])
+        for w in (w1, w2):
+            dist.broadcast(w, group=self.ep_group, group_src=owner)
+        return w1, w2
 
     @torch.no_grad()
     def freeze_existing(self) -> None:

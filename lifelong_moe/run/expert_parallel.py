@@ -11,8 +11,8 @@ their gradients are summed over the replicas of the same shard before each optim
 What is refused, in one line before any run exists (``check`` before the process group opens,
 ``check_method`` while building): N that does not divide the world size, N > 1 without a
 launcher, gradient clipping (its norm would be taken over each rank's own experts), an HF
-export, growth inits a shard cannot reproduce on every rank (``copy_most_used``/``upcycle``,
-``gate_init=domain``), shared experts and a capacity factor.
+export, shared experts and a capacity factor. Every growth init works sharded
+(ExpertParallelMoE.expand).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from lifelong_moe.errors import ConfigError
 from lifelong_moe.models import moe_layers
 from lifelong_moe.models.checkpoint import sharded_layers
 from lifelong_moe.moe.expert_parallel import (
-    EP_EXPERT_INITS,
     ExpertParallelMoE,
     check_expert_parallel,
     expert_mesh,
@@ -71,17 +70,6 @@ def check_method(cfg: DictConfig, method: nn.Module) -> None:
     n = degree(cfg)
     if n == 1:
         return
-    expand_init = getattr(method, "expand_init", "random")
-    if expand_init not in EP_EXPERT_INITS:
-        raise ConfigError(
-            f"method.expand_init={expand_init} with trainer.expert_parallel={n}: expected one of "
-            f"{list(EP_EXPERT_INITS)}"
-        )
-    if getattr(method, "gate_init", None) == "domain":
-        raise ConfigError(
-            f"method.gate_init=domain with trainer.expert_parallel={n}: expected random, mean "
-            "or zero"
-        )
     model = method.model
     if not moe_layers(model):
         raise ConfigError(
