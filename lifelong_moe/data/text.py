@@ -57,7 +57,7 @@ from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
 from lifelong_moe.data.corpus import find_domains, select_domains
-from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, load_tokenizer
+from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, Tokenizer, load_tokenizer
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Experience, Stream
 
@@ -286,9 +286,11 @@ def _check(
 
 @dataclass
 class TextStream(Stream):
-    """A Stream whose experiences are text domains; ``domains`` says what each one holds."""
+    """A Stream whose experiences are text domains; ``domains`` says what each one holds, and
+    ``tokenizer`` what made the ids (None: UTF-8 bytes)."""
 
     domains: list[DomainInfo] = field(default_factory=list)
+    tokenizer: Tokenizer | None = field(default=None, repr=False)
 
     def domain_records(self) -> list[dict[str, Any]]:
         """One plain record per experience (name, where, sha256, sizes), in stream order."""
@@ -368,4 +370,5 @@ def text_domains(
         scenario=SCENARIO,
         task_labels=bool(task_labels),
         domains=infos,
+        tokenizer=tok,
     )

@@ -78,10 +78,13 @@ def export_hf(
     directory: str | Path,
     expert_origin: Sequence[int] | None = None,
     dtype: str | None = None,
+    tokenizer: str | None = None,
 ) -> Path:
     """save_pretrained(directory) in the family's format + the experts JSON; returns the dir.
 
     ``dtype`` defaults to the dtype the checkpoint was loaded in (``model.export_dtype``).
+    ``tokenizer`` says what the caller saved beside the model (data/tokenizer.py's
+    ``save_for_transformers``: "AutoTokenizer" files, or "bytes" ids); it goes into the JSON.
     """
     tf = require_transformers()
     directory = Path(directory)
@@ -94,6 +97,8 @@ def export_hf(
         skeleton = tf.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     skeleton.save_pretrained(directory, state_dict=state)
     record = model.expert_record(expert_origin)
+    if tokenizer is not None:
+        record["tokenizer"] = tokenizer
     (directory / EXPERTS_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return directory
 
