@@ -86,6 +86,7 @@ def export_hf(
     ``tokenizer`` says what the caller saved beside the model (data/tokenizer.py's
     ``save_for_transformers``: "AutoTokenizer" files, or "bytes" ids); it goes into the JSON.
     """
+    check_export("hf", model)
     tf = require_transformers()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,11 @@ def check_export(export: str, model: object) -> None:
         raise ConfigError(
             f"tracking.export=hf with model {type(model).__name__}: expected model=hf_moe "
             "(olmoe, qwen2_moe, mixtral); use tracking.export=none"
+        )
+    if export == "hf" and model.upcycled_from is not None:
+        raise ConfigError(
+            f"tracking.export=hf with a model upcycled from dense {model.upcycled_from!r}: its "
+            "family has no MoE format to export to (not supported yet); use tracking.export=none"
         )
 
 
