@@ -155,7 +155,24 @@ HF_MODEL = [
     "trainer.batch_size=32",
     "trainer.gradient_clip_val=1.0",
 ]
+# Choosing study hf's epochs per domain and learning rate (issue 24's protocol: on validation,
+# seed 0, method lifelong_moe; the choice then holds for every method of study hf):
+#     experiments/study.py hf_selection --seeds seed=0 --split validation
+HF_EPOCHS, HF_LRS = "1,3", "0.001,0.003,0.01"
 STUDIES = {
+    "hf_selection": {
+        "title": "Study hf's epochs and learning rate, chosen on validation (lifelong_moe, seed 0)",
+        "sweeps": {
+            "lifelong_moe": [
+                *(o for o in HF_MODEL if not o.startswith("trainer.max_epochs=")),
+                "method=lifelong_moe",
+                f"trainer.max_epochs={HF_EPOCHS}",
+                f"method.lr={HF_LRS}",
+                # One method name per setting, so that the comparison keeps them apart.
+                "method.name=lifelong_moe_e${trainer.max_epochs}_lr${method.lr}",
+            ],
+        },
+    },
     "hf": {
         "title": "A tiny OLMoE grown over 4 text domains with a trained BPE (model=olmoe)",
         "sweeps": {
