@@ -84,7 +84,7 @@ if [ $DRY = 1 ]; then
   COARSE=(--experts 8 --tokens 64 --d-model 16 --d-hidden 32 --top-k 2)
   COARSE_COMPILED=("${COARSE[@]}")
   FINE=(--experts 8 --tokens 64 --d-model 32 --d-hidden 16 --top-k 4)
-  LM_SIZE=(benchmark.context_length=16 benchmark.max_bytes_per_domain=1024 model.d_model=16
+  LM_SIZE=(benchmark.context_length=16 benchmark.max_bytes_per_domain=32768 model.d_model=16
     model.d_hidden=16 model.n_heads=1 model.n_blocks=2 "model.moe_blocks=[1]" model.n_experts=2
     trainer.accelerator=cpu trainer.precision=32-true trainer.eval_batch_size=64
     tracking.system_metrics=false)
@@ -96,7 +96,8 @@ else
   COARSE=(--experts 64 --tokens 32768 8192 --d-model 1024 --d-hidden 4096 --top-k 2)
   COARSE_COMPILED=(--experts 64 --tokens 32768 --d-model 1024 --d-hidden 4096 --top-k 2)
   FINE=(--experts 128 --tokens 32768 --d-model 2048 --d-hidden 768 --top-k 8)
-  # 40 steps of batch 64 x 512 bytes per experience (val_fraction 0.1 held out)
+  # 10-39 steps of batch 64 x 512 bytes per experience by domain (english and yaml are smaller
+  # than the cap), 20 % of the documents held out (validation + test)
   LM_SIZE=(benchmark.max_bytes_per_domain=1456355)
   LM_FIRST=("grouped 64 false" "fused 64 false")
   LM_LATER=("grouped 128 false" "fused 128 false" "grouped 64 true" "fused 64 true")

@@ -9,6 +9,8 @@
     .venv/bin/python experiments/study.py ablations_digits  # issue 24: the reviewer's ablations
     .venv/bin/python experiments/study.py ablations_lm      # issue 24: the same on text
     .venv/bin/python experiments/study.py hf                # issue 22: tiny OLMoE, BPE, 5 seeds
+    .venv/bin/python experiments/study.py routing_lm_exploration --seeds seed=0 --split validation
+                                                            # issue 24: the router grid, seed 0
 
 Each study runs Hydra sweeps in parallel (joblib, 2 jobs) into its own MLflow store under
 outputs/study_<name>/, then lifelong-moe-compare writes the table and plots; the routing heatmap
@@ -16,8 +18,15 @@ of Lifelong-MoE (seed 0) is copied beside them. README.md records the commands a
 comparison.json holds the table's numbers, which experiments/render.py renders into README.md
 and the findings. A study resumes: a (method, benchmark, seed) run already FINISHED in the
 study's store is not run again (``--fresh`` starts over), so a long study can span sittings.
-Each of the N_JOBS parallel jobs gets its share of the cores (OMP_NUM_THREADS): two jobs with
-torch's default threads oversubscribe a 2-core machine several times over.
+Each of the N_JOBS parallel jobs (``--jobs``) gets its share of the cores (OMP_NUM_THREADS): two
+jobs with torch's default threads oversubscribe a 2-core machine several times over.
+
+Protocol (issue 24): settings are chosen on validation, studies report test. Every benchmark
+holds out both with the same training data: the digits studies through DIGITS_VALIDATION, the
+text studies (lm, routing_lm, routing_lm_long, ablations_lm, hf, routing_lm_exploration) because
+text_domains always holds out validation and test documents per domain. ``--split validation``
+evaluates the validation set (into study_<name>_validation) for making a choice; the plain
+command reports test.
 """
 
 from __future__ import annotations
@@ -74,9 +83,10 @@ def lm_sweeps(epochs: int) -> dict[str, list[str]]:
 
 
 # The recipe's learning-rate area: cosine_rewarm with 20 warm-up steps in an experience of
-# LM_STEPS steps (lm_cpu, 1 epoch: 58 optimizer steps per domain, results/study_routing_lm) has
-# mean factor ~0.52 of constant LR; the area-matched peer scales method.lr by its inverse.
-LM_STEPS = 58
+# LM_STEPS steps has mean factor ~0.52 of constant LR; the area-matched peer scales method.lr by
+# its inverse. lm_cpu, 1 epoch, split by document: 22-57 optimizer steps per domain, 48.5 on
+# average over the 4 domains and seeds 0-4 (58 for every domain before the document split).
+LM_STEPS = 49
 LM_LR = 1e-3  # conf/method/*.yaml lr
 
 
@@ -299,6 +309,53 @@ STUDIES = {
         "routing": ("lifelong_moe_specialized", "text_domains"),
         "reference": "lifelong_moe",
     },
+    "routing_lm_exploration": {
+        "title": "Which router options make Lifelong-MoE's experts specialise (lm_cpu, 1 epoch): "
+        "results/study_routing_lm/exploration.md's grid, to be run on validation, seed 0",
+        # In order of what to run first; each configuration is its own method name.
+        "sweeps": {
+            "A: lifelong_moe": ["experiment=lm_cpu", "method=lifelong_moe"],
+            "F: + inferred routing, bonus 2, routing distillation, balance over new experts "
+            "(the preset)": ["experiment=lm_cpu", "method=lifelong_moe_specialized"],
+            "B: + inferred routing, bonus 2": [
+                "experiment=lm_cpu",
+                "method=lifelong_moe",
+                "method.infer_routing=true",
+                "method.infer_bonus=2",
+                "method.name=lifelong_moe_infer2",
+            ],
+            "E: + inferred routing, bonus 5": [
+                "experiment=lm_cpu",
+                "method=lifelong_moe",
+                "method.infer_routing=true",
+                "method.infer_bonus=5",
+                "method.name=lifelong_moe_infer5",
+            ],
+            "D: routing distillation, balance over new experts": [
+                "experiment=lm_cpu",
+                "method=lifelong_moe",
+                "method.lambda_router=1",
+                "method.balance_scope=trainable",
+                "method.name=lifelong_moe_router_kd",
+            ],
+            "G: the preset with bonus 5": [
+                "experiment=lm_cpu",
+                "method=lifelong_moe_specialized",
+                "method.infer_bonus=5",
+                "method.name=lifelong_moe_specialized_bonus5",
+            ],
+            "C: B + frozen shared weights": [
+                "experiment=lm_cpu",
+                "method=lifelong_moe",
+                "method.infer_routing=true",
+                "method.infer_bonus=2",
+                "method.freeze_shared=true",
+                "method.name=lifelong_moe_infer2_freeze_shared",
+            ],
+        },
+        "plots": {"text_domains": ["benchmark=text_domains"]},
+        "routing": ("lifelong_moe_specialized", "text_domains"),
+    },
     "ewc_lambda": {
         "title": "Avalanche's EWC on permuted digits over ewc_lambda (routing_digits' settings)",
         "sweeps": {
@@ -341,6 +398,9 @@ def main() -> None:
         help="held-out set to evaluate (validation: for choosing settings; into study_<name>"
         "_validation) (default: %(default)s)",
     )
+    parser.add_argument(
+        "--jobs", type=int, default=N_JOBS, help="runs at once (default: %(default)s)"
+    )
     options = parser.parse_args()
     study = STUDIES[options.study]
     name = f"study_{options.study}" + ("_validation" if options.split == "validation" else "")
@@ -366,11 +426,11 @@ def main() -> None:
     ]
     plots: list[str] = []
     total = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // N_JOBS))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // options.jobs))}
     plot_sets = study.get("plots")
     common = [o if not o.startswith("seed=") else options.seeds for o in COMMON]
     for i, (label, overrides) in enumerate(study["sweeps"].items()):
-        args = ["-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={N_JOBS}", *overrides]
+        args = ["-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={options.jobs}", *overrides]
         # smoke and split overrides replace the sweep's own values of the same keys
         keys = {o.partition("=")[0] for o in extra}
         args = [a for a in args if a.partition("=")[0] not in keys] + common + extra

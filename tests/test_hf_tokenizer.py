@@ -16,8 +16,8 @@ from lifelong_moe.run.loop import build  # noqa: E402
 from lifelong_moe.run.loop_bench import compose  # noqa: E402
 from tests.conftest import run_cli, store_uri  # noqa: E402
 
-SMALL = ["benchmark=text_domains", "benchmark.domains=[english,python]",
-         "benchmark.max_bytes_per_domain=4096", "benchmark.context_length=16"]  # fmt: skip
+SMALL = ["benchmark=text_domains", "benchmark.domains=[yaml,python]",
+         "benchmark.max_bytes_per_domain=6144", "benchmark.context_length=16"]  # fmt: skip
 
 
 def _pretrained(directory: Path, vocab_rows: int, tokenizer_vocab: int) -> Path:
@@ -39,14 +39,14 @@ def _pretrained(directory: Path, vocab_rows: int, tokenizer_vocab: int) -> Path:
 
 def test_text_domains_tokenize_with_a_directory_tokenizer(tmp_path: Path) -> None:
     directory = _pretrained(tmp_path, 320, 300)
-    stream = text_domains(["english"], max_bytes_per_domain=4096, context_length=16,
+    stream = text_domains(["yaml"], max_bytes_per_domain=4096, context_length=16,
                           tokenizer=str(directory))  # fmt: skip
     tok = transformers.AutoTokenizer.from_pretrained(directory)
     x, y, _ = stream.experiences[0].train[0:3]
     assert stream.n_classes == 300
     assert x.max() < 300 and torch.equal(x[:, 1:], y[:, :-1])
     # Windows are consecutive pieces of the domain's encoding; the byte stream is unchanged.
-    assert text_domains(["english"], max_bytes_per_domain=4096).n_classes == 256
+    assert text_domains(["yaml"], max_bytes_per_domain=4096).n_classes == 256
     assert tok.decode(x[0]) in tok.decode(torch.cat([x[0], x[1]]))
 
 

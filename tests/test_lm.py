@@ -34,7 +34,7 @@ def tiny(
 
 
 def small_stream(tmp_path=None, **kwargs):
-    defaults = {"domains": ["english", "python"], "context_length": 16}
+    defaults = {"domains": ["yaml", "python"], "context_length": 16}
     return text_domains(**{**defaults, "max_bytes_per_domain": 8192, **kwargs})
 
 
@@ -173,7 +173,7 @@ def test_presets_compose_and_build(tmp_path):
                 "config",
                 overrides=[
                     f"experiment={preset}",
-                    "benchmark.max_bytes_per_domain=4096",
+                    "benchmark.max_bytes_per_domain=32768",
                     "model.n_blocks=2",
                     "model.moe_blocks=[1]",
                     # lm_gpu's fused kernels would run under Triton's CPU interpreter here
@@ -201,7 +201,7 @@ def test_cli_lm_with_the_therien_recipe_rewarms_redecays_and_replays(tmp_path: P
     from mlflow.tracking import MlflowClient
 
     uri = store_uri(tmp_path)
-    tiny_text = ["benchmark.domains=[english,python]", "benchmark.max_bytes_per_domain=4096"]
+    tiny_text = ["benchmark.domains=[yaml,python]", "benchmark.max_bytes_per_domain=6144"]
     run_cli(
         tmp_path,
         "experiment=lm_cpu",
@@ -228,7 +228,7 @@ def test_cli_lm_with_the_therien_recipe_rewarms_redecays_and_replays(tmp_path: P
         ]
 
     stream = benchmark_from_yaml(
-        "text_domains", domains=["english", "python"], max_bytes_per_domain=4096, context_length=64
+        "text_domains", domains=["yaml", "python"], max_bytes_per_domain=6144, context_length=64
     )
     new = [len(e.train) for e in stream.experiences]
     replayed = [0, round(0.25 * new[1] / 0.75)]  # 0.25 of experience 1's training set

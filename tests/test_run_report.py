@@ -165,7 +165,7 @@ def test_report_helpers():
     assert table["accuracy"] == [0.5, 0.1, 0.4, 0.9] and table["accuracy_til"] == [1, 2, 3, 4]
 
     sha = "ab" * 32
-    domain = DomainInfo("english", "pydoc", 3, 0, 100, sha, n_train=5, n_val=1)
+    domain = DomainInfo("english", "pydoc", 3, 0, 100, sha, {"train": 5, "val": 1, "test": 1})
     text = SimpleNamespace(name="text_domains", domains=[domain])
     (entry,) = report.dataset_inputs({"name": "text_domains"}, text)
     assert entry["name"] == "text_domains/english" and entry["digest"] == sha[:36]

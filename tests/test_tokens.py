@@ -259,3 +259,24 @@ def test_cli_run_is_recorded_and_resumes_mid_experience_bit_identical(tmp_path: 
     assert len(reference["matrix"]["R"]) == 2
     for key in ("matrix", "steps", "train"):
         assert resumed[key] == reference[key], key
+
+
+def test_split_validation_evaluates_the_validation_documents(text: Path) -> None:
+    """benchmark.split=validation: Experience.test is the validation windows, training is the
+    same as with split=test; it needs val_fraction > 0."""
+    test = build(text, seed=3)
+    valid = build(text, seed=3, split="validation")
+    for a, b, val in zip(test.experiences, valid.experiences, valid.validation, strict=True):
+        assert (a.train.runs == b.train.runs).all()
+        assert (b.test.runs == val.runs).all() and not np.array_equal(a.test.runs, b.test.runs)
+    via_conf = benchmark_from_yaml(
+        "token_domains",
+        text_dir=str(text / "text"),
+        cache_dir=str(text / "cache"),
+        split="validation",
+    )
+    assert (via_conf.experiences[0].test.runs == via_conf.validation[0].runs).all()
+    with pytest.raises(ConfigError, match="needs benchmark.val_fraction > 0"):
+        build(text, split="validation", val_fraction=0)
+    with pytest.raises(ConfigError, match="benchmark.split"):
+        build(text, split="train")

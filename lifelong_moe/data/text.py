@@ -16,9 +16,12 @@ name           what (documents, in this order)                                 s
 =============  ==============================================================  =========
 english        Python Language Reference prose: ``pydoc_data.topics``, one      466 KB
                document per topic, sorted by topic name (stdlib)
-python         stdlib source: the modules in ``PYTHON_MODULES``, in that order   1.42 MB
+python         stdlib source: the modules in ``PYTHON_MODULES``, in that order, 1.42 MB
+               one document per top-level class or function (the module's
+               header is one more)
 cpp            C++ headers: every ``*.h`` under ``torch/include/c10``, sorted   1.74 MB
-yaml           torchgen's ``native_functions.yaml`` and ``derivatives.yaml``    819 KB
+yaml           torchgen's ``native_functions.yaml`` and ``derivatives.yaml``,   819 KB
+               one document per top-level list entry (an operator)
 font_metrics   matplotlib's Adobe font metrics (``mpl-data/fonts/**/*.afm``)    1.36 MB
                (not in the default selection)
 =============  ==============================================================  =========
@@ -26,23 +29,32 @@ font_metrics   matplotlib's Adobe font metrics (``mpl-data/fonts/**/*.afm``)    
 Sizes after deduplication with Python 3.11, torch 2.14 and matplotlib 3.11 (1 KB = 1000 bytes).
 ``DEFAULT_DOMAINS`` = english, python, cpp, yaml: prose first, then code, then structured text.
 Every default domain holds at least ``MIN_DOMAIN_BYTES`` before the ``max_bytes_per_domain`` cap.
+A source file is cut into documents at its top-level entries (comment lines just above an entry
+go with it), so that a capped domain still holds enough documents to split; the pieces of a file
+joined give the file back.
 
 Your own corpora: ``text_dir=DIR`` with one sub-folder (all files below it, sorted by path) or
-one file per domain, domains sorted by name; hidden files are skipped.
+one file per domain, domains sorted by name; hidden files are skipped. Each file is a document.
 
-Deduplication is exact and by document (a file, a topic): a document whose bytes already
-appeared, in this domain or an earlier one, is dropped, so no document is validated on in one
-domain and trained on in another. Documents are joined with a blank line, then the cap keeps the
-first ``max_bytes_per_domain`` bytes.
+Deduplication is exact and by document (a file, a topic, a top-level entry): a document whose
+bytes already appeared, in this domain or an earlier one, is dropped, so no document is
+evaluated on in one domain and trained on in another. The cap keeps whole documents, in order:
+reading stops at the first document that would take the domain (documents joined by a blank
+line) past ``max_bytes_per_domain`` bytes.
 
-Split: each domain's byte stream is cut into windows with stride ``context_length`` (every byte
-after the first is a target exactly once), and one contiguous block of ``val_fraction`` of the
-windows, at a position drawn from ``seed`` and the domain's index, is its validation set.
-Contiguous, because neighbouring windows of text are near-duplicates of each other's topic.
+Split, by document, as ``benchmark=token_domains`` does (:func:`split_documents`): from ``seed``
+and the domain's index, ``validation_fraction`` of the domain's documents are validation and
+``test_fraction`` test (at least one each), the rest train. Each split's documents are joined (in
+reading order, a blank line between them) and cut into windows with stride ``context_length``
+(every byte after the first is a target exactly once). ``split`` says which held-out split
+``Experience.test`` holds, i.e. what the loss and perplexity matrices report: ``test`` (what
+studies report) or ``validation`` (what settings are chosen on); the training windows are the
+same either way, and ``TextStream.validation[i]`` always holds the validation windows.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import sysconfig
@@ -58,6 +70,7 @@ from torch.utils.data import TensorDataset
 from lifelong_moe import checks
 from lifelong_moe.data.corpus import find_domains, select_domains
 from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, Tokenizer, load_tokenizer
+from lifelong_moe.data.tokens import split_documents
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Experience, Stream
 
@@ -119,6 +132,41 @@ def _files(paths: Sequence[Path], root: Path) -> Documents:
             yield str(path.relative_to(root)), path.read_bytes()
 
 
+def cut_at_lines(data: bytes, starts: Sequence[int]) -> list[bytes]:
+    """``data`` cut before each 0-based line of ``starts``, each cut moved up over the comment
+    lines (``#``) just above it; the pieces joined give ``data`` back."""
+    lines = data.splitlines(keepends=True)
+    cuts = set()
+    for start in starts:
+        while start > 0 and lines[start - 1].lstrip().startswith(b"#"):
+            start -= 1
+        cuts.add(start)
+    bounds = sorted(cuts | {0, len(lines)})
+    return [b"".join(lines[a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if a < b]
+
+
+def python_entries(source: bytes) -> list[bytes]:
+    """A module cut before each top-level class or function (its decorators included)."""
+    starts = [
+        min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+        for node in ast.parse(source).body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+    ]
+    return cut_at_lines(source, starts)
+
+
+def yaml_entries(source: bytes) -> list[bytes]:
+    """A YAML list cut before each top-level entry (a line starting with ``- ``)."""
+    lines = source.splitlines(keepends=True)
+    return cut_at_lines(source, [i for i, line in enumerate(lines) if line.startswith(b"- ")])
+
+
+def _entries(documents: Documents, cut: Callable[[bytes], list[bytes]]) -> Documents:
+    for where, data in documents:
+        for i, piece in enumerate(cut(data)):
+            yield f"{where}#{i}", piece
+
+
 def _english() -> Documents:
     from pydoc_data.topics import topics
 
@@ -130,7 +178,9 @@ def _python() -> Documents:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for name in PYTHON_MODULES:
         module, package = stdlib / f"{name}.py", stdlib / name / "__init__.py"
-        yield from _files([module if module.is_file() else package], stdlib)
+        yield from _entries(
+            _files([module if module.is_file() else package], stdlib), python_entries
+        )
 
 
 def _cpp() -> Documents:
@@ -144,7 +194,9 @@ def _yaml() -> Documents:
     torchgen = _package_dir("torchgen")
     if torchgen is not None:
         files = ["ATen/native/native_functions.yaml", "autograd/derivatives.yaml"]
-        yield from _files([torchgen / "packaged" / f for f in files], torchgen)
+        yield from _entries(
+            _files([torchgen / "packaged" / f for f in files], torchgen), yaml_entries
+        )
 
 
 def _font_metrics() -> Documents:
@@ -194,10 +246,10 @@ class DomainInfo:
     where: str
     n_documents: int
     n_duplicates: int  # documents dropped because their bytes appeared before
-    n_bytes: int  # after deduplication and the cap
+    n_bytes: int  # after deduplication and the cap: the documents joined by SEPARATOR
     sha256: str  # of those bytes
-    n_train: int = 0  # windows
-    n_val: int = 0
+    n_windows: dict[str, int] = field(default_factory=dict)  # per split: train, val, test
+    n_split_documents: dict[str, int] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """Plain, JSON-ready: what the run logs as this domain's dataset input profile."""
@@ -208,17 +260,18 @@ class DomainInfo:
             "n_bytes": self.n_bytes,
             "n_documents": self.n_documents,
             "n_duplicates": self.n_duplicates,
-            "n_train_windows": self.n_train,
-            "n_val_windows": self.n_val,
+            **{f"n_{s}_windows": n for s, n in self.n_windows.items()},
+            **{f"n_{s}_documents": n for s, n in self.n_split_documents.items()},
         }
 
 
 def read_domain(
     name: str, source: DomainSource, seen: set[str], max_bytes: int | None
-) -> tuple[bytes, DomainInfo]:
-    """The domain's deduplicated text, capped; ``seen`` (document hashes) is updated in place."""
-    parts: list[bytes] = []
-    size, n_documents, n_duplicates = 0, 0, 0
+) -> tuple[list[bytes], DomainInfo]:
+    """The domain's deduplicated documents, whole, until the next would pass ``max_bytes``
+    (counting SEPARATOR between documents); ``seen`` (document hashes) is updated in place."""
+    documents: list[bytes] = []
+    size, n_duplicates = -len(SEPARATOR), 0
     for _, document in source.documents():
         if not document:
             continue
@@ -226,70 +279,85 @@ def read_domain(
         if digest in seen:
             n_duplicates += 1
             continue
-        seen.add(digest)
-        n_documents += 1
-        parts.append(document)
-        size += len(document) + len(SEPARATOR)
-        if max_bytes is not None and size >= max_bytes:
+        if max_bytes is not None and size + len(SEPARATOR) + len(document) > max_bytes:
             break
-    data = SEPARATOR.join(parts)
-    if max_bytes is not None:
-        data = data[:max_bytes]
-    if not data:
+        seen.add(digest)
+        documents.append(document)
+        size += len(SEPARATOR) + len(document)
+    if not documents:
         raise ConfigError(
             f"benchmark domain {name!r} is empty (nothing left to read in {source.where} after "
-            "deduplication)"
+            f"deduplication, or its first document is longer than max_bytes_per_domain={max_bytes})"
         )
+    data = SEPARATOR.join(documents)
     info = DomainInfo(
-        name, source.where, n_documents, n_duplicates, len(data), hashlib.sha256(data).hexdigest()
+        name,
+        source.where,
+        len(documents),
+        n_duplicates,
+        len(data),
+        hashlib.sha256(data).hexdigest(),
     )
-    return data, info
+    return documents, info
 
 
 # ---------------------------------------------------------------- windows and split
 
+SPLITS = ("test", "validation")  # benchmark.split: what Experience.test holds
+
 
 def windows(data: bytes, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, L] and y [N, L] = x shifted by one byte; stride L, so each target appears once."""
-    n = (len(data) - 1) // context_length
-    tokens = torch.frombuffer(bytearray(data[: n * context_length + 1]), dtype=torch.uint8)
-    return token_windows(tokens.long(), context_length)
+    return token_windows(
+        torch.from_numpy(np.frombuffer(data, dtype=np.uint8).astype(np.int64)), context_length
+    )
 
 
 def token_windows(tokens: torch.Tensor, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`windows` over token ids (long [n]) instead of bytes."""
-    n = (len(tokens) - 1) // context_length
+    n = max(len(tokens) - 1, 0) // context_length
     tokens = tokens[: n * context_length + 1]
     x = tokens[:-1].view(n, context_length)
     y = tokens[1:].view(n, context_length)
     return x.clone(), y.clone()
 
 
-def validation_block(n: int, val_fraction: float, seed: int, index: int) -> tuple[int, int]:
-    """[start, stop) of the contiguous validation windows of domain ``index``."""
-    n_val = max(1, round(val_fraction * n))
-    start = int(np.random.default_rng([seed, index]).integers(0, n - n_val + 1))
-    return start, start + n_val
-
-
 def _check(
-    context_length: int, max_bytes: int | None, val_fraction: float, domains: object
+    context_length: int,
+    max_bytes: int | None,
+    validation_fraction: float,
+    test_fraction: float,
+    split: str,
+    domains: object,
 ) -> None:
     checks.positive_int("benchmark.context_length", context_length)
     checks.optional(checks.positive_int, "benchmark.max_bytes_per_domain", max_bytes)
     checks.number(
-        "benchmark.val_fraction", val_fraction, low=0, high=1, low_open=True, high_open=True
+        "benchmark.validation_fraction", validation_fraction, low=0, high=1, high_open=True
     )
+    checks.number(
+        "benchmark.test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True
+    )
+    checks.choice("benchmark.split", split, SPLITS)
+    if split == "validation" and not validation_fraction:
+        raise ConfigError(
+            "benchmark.split=validation needs benchmark.validation_fraction > 0 (the share of "
+            "each domain's documents held out for validation), got 0"
+        )
     if domains is not None and (isinstance(domains, str) or not isinstance(domains, Sequence)):
         raise ConfigError(f"benchmark.domains={domains!r}: expected null or a list of names")
 
 
 @dataclass
 class TextStream(Stream):
-    """A Stream whose experiences are text domains; ``domains`` says what each one holds, and
+    """A Stream whose experiences are text domains; ``domains`` says what each one holds,
+    ``validation[i]`` domain i's validation windows (none at validation_fraction 0),
+    ``splits[i]`` its document indices per split (``train``, ``val``, ``test``), and
     ``tokenizer`` what made the ids (None: UTF-8 bytes)."""
 
     domains: list[DomainInfo] = field(default_factory=list)
+    validation: list[TensorDataset] = field(default_factory=list)
+    splits: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
     tokenizer: Tokenizer | None = field(default=None, repr=False)
 
     def domain_records(self) -> list[dict[str, Any]]:
@@ -302,19 +370,22 @@ def text_domains(
     text_dir: str | None = None,
     context_length: int = 64,
     max_bytes_per_domain: int | None = 262_144,
-    val_fraction: float = 0.1,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    split: str = "test",
     seed: int = 0,
     task_labels: bool = False,
     tokenizer: str | None = None,
 ) -> TextStream:
-    """One experience per domain: ``TensorDataset(x [N, L] long, y [N, L] long, t [N] long)``.
+    """One experience per domain: ``TensorDataset(x [N, L] long, y [N, L] long, t [N] long)``;
+    ``Experience.test`` holds the windows of the held-out documents that ``split`` names.
 
     ``tokenizer``: None or ``bytes`` keeps the byte tokens (vocabulary 256); otherwise a spec of
     ``load_tokenizer`` (a local Hugging Face tokenizer directory, e.g. the pretrained model's,
-    or ``train:<V>`` trained on these domains' text), whose vocabulary becomes ``n_classes``.
-    Each domain's text is then encoded in one piece (no EOS: domains are not documents here).
+    or ``train:<V>`` trained on these domains' training documents), whose vocabulary becomes
+    ``n_classes``. Each split's text is then encoded in one piece (no EOS between documents).
     """
-    _check(context_length, max_bytes_per_domain, val_fraction, domains)
+    _check(context_length, max_bytes_per_domain, validation_fraction, test_fraction, split, domains)
     if text_dir is None:
         sources, default = SOURCES, list(DEFAULT_DOMAINS)
     else:
@@ -323,41 +394,57 @@ def text_domains(
     names = select_domains(sorted(sources), default if domains is None else domains)
     seen: set[str] = set()
     read = [read_domain(name, sources[name], seen, max_bytes_per_domain) for name in names]
+    parts = []  # per domain: {split: its documents joined}
+    for index, (name, (documents, _)) in enumerate(zip(names, read, strict=True)):
+        try:
+            indices = split_documents(
+                len(documents), validation_fraction, test_fraction, seed, index
+            )
+        except ConfigError:
+            raise ConfigError(
+                f"benchmark domain {name!r} has {len(documents)} document(s) within "
+                f"max_bytes_per_domain={max_bytes_per_domain}: too few to hold out validation "
+                f"({validation_fraction}) and test ({test_fraction}) documents and train on the "
+                "rest; raise the cap or split its text into more files"
+            ) from None
+        parts.append(
+            (indices, {s: SEPARATOR.join(documents[i] for i in d) for s, d in indices.items()})
+        )
     tok = None
     if tokenizer not in (None, BYTES):
-        texts = [data.decode("utf-8", errors="replace") for data, _ in read]
+        texts = [text["train"].decode("utf-8", errors="replace") for _, text in parts]
         tok = load_tokenizer(tokenizer, texts if tokenizer.startswith(TRAIN_PREFIX) else None)
     vocab = VOCAB_SIZE if tok is None else tok.vocab_size
-    experiences, infos = [], []
-    for index, (name, (data, info)) in enumerate(zip(names, read, strict=True)):
-        if tok is None:
-            tokens = None
-            n = (len(data) - 1) // context_length
-        else:
-            tokens = torch.tensor(tok.encode(data.decode("utf-8", errors="replace")))
-            n = (len(tokens) - 1) // context_length
-        n_val = max(1, round(val_fraction * n))
-        if n - n_val < 1:
-            raise ConfigError(
-                f"benchmark domain {name!r} has {len(data)} bytes: too few for one training and "
-                f"one validation window of context_length={context_length} "
-                f"at val_fraction={val_fraction}"
-            )
-        x, y = (
-            windows(data, context_length)
-            if tokens is None
-            else token_windows(tokens, context_length)
-        )
-        start, stop = validation_block(n, val_fraction, seed, index)
-        train = torch.cat([torch.arange(0, start), torch.arange(stop, n)])
+    held_out = "test" if split == "test" else "val"
+    experiences, infos, validation, splits = [], [], [], []
+    for index, (name, (_, info), (indices, text)) in enumerate(
+        zip(names, read, parts, strict=True)
+    ):
         task = index if task_labels else 0
-        info.n_train, info.n_val = len(train), stop - start
+        sets = {}
+        for s, data in text.items():
+            if tok is None:
+                x, y = windows(data, context_length)
+            else:
+                tokens = torch.tensor(tok.encode(data.decode("utf-8", errors="replace")))
+                x, y = token_windows(tokens, context_length)
+            if len(x) == 0 and (s != "val" or validation_fraction > 0):
+                raise ConfigError(
+                    f"benchmark domain {name!r}: its {len(indices[s])} {s} document(s) hold "
+                    f"{len(data)} bytes, too few for one window of context_length={context_length}"
+                )
+            sets[s] = TensorDataset(x, y, torch.full((len(x),), task))
+        info.n_windows = {s: len(d) for s, d in sets.items()}
+        info.n_split_documents = {s: len(d) for s, d in indices.items()}
         infos.append(info)
+        if validation_fraction > 0:
+            validation.append(sets["val"])
+        splits.append(indices)
         experiences.append(
             Experience(
                 index=index,
-                train=TensorDataset(x[train], y[train], torch.full((len(train),), task)),
-                test=TensorDataset(x[start:stop], y[start:stop], torch.full((stop - start,), task)),
+                train=sets["train"],
+                test=sets[held_out],
                 classes=list(range(vocab)),
                 task_id=task,
             )
@@ -370,5 +457,7 @@ def text_domains(
         scenario=SCENARIO,
         task_labels=bool(task_labels),
         domains=infos,
+        validation=validation,
+        splits=splits,
         tokenizer=tok,
     )

@@ -7,9 +7,10 @@ with EOS after every document.
 Split, by document: :func:`split_documents` draws, from ``seed`` and the domain's index, which
 documents are validation (``val_fraction``) and which are test (``test_fraction``), at least one
 document each; the rest train. A document is never cut between splits, so no text is both
-trained and evaluated on. ``Experience.test`` holds the test windows (what the accuracy and loss
-matrices report); the validation windows are ``TokenStream.validation[i]``, for choosing
-settings without touching test.
+trained and evaluated on. ``Experience.test`` holds the windows of the held-out split that
+``split`` names (what the accuracy and loss matrices report): ``test`` (what studies report) or
+``validation`` (what settings are chosen on, without touching test); the validation windows are
+also ``TokenStream.validation[i]`` (the curves inside an experience).
 
 Windows: the documents of one split are packed in shard order (EOS between them) and cut with
 stride ``context_length``: x = tokens[s : s + L], y = tokens[s + 1 : s + L + 1], so every token
@@ -40,6 +41,7 @@ from lifelong_moe.stream import Experience, Stream
 
 SCENARIO = "language_modeling"
 SPLITS = ("train", "val", "test")
+EVALUATED = {"test": "test", "validation": "val"}  # benchmark.split: what Experience.test holds
 
 
 def split_documents(
@@ -158,7 +160,7 @@ class TokenStream(Stream):
 
 
 def _check(
-    context_length: int, val_fraction: float, test_fraction: float, sample_bytes: int
+    context_length: int, val_fraction: float, test_fraction: float, sample_bytes: int, split: str
 ) -> None:
     checks.positive_int("benchmark.context_length", context_length)
     checks.number("benchmark.val_fraction", val_fraction, low=0, high=1, high_open=True)
@@ -166,6 +168,12 @@ def _check(
         "benchmark.test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True
     )
     checks.positive_int("benchmark.tokenizer_sample_bytes", sample_bytes)
+    checks.choice("benchmark.split", split, tuple(EVALUATED))
+    if split == "validation" and not val_fraction:
+        raise ConfigError(
+            "benchmark.split=validation needs benchmark.val_fraction > 0 (the share of each "
+            "domain's documents held out for validation), got 0"
+        )
 
 
 def token_domains(
@@ -180,9 +188,11 @@ def token_domains(
     tokenizer_sample_bytes: int = 4_000_000,
     seed: int = 0,
     task_labels: bool = False,
+    split: str = "test",
 ) -> TokenStream:
-    """One experience per domain of ``text_dir``: windows of the domain's cached token shard."""
-    _check(context_length, val_fraction, test_fraction, tokenizer_sample_bytes)
+    """One experience per domain of ``text_dir``: windows of the domain's cached token shard;
+    ``Experience.test`` holds the held-out split that ``split`` names (test or validation)."""
+    _check(context_length, val_fraction, test_fraction, tokenizer_sample_bytes, split)
     tokenizer = BYTES if tokenizer is None else tokenizer  # null: no pretrained model to follow
     found = find_domains(text_dir, domains)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -195,12 +205,14 @@ def token_domains(
     for index, domain in enumerate(found):
         shard = token_shard(domain, tok, cache, text_field)
         try:
-            split = split_documents(shard.n_documents, val_fraction, test_fraction, seed, index)
+            indices = split_documents(shard.n_documents, val_fraction, test_fraction, seed, index)
         except ConfigError as error:
             raise ConfigError(f"benchmark domain {domain.name!r}: {error}") from None
         task = index if task_labels else 0
         windows = {
-            s: PackedWindows(shard, document_runs(shard.documents, split[s]), context_length, task)
+            s: PackedWindows(
+                shard, document_runs(shard.documents, indices[s]), context_length, task
+            )
             for s in SPLITS
         }
         for s in ("train", "test") + (("val",) if val_fraction > 0 else ()):
@@ -220,20 +232,20 @@ def token_domains(
                 n_tokens=shard.meta["n_tokens"],
                 tokenizer=tok.fingerprint,
                 n_windows={s: len(w) for s, w in windows.items()},
-                n_split_documents={s: len(d) for s, d in split.items()},
+                n_split_documents={s: len(d) for s, d in indices.items()},
             )
         )
         experiences.append(
             Experience(
                 index=index,
                 train=windows["train"],
-                test=windows["test"],
+                test=windows[EVALUATED[split]],
                 classes=list(range(tok.vocab_size)),
                 task_id=task,
             )
         )
         validation.append(windows["val"])
-        splits.append(split)
+        splits.append(indices)
     return TokenStream(
         name="token_domains",
         experiences=experiences,
