@@ -304,10 +304,12 @@ def save_for_transformers(tokenizer: Tokenizer | None, directory: str | Path) ->
         tokenizer.hf.save_pretrained(str(directory))
         return SAVED_AUTO
     if isinstance(tokenizer, FastTokenizer):
+        from tokenizers import Tokenizer as Backend
         from transformers import PreTrainedTokenizerFast
 
         eos = tokenizer.backend.id_to_token(tokenizer.eos_id)
-        wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, eos_token=eos)
+        copy = Backend.from_str(tokenizer.backend.to_str())  # the wrapper may set options on it
+        wrapped = PreTrainedTokenizerFast(tokenizer_object=copy, eos_token=eos)
         wrapped.save_pretrained(str(directory))
         return SAVED_AUTO
     raise TypeError(f"save_for_transformers: unknown tokenizer {type(tokenizer).__name__}")
