@@ -166,21 +166,24 @@ HF_MODEL = [
     "trainer.gradient_clip_val=1.0",
 ]
 # Choosing study hf's epochs per domain and learning rate (issue 24's protocol: on validation,
-# seed 0, method lifelong_moe; the choice then holds for every method of study hf):
+# seed 0, method lifelong_moe; the choice then holds for every method of study hf), in two
+# rounds: 1 epoch at three learning rates, then 3 epochs at the two best of them (1e-3 was the
+# worst at 1 epoch on ppl/final and on 3 of the 4 domains: results/study_hf/selection.md).
 #     experiments/study.py hf_selection --seeds seed=0 --split validation
-HF_EPOCHS, HF_LRS = "1,3", "0.001,0.003,0.01"
+HF_SELECTION = {"1 epoch": ("1", "0.001,0.003,0.01"), "3 epochs": ("3", "0.003,0.01")}
 STUDIES = {
     "hf_selection": {
         "title": "Study hf's epochs and learning rate, chosen on validation (lifelong_moe, seed 0)",
         "sweeps": {
-            "lifelong_moe": [
+            label: [
                 *(o for o in HF_MODEL if not o.startswith("trainer.max_epochs=")),
                 "method=lifelong_moe",
-                f"trainer.max_epochs={HF_EPOCHS}",
-                f"method.lr={HF_LRS}",
+                f"trainer.max_epochs={epochs}",
+                f"method.lr={lrs}",
                 # One method name per setting, so that the comparison keeps them apart.
                 "method.name=lifelong_moe_e${trainer.max_epochs}_lr${method.lr}",
-            ],
+            ]
+            for label, (epochs, lrs) in HF_SELECTION.items()
         },
     },
     "hf": {
