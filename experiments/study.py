@@ -9,6 +9,8 @@
     .venv/bin/python experiments/study.py ablations_digits  # issue 24: the reviewer's ablations
     .venv/bin/python experiments/study.py ablations_lm      # issue 24: the same on text
     .venv/bin/python experiments/study.py hf                # issue 22: tiny OLMoE, BPE, 5 seeds
+    .venv/bin/python experiments/study.py hf_selection --seeds seed=0 --split validation
+                                                            # issue 22: hf's epochs and LR
     .venv/bin/python experiments/study.py routing_lm_exploration --seeds seed=0 --split validation
                                                             # issue 24: the router grid, seed 0
 
