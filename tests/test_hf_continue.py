@@ -1,5 +1,6 @@
 """A run from an export (model.pretrained=<export dir>) continues growing: the frozen banks and
-the expert origins come back from lifelong_moe_experts.json, and the next experience grows."""
+the expert origins come back from lifelong_moe_experts.json, and the next experience grows;
+a method that does not freeze experts (moe_finetune, naive, ...) trains the restored ones too."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ pytest.importorskip("transformers")
 
 from lifelong_moe.errors import ConfigError  # noqa: E402
 from lifelong_moe.methods.lifelong_moe import LifelongMoE  # noqa: E402
+from lifelong_moe.methods.naive import Naive  # noqa: E402
 from lifelong_moe.models import moe_layers  # noqa: E402
 from lifelong_moe.models.hf_export import export_hf  # noqa: E402
 from lifelong_moe.models.hf_moe import EXPERTS_JSON, HFMoECausalLM  # noqa: E402
@@ -85,3 +87,54 @@ def test_a_record_that_does_not_match_is_one_line(export, tmp_path):
     (tmp_path / EXPERTS_JSON).write_text(json.dumps({**record, "expert_origin": [0, 1]}))
     with pytest.raises(ConfigError, match=f"{EXPERTS_JSON} does not match the model"):
         HFMoECausalLM([LENGTH], VOCAB, pretrained=str(tmp_path))
+
+
+def _adamw_step(model: torch.nn.Module, exp: Experience) -> None:
+    """One AdamW step with weight decay on the next-token loss of ``exp``'s windows."""
+    x, y, _ = exp.train.tensors
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    logits, _ = model.train()(x)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+    optimizer.step()
+
+
+def _full_w1(layer) -> torch.Tensor:
+    e = layer.experts
+    return torch.cat([e.frozen_weight("w1"), e.w1.detach()]).clone()
+
+
+def test_moe_finetune_trains_the_restored_frozen_experts_lifelong_moe_keeps_them(export):
+    """moe_finetune trains every expert (conf/method/moe_finetune.yaml: no growth, no freezing,
+    no KD), so the export's frozen banks become trainable before its first experience, with the
+    same values; lifelong_moe keeps them frozen, bit-identical through AdamW with weight decay."""
+    directory, grown = export
+    x = _experience(0).train.tensors[0]
+    finetuned = HFMoECausalLM([LENGTH], VOCAB, pretrained=str(directory))
+    before = {name: _full_w1(layer) for name, layer in moe_layers(finetuned).items()}
+    method = LifelongMoE(finetuned, experts_per_experience=0, freeze_old=False, lambda_kd=0.0)
+    method.before_experience(_experience(0))
+    trainable = {id(p) for p in finetuned.parameters()}
+    for name, layer in moe_layers(finetuned).items():
+        assert (layer.n_experts, layer.n_frozen) == (6, 0)
+        assert torch.equal(layer.experts.w1.detach(), before[name])
+        assert id(layer.experts.w1) in trainable and id(layer.router.weight) in trainable
+    with torch.no_grad():
+        torch.testing.assert_close(finetuned.eval()(x)[0], grown(x)[0], rtol=1e-5, atol=1e-5)
+    _adamw_step(finetuned, _experience(0))
+    for name, layer in moe_layers(finetuned).items():
+        assert not torch.equal(layer.experts.w1.detach()[:4], before[name][:4])
+
+    kept = HFMoECausalLM([LENGTH], VOCAB, pretrained=str(directory))
+    LifelongMoE(kept, experts_per_experience=2).before_experience(_experience(0))
+    _adamw_step(kept, _experience(0))
+    for name, layer in moe_layers(kept).items():
+        assert layer.n_frozen == 6
+        assert torch.equal(layer.experts.w1_frozen, _full_w1(moe_layers(grown)[name])[:6])
+
+
+def test_every_method_that_does_not_freeze_trains_all_experts(export):
+    """The rule lives in ContinualMethod: naive (and ewc, lwf, replay, joint) thaw too."""
+    directory, _ = export
+    model = HFMoECausalLM([LENGTH], VOCAB, pretrained=str(directory))
+    Naive(model).before_experience(_experience(0))
+    assert all(layer.n_frozen == 0 for layer in moe_layers(model).values())

@@ -16,6 +16,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from lifelong_moe.data.tokenizer import (  # noqa: E402
+    SAVED_AUTO,
+    SAVED_BYTES,
+    ByteTokenizer,
+    TransformersTokenizer,
+    load_tokenizer,
+    save_for_transformers,
+)
 from lifelong_moe.errors import ConfigError  # noqa: E402
 from lifelong_moe.models import moe_layers  # noqa: E402
 from lifelong_moe.models.hf_export import export_hf  # noqa: E402
@@ -136,53 +144,95 @@ def test_masking_the_new_experts_reproduces_the_previous_phase(fam):
 
 _RELOAD = """
 import sys, torch, transformers
+text = sys.stdin.read()
 for directory in sys.argv[1:]:
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
     m = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        torch.save(m(input_ids=torch.load(directory + "/x.pt")).logits, directory + "/y.pt")
+        torch.save(m(input_ids=ids).logits, directory + "/y.pt")
     c = m.config
     print(c.num_local_experts if hasattr(c, "num_local_experts") else c.num_experts)
+    print(",".join(map(str, ids[0].tolist())))
 assert "lifelong_moe" not in sys.modules
 """
+# Encoded by each export's own tokenizer in the plain-transformers process.
+TEXT = "Sparse is better than dense."
+
+
+def _word_bpe(directory: Path) -> Path:
+    """A whitespace BPE of VOCAB ids (the byte-level one needs 257), saved as tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = [Path(json.__file__).read_text()]
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<unk>"], limit_alphabet=40,
+        show_progress=False,
+    )  # fmt: skip
+    backend.train_from_iterator(corpus, trainer)
+    assert backend.get_vocab_size() == VOCAB
+    directory.mkdir()
+    backend.save(str(directory / "tokenizer.json"))
+    return directory / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Each family grown by 2 experts and exported; one plain-transformers process (which never
-    imports lifelong_moe) reloads them all: {family: (dir, our logits, its logits, its count)}."""
+    """Each family grown by 2 experts and exported with a tokenizer (olmoe: a tokenizers
+    tokenizer.json, the others: the transformers tokenizer it reloads as); one plain-transformers
+    process (which never imports lifelong_moe) loads each export's tokenizer and model, encodes
+    TEXT and runs it: {family: (dir, our ids, our logits, its ids, its logits, its count)}."""
     root = tmp_path_factory.mktemp("exports")
+    fast = load_tokenizer(str(_word_bpe(root / "bpe")))
+    saved = save_for_transformers(fast, root / "auto")
+    auto = load_tokenizer(str(root / "auto"))
+    assert saved == SAVED_AUTO and isinstance(auto, TransformersTokenizer)
     done = {}
     for fam in FAMILIES:
         torch.manual_seed(0)
-        model = HFMoECausalLM([LENGTH], VOCAB, family=fam, config=FAMILIES[fam]).eval()
+        model = HFMoECausalLM([32], VOCAB, family=fam, config=FAMILIES[fam]).eval()
         _grow(model, n_new=2, init="upcycle", gate_init="random")
-        x = _tokens()
+        tok = fast if fam == "olmoe" else auto
+        ids = tok.encode(TEXT)
         with torch.no_grad():
-            want, _ = model(x)
-        out = export_hf(model, root / fam, expert_origin=[0] * 6 + [1] * 2)
-        torch.save(x, out / "x.pt")
-        done[fam] = (out, want)
-    dirs = [str(out) for out, _ in done.values()]
+            want, _ = model(torch.tensor([ids]))
+        saved = save_for_transformers(tok, root / fam)
+        out = export_hf(model, root / fam, expert_origin=[0] * 6 + [1] * 2, tokenizer=saved)
+        done[fam] = (out, ids, want)
+    dirs = [str(out) for out, _, _ in done.values()]
     proc = subprocess.run(
-        [sys.executable, "-c", _RELOAD, *dirs], capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-c", _RELOAD, *dirs],
+        input=TEXT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    counts = proc.stdout.split()
+    lines = proc.stdout.split()
     return {
-        fam: (out, want, torch.load(out / "y.pt"), counts[i])
-        for i, (fam, (out, want)) in enumerate(done.items())
-    }
+        fam: (out, ids, want, [int(i) for i in lines[2 * k + 1].split(",")],
+              torch.load(out / "y.pt"), lines[2 * k])
+        for k, (fam, (out, ids, want)) in enumerate(done.items())
+    }  # fmt: skip
 
 
 @family
 def test_export_reloads_in_plain_transformers_with_equal_logits(fam, exports):
-    out, want, reloaded, count = exports[fam]
+    out, ids, want, their_ids, reloaded, count = exports[fam]
     assert count == "8"
+    assert their_ids == ids and len(ids) > 10  # the exported tokenizer encodes as ours did
     torch.testing.assert_close(reloaded, want, rtol=1e-5, atol=1e-5)
     assert list(out.glob("*.safetensors"))
     record = json.loads((out / EXPERTS_JSON).read_text())
     assert record["family"] == fam and record["expert_origin"] == [0] * 6 + [1] * 2
+    assert record["tokenizer"] == SAVED_AUTO
     assert all(v == {"n_experts": 8, "n_frozen": 6} for v in record["layers"].values())
+
+
+def test_byte_tokens_are_recorded_not_saved(tmp_path):
+    """Byte ids have no tokenizer files: the export's JSON says so (benchmark.tokenizer=bytes)."""
+    assert save_for_transformers(None, tmp_path) == SAVED_BYTES
+    assert save_for_transformers(ByteTokenizer(), tmp_path) == SAVED_BYTES
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_inputs_are_one_line(tmp_path):
@@ -236,6 +286,7 @@ TINY_HF_RUN = [
     "benchmark.domains=[yaml,python]",
     "benchmark.max_bytes_per_domain=6144",
     "benchmark.context_length=16",
+    "benchmark.tokenizer=train:300",
     "model.config.hidden_size=32",
     "model.config.intermediate_size=16",
     "trainer.max_epochs=1",
@@ -249,8 +300,9 @@ TINY_HF_RUN = [
 
 
 def test_cli_grows_olmoe_and_exports_the_last_experience(workdir):
-    """One tiny CLI run: 2 domains, growth with upcycled experts and domain gate rows; with
-    export_every=2 only the last experience is exported, and MLflow holds it."""
+    """One tiny CLI run: 2 domains, a BPE trained on them, growth with upcycled experts and
+    domain gate rows; with export_every=2 only the last experience is exported, with its
+    tokenizer, and MLflow holds it."""
     from mlflow.tracking import MlflowClient
 
     from tests.conftest import run_cli, runs, store_uri
@@ -265,8 +317,10 @@ def test_cli_grows_olmoe_and_exports_the_last_experience(workdir):
         a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, "hf_export/exp_1")
     }
     assert {"config.json", "model.safetensors", EXPERTS_JSON} <= files
+    assert {"tokenizer.json", "tokenizer_config.json"} <= files
     local = client.download_artifacts(run.info.run_id, f"hf_export/exp_1/{EXPERTS_JSON}")
     record = json.loads(Path(local).read_text())
+    assert record["tokenizer"] == SAVED_AUTO
     assert record["expert_origin"] == [0] * 8 + [1] * 2
     assert all(v == {"n_experts": 10, "n_frozen": 8} for v in record["layers"].values())
     metrics = client.get_metric_history(run.info.run_id, "cost/params_active")

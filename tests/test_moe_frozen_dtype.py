@@ -173,3 +173,25 @@ def test_method_rejects_a_bad_frozen_dtype_before_training() -> None:
 
     with pytest.raises(ConfigError, match="method.frozen_dtype='fp16'"):
         make(frozen_dtype="fp16")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_freeze_first_moves_experts_back_to_training(fmt: str) -> None:
+    """freeze_first(n) below n_frozen thaws: the stored values come back as trainable
+    Parameters, ids and outputs unchanged, the kept frozen codes untouched."""
+    layer = _grown(fmt)
+    x = torch.randn(10, 16)
+    before, stored = layer(x)[0], layer.experts.w1_frozen[:1].clone()
+    widened = layer.experts.frozen_weight("w1", experts=slice(1, 4))
+    rows = layer.router.full_weight().detach().clone()
+    layer.freeze_first(1)
+    assert (layer.n_frozen, layer.n_trainable) == (1, 5)
+    assert torch.equal(layer.experts.w1_frozen, stored)
+    assert torch.equal(layer.experts.w1.detach()[:3], widened)
+    assert torch.equal(layer.router.full_weight(), rows)
+    assert layer.experts.w1.requires_grad and layer.experts.w1.dtype == torch.float32
+    assert torch.equal(layer(x)[0], before)
+    layer.freeze_first(0)
+    assert (layer.n_frozen, layer.router.n_frozen, layer.n_trainable) == (0, 0, 6)
+    with pytest.raises(ValueError, match="freeze_first"):
+        layer.freeze_first(7)

@@ -69,7 +69,7 @@ from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
 from lifelong_moe.data.corpus import find_domains, select_domains
-from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, load_tokenizer
+from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, Tokenizer, load_tokenizer
 from lifelong_moe.data.tokens import domain_record, split_documents
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Experience, Stream
@@ -343,12 +343,14 @@ def _check(
 @dataclass
 class TextStream(Stream):
     """A Stream whose experiences are text domains; ``domains`` says what each one holds,
-    ``validation[i]`` domain i's validation windows (none at validation_fraction 0), and
-    ``splits[i]`` its document indices per split (``train``, ``val``, ``test``)."""
+    ``validation[i]`` domain i's validation windows (none at validation_fraction 0),
+    ``splits[i]`` its document indices per split (``train``, ``val``, ``test``), and
+    ``tokenizer`` what made the ids (None: UTF-8 bytes)."""
 
     domains: list[DomainInfo] = field(default_factory=list)
     validation: list[TensorDataset] = field(default_factory=list)
     splits: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+    tokenizer: Tokenizer | None = field(default=None, repr=False)
 
     def domain_records(self) -> list[dict[str, Any]]:
         """One plain record per experience (name, where, sha256, sizes), in stream order."""
@@ -449,4 +451,5 @@ def text_domains(
         domains=infos,
         validation=validation,
         splits=splits,
+        tokenizer=tok,
     )

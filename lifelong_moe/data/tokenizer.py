@@ -16,6 +16,9 @@ never share a cache entry.
   capped sample of the corpora), saved under ``<cache_dir>/tokenizers/<sample hash>/`` so it is
   trained once per sample and vocabulary size.
 
+``save_for_transformers(tokenizer, dir)`` writes it where ``AutoTokenizer.from_pretrained(dir)``
+finds it, beside a model export (models/hf_export.py), so that the export is usable on its own.
+
 Documents are encoded without special tokens (no BOS); the token streams put ``eos_id`` after
 every document themselves. ``tokenizers`` and ``transformers`` are the optional extra ``[hf]``.
 """
@@ -277,3 +280,36 @@ def load_tokenizer(
     if spec.startswith(TRAIN_PREFIX):
         return _trained(spec, corpus_sample, None if cache_dir is None else Path(cache_dir))
     return _from_path(spec)
+
+
+# ---------------------------------------------------------------- saving
+
+# What save_for_transformers wrote, as recorded beside an export (lifelong_moe_experts.json).
+SAVED_AUTO = "AutoTokenizer"  # tokenizer files: AutoTokenizer.from_pretrained(dir) loads them
+SAVED_BYTES = "bytes"  # nothing: the ids are UTF-8 bytes (continue with benchmark.tokenizer=bytes)
+
+
+def save_for_transformers(tokenizer: Tokenizer | None, directory: str | Path) -> str:
+    """Write ``tokenizer`` so that plain ``AutoTokenizer.from_pretrained(directory)`` loads it.
+
+    A transformers tokenizer saves itself; a ``tokenizers`` one (a tokenizer.json, or the BPE of
+    ``train:<V>``) is wrapped in transformers' fast tokenizer with its end-of-text token; byte ids
+    (``None`` or bytes) have no tokenizer files to write. Returns SAVED_AUTO or SAVED_BYTES.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
+        return SAVED_BYTES
+    if isinstance(tokenizer, TransformersTokenizer):
+        tokenizer.hf.save_pretrained(str(directory))
+        return SAVED_AUTO
+    if isinstance(tokenizer, FastTokenizer):
+        from tokenizers import Tokenizer as Backend
+        from transformers import PreTrainedTokenizerFast
+
+        eos = tokenizer.backend.id_to_token(tokenizer.eos_id)
+        copy = Backend.from_str(tokenizer.backend.to_str())  # the wrapper may set options on it
+        wrapped = PreTrainedTokenizerFast(tokenizer_object=copy, eos_token=eos)
+        wrapped.save_pretrained(str(directory))
+        return SAVED_AUTO
+    raise TypeError(f"save_for_transformers: unknown tokenizer {type(tokenizer).__name__}")

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from lifelong_moe import checks, compat, names
+from lifelong_moe.log import LOGGER
 from lifelong_moe.methods.lr_schedule import LRSchedule
 from lifelong_moe.methods.replay_buffer import ReplayBuffer
 from lifelong_moe.methods.step_stats import StepStats
@@ -104,8 +105,17 @@ class ContinualMethod(L.LightningModule):
         self.stream = stream
 
     def before_experience(self, exp: Experience) -> None:
+        if not self.seen and not self.keeps_frozen_experts():
+            thaw_restored_experts(self.model, type(self).__name__)
         self.experience = exp
         self.seen.append(exp)
+
+    def keeps_frozen_experts(self) -> bool:
+        """Whether experts a model arrives with frozen (restored from an export's
+        lifelong_moe_experts.json) stay frozen. Only a method that freezes experts itself keeps
+        them (Lifelong-MoE with ``freeze_old``); every other method trains all the experts it
+        is given, so they are moved back to the trainable banks before its first experience."""
+        return False
 
     def train_dataset(self, exp: Experience) -> Dataset:
         parts = [exp.train]
@@ -270,6 +280,19 @@ class ContinualMethod(L.LightningModule):
 
 
 # -- replay composition: any method replays with method.replay_buffer_size > 0 ----------------
+def thaw_restored_experts(model: nn.Module, method: str) -> None:
+    """Move every frozen expert and gate row of ``model``'s MoE layers back to training."""
+    layers = moe_layers(model).values()
+    frozen = {layer.n_frozen for layer in layers}
+    if frozen and max(frozen) > 0:
+        for layer in layers:
+            layer.freeze_first(0)
+        LOGGER.info(
+            f"{method} trains every expert: {max(frozen)} experts per MoE layer that the "
+            "model arrived with frozen are trainable again"
+        )
+
+
 def make_replay(size: int) -> ReplayBuffer | None:
     """The buffer is seeded from torch's initial seed, which the runner sets to ``seed``."""
     if checks.non_negative_int("method.replay_buffer_size", size) == 0:

@@ -144,6 +144,11 @@ class LifelongMoE(ContinualMethod):
         # Routing distillation needs a teacher even without output distillation.
         self.needs_teacher = lambda_kd > 0 or lambda_router > 0
 
+    def keeps_frozen_experts(self) -> bool:
+        """Restored frozen experts stay frozen when this method freezes old experts itself;
+        without ``freeze_old`` (moe_finetune, lifelong_moe_no_freeze) every expert trains."""
+        return self.freeze_old
+
     @property
     def statistics(self) -> ExperienceStatistics:
         """The per-experience input statistics behind inferred routing."""

@@ -78,11 +78,15 @@ def export_hf(
     directory: str | Path,
     expert_origin: Sequence[int] | None = None,
     dtype: str | None = None,
+    tokenizer: str | None = None,
 ) -> Path:
     """save_pretrained(directory) in the family's format + the experts JSON; returns the dir.
 
     ``dtype`` defaults to the dtype the checkpoint was loaded in (``model.export_dtype``).
+    ``tokenizer`` says what the caller saved beside the model (data/tokenizer.py's
+    ``save_for_transformers``: "AutoTokenizer" files, or "bytes" ids); it goes into the JSON.
     """
+    check_export("hf", model)
     tf = require_transformers()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -94,6 +98,8 @@ def export_hf(
         skeleton = tf.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     skeleton.save_pretrained(directory, state_dict=state)
     record = model.expert_record(expert_origin)
+    if tokenizer is not None:
+        record["tokenizer"] = tokenizer
     (directory / EXPERTS_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return directory
 
@@ -104,6 +110,11 @@ def check_export(export: str, model: object) -> None:
         raise ConfigError(
             f"tracking.export=hf with model {type(model).__name__}: expected model=hf_moe "
             "(olmoe, qwen2_moe, mixtral); use tracking.export=none"
+        )
+    if export == "hf" and model.upcycled_from is not None:
+        raise ConfigError(
+            f"tracking.export=hf with a model upcycled from dense {model.upcycled_from!r}: its "
+            "family has no MoE format to export to (not supported yet); use tracking.export=none"
         )
 
 

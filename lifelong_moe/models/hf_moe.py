@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.models import hf_upcycle
 from lifelong_moe.moe import AuxList, MoELayer, MoESettings
 from lifelong_moe.moe.balance import pool_balance
 
@@ -305,7 +306,8 @@ class HFMoECausalLM(nn.Module):
     ``n_classes`` is the stream's vocabulary (checked against the embedding rows);
     ``input_shape`` is ``(context_length,)``. ``moe`` supplies the dispatch and router options
     (``dispatch``, ``router_noise``, ``capacity_factor``); expert counts, top-k, widths and the
-    router family come from the checkpoint or ``config``.
+    router family come from the checkpoint or ``config``. ``upcycle_experts`` (with
+    ``upcycle_top_k``, ``upcycle_noise``) upcycles a dense model instead (models/hf_upcycle.py).
     """
 
     def __init__(
@@ -317,8 +319,14 @@ class HFMoECausalLM(nn.Module):
         config: dict[str, Any] | None = None,
         dtype: str = "float32",
         moe: MoESettings | None = None,
+        upcycle_experts: int | None = None,
+        upcycle_top_k: int = 2,
+        upcycle_noise: float = 0.0,
     ) -> None:
         super().__init__()
+        upcycle = None
+        if upcycle_experts is not None:
+            upcycle = hf_upcycle.check_upcycle(upcycle_experts, upcycle_top_k, upcycle_noise)
         if len(input_shape) != 1:
             raise ConfigError(
                 f"model=hf_moe needs token sequences (context_length,), got input shape "
@@ -339,7 +347,12 @@ class HFMoECausalLM(nn.Module):
         # The family's weight of its balance loss: method.lambda_aux=null uses it.
         coef = getattr(hf.config, "router_aux_loss_coef", None)
         self.aux_loss_coef: float | None = None if coef is None else float(coef)
-        self.hf = self._convert(hf, settings)
+        # The dense family a model was upcycled from (None: an MoE checkpoint or config).
+        self.upcycled_from: str | None = None
+        if upcycle is not None:
+            self.hf = self._upcycle(hf, settings, *upcycle)
+        else:
+            self.hf = self._convert(hf, settings)
         # An export of this toolkit says which experts were frozen and where each came from: a
         # run from it continues growing (methods/lifelong_moe.py reads ``expert_origin``).
         record = read_expert_record(pretrained) if pretrained else None
@@ -354,21 +367,55 @@ class HFMoECausalLM(nn.Module):
                 f"model family {hf.config.model_type!r} has no sparse MoE block: a dense model; "
                 f"expected an MoE such as {', '.join(TESTED_FAMILIES)}"
             )
-        act = getattr(hf.config, "hidden_act", "silu")
-        if act not in HF_ACTIVATIONS:
-            raise ConfigError(
-                f"hidden_act={act!r}: expected one of {tuple(HF_ACTIVATIONS)} for the experts"
-            )
+        act = self._activation(hf)
         self.context = _ForwardContext()
         self.block_specs: list[BlockSpec] = []
         jitter = float(getattr(hf.config, "router_jitter_noise", 0.0) or 0.0)
         for path, block, spec in blocks:
-            layer = _moe_from_block(block, spec, HF_ACTIVATIONS[act], settings)
+            layer = _moe_from_block(block, spec, act, settings)
             parent_path, _, name = path.rpartition(".")
             parent = hf.get_submodule(parent_path) if parent_path else hf
             setattr(parent, name, HFSparseBlock(layer, self.context, jitter))
             self.block_specs.append(spec)
         return hf
+
+    def _upcycle(
+        self, hf: nn.Module, settings: MoESettings, n_experts: int, top_k: int, noise: float
+    ) -> nn.Module:
+        """Every dense gated MLP -> a MoELayer of its copies (models/hf_upcycle.py)."""
+        if find_blocks(hf):
+            raise ConfigError(
+                f"model.upcycle_experts={n_experts}: model family {hf.config.model_type!r} is "
+                "already an MoE; expected a dense model (Llama, Qwen2, OLMo, ...) to upcycle"
+            )
+        paths = hf_upcycle.find_dense_mlps(hf)
+        if not paths:
+            raise ConfigError(
+                f"model.upcycle_experts={n_experts}: model family {hf.config.model_type!r} has "
+                "no dense gated MLP; expected Linear gate_proj, up_proj, down_proj (Llama-style)"
+            )
+        act = self._activation(hf)
+        self.context = _ForwardContext()
+        self.block_specs = []
+        for path in paths:
+            mlp = hf.get_submodule(path)
+            layer = hf_upcycle.moe_from_dense(
+                mlp, act, n_experts, top_k, noise, settings, where=path
+            )
+            parent_path, _, name = path.rpartition(".")
+            setattr(hf.get_submodule(parent_path), name, HFSparseBlock(layer, self.context))
+            self.block_specs.append(BlockSpec(path, router="", experts=""))
+        self.upcycled_from = hf.config.model_type
+        return hf
+
+    @staticmethod
+    def _activation(hf: nn.Module) -> str:
+        act = getattr(hf.config, "hidden_act", "silu")
+        if act not in HF_ACTIVATIONS:
+            raise ConfigError(
+                f"hidden_act={act!r}: expected one of {tuple(HF_ACTIVATIONS)} for the experts"
+            )
+        return HF_ACTIVATIONS[act]
 
     def _restore(self, record: dict[str, Any], where: str) -> list[int]:
         """Freeze each layer's first ``n_frozen`` experts as the export recorded them; the

@@ -180,14 +180,26 @@ class Experts(nn.Module):
 
     @torch.no_grad()
     def freeze_first(self, n_frozen: int) -> None:
-        """Move trainable experts into the frozen bank until the first ``n_frozen`` are frozen
-        (ids unchanged), stored in ``frozen_dtype``; a continued run restores an export's banks
-        with it."""
+        """Move experts between the banks until exactly the first ``n_frozen`` are frozen (ids
+        unchanged): trainable ones into the frozen bank, stored in ``frozen_dtype`` (a continued
+        run restores an export's banks), or frozen ones back to trainable Parameters, widened
+        to the trainable bank's dtype (a method that trains every expert, e.g. moe_finetune)."""
         move = n_frozen - self.n_frozen
-        if not 0 <= move <= self.n_trainable:
+        if not -self.n_frozen <= move <= self.n_trainable:
             raise ValueError(
                 f"freeze_first({n_frozen}): {self.n_frozen} of {self.n_experts} frozen"
             )
+        if move < 0:
+            back = slice(n_frozen, None)
+            for name in ("w1", "w2"):
+                thawed = self.frozen_weight(name, experts=back)
+                trainable = getattr(self, name).detach()
+                setattr(self, name, nn.Parameter(torch.cat([thawed, trainable], dim=0)))
+                scale = getattr(self, f"{name}_frozen_scale")
+                setattr(self, f"{name}_frozen", getattr(self, f"{name}_frozen")[:n_frozen].clone())
+                if scale is not None:
+                    setattr(self, f"{name}_frozen_scale", scale[:n_frozen].clone())
+            return
         for name in ("w1", "w2"):
             q, scale = quant.quantize(getattr(self, name).detach()[:move], self.frozen_dtype)
             old_q, old_scale = (

@@ -213,11 +213,12 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def freeze_first(self, n_frozen: int) -> None:
-        """Move trainable rows into the frozen buffer until the first ``n_frozen`` are frozen."""
-        move = n_frozen - self.n_frozen
-        if not 0 <= move <= self.n_trainable:
+        """Move rows between the frozen buffer and the trainable Parameter until exactly the
+        first ``n_frozen`` are frozen (either direction, ids unchanged)."""
+        if not 0 <= n_frozen <= self.n_experts:
             raise ValueError(
                 f"freeze_first({n_frozen}): {self.n_frozen} of {self.n_experts} frozen"
             )
-        self.weight_frozen = self.full_weight().detach()[:n_frozen].clone()
-        self.weight = nn.Parameter(self.weight.detach()[move:].clone())
+        full = self.full_weight().detach()
+        self.weight_frozen = full[:n_frozen].clone()
+        self.weight = nn.Parameter(full[n_frozen:].clone())

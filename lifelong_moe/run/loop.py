@@ -27,7 +27,7 @@ from lifelong_moe import names
 from lifelong_moe.config.aliases import migrate
 from lifelong_moe.config.groups import CheckpointPolicy
 from lifelong_moe.config.schema import check_config
-from lifelong_moe.data.tokenizer import ByteTokenizer
+from lifelong_moe.data.tokenizer import ByteTokenizer, save_for_transformers
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.evaluation import downstream, rows
 from lifelong_moe.evaluation.evaluator import evaluator_for
@@ -417,8 +417,12 @@ def record(
         i, len(exp.stream), track.get("export_every", 1)
     ):
         with signals.deferred(), tempfile.TemporaryDirectory() as tmp:
+            # The stream's tokenizer beside the model, so the export loads on its own.
+            saved = save_for_transformers(
+                getattr(exp.stream, "tokenizer", None), Path(tmp) / f"exp_{i}"
+            )
             out = hf_export.export_hf(
-                exp.model, Path(tmp) / f"exp_{i}", exp.method.expert_origins()
+                exp.model, Path(tmp) / f"exp_{i}", exp.method.expert_origins(), tokenizer=saved
             )
             tracker.log_file(out, names.HF_EXPORT)
 
