@@ -10,14 +10,11 @@ gathered state dict must load into a plain MoELayer; 2 -> 4 re-shards a saved ch
 from __future__ import annotations
 
 import copy
-import os
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe import MoELayer
@@ -30,6 +27,7 @@ from lifelong_moe.moe.expert_parallel import (
     max_experts_per_rank,
     place,
 )
+from tests.gloo_ranks import run_ranks
 
 D, H, T = 16, 32, 24
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -146,52 +144,32 @@ def check_growth_inits(mesh) -> None:
             assert torch.equal(gathered[k], v), (init, k)
 
 
-def worker(rank: int, world: int, rdv: str, out: str, job: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
-        if job == "two":
-            mesh = expert_mesh(2)
-            check_against_one_process(mesh, "int8")
-            ep = check_against_one_process(mesh, "fp32")
-            grown = check_growth(ep, "fp32")
-            check_growth_inits(mesh)
-            if rank == 0:
-                torch.save({"config": grown.get_config(), "state": grown.state_dict()}, out)
-        else:  # four processes: dp 2 x ep 2, then re-shard the 2-process checkpoint over ep 4
-            check_against_one_process(expert_mesh(2), "fp32")
-            check_growth_inits(expert_mesh(2))  # usage spread over dp replicas too
-            saved = torch.load(out, weights_only=True)
-            full = MoELayer.from_config(saved["config"])
-            full.load_state_dict(saved["state"])
-            ep = ExpertParallelMoE.from_layer(copy.deepcopy(full), expert_mesh(4))
-            assert ep.experts.n_experts <= max_experts_per_rank(full.n_experts, 4)
-            x, c = batch()
-            rows = slice(rank * T // world, (rank + 1) * T // world)
-            y_ref, _, _ = step(full, x, c)
-            y, _, _ = step(ep, x[rows], c[rows])
-            torch.testing.assert_close(y, y_ref[rows], **TOL)
-        dist.barrier()
-    except BaseException:
-        Path(f"{out}.error{rank}").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def worker(rank: int, world: int, out: str, job: str) -> None:
+    if job == "two":
+        mesh = expert_mesh(2)
+        check_against_one_process(mesh, "int8")
+        ep = check_against_one_process(mesh, "fp32")
+        grown = check_growth(ep, "fp32")
+        check_growth_inits(mesh)
+        if rank == 0:
+            torch.save({"config": grown.get_config(), "state": grown.state_dict()}, out)
+    else:  # four processes: dp 2 x ep 2, then re-shard the 2-process checkpoint over ep 4
+        check_against_one_process(expert_mesh(2), "fp32")
+        check_growth_inits(expert_mesh(2))  # usage spread over dp replicas too
+        saved = torch.load(out, weights_only=True)
+        full = MoELayer.from_config(saved["config"])
+        full.load_state_dict(saved["state"])
+        ep = ExpertParallelMoE.from_layer(copy.deepcopy(full), expert_mesh(4))
+        assert ep.experts.n_experts <= max_experts_per_rank(full.n_experts, 4)
+        x, c = batch()
+        rows = slice(rank * T // world, (rank + 1) * T // world)
+        y_ref, _, _ = step(full, x, c)
+        y, _, _ = step(ep, x[rows], c[rows])
+        torch.testing.assert_close(y, y_ref[rows], **TOL)
 
 
 def spawn(world: int, tmp: Path, job: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    rdv = tmp / f"rdv_{job}"
-    out = str(tmp / "grown.pt")
-    try:
-        # fork: the workers skip importing torch again (single-threaded parent: safe to fork)
-        mp.start_processes(
-            worker, args=(world, str(rdv), out, job), nprocs=world, start_method="fork"
-        )
-    except Exception:
-        errors = [p.read_text() for p in sorted(tmp.glob("grown.pt.error*"))]
-        pytest.fail("\n".join(errors) or "a worker failed")
+    run_ranks(worker, world, tmp / job, str(tmp / "grown.pt"), job)
 
 
 def test_two_then_four_processes_match_one_and_reshard(tmp_path: Path) -> None:

@@ -9,14 +9,9 @@ dropped from training checkpoints (each rank's cover its own shard).
 from __future__ import annotations
 
 import copy
-import os
-import traceback
 from pathlib import Path
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lifelong_moe.models.build import build_model
 from lifelong_moe.models.checkpoint import (
@@ -29,6 +24,7 @@ from lifelong_moe.models.checkpoint import (
 )
 from lifelong_moe.models.params import count_parameters, moe_layers
 from lifelong_moe.moe.expert_parallel import expert_mesh, shard_moe_layers
+from tests.gloo_ranks import run_ranks
 
 MODEL = {
     "_target_": "lifelong_moe.models.mlp.ResidualMLP",
@@ -56,57 +52,41 @@ def grown() -> torch.nn.Module:
     return net.eval()
 
 
-def worker(rank: int, rdv: str, out: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=2)
-        mesh = expert_mesh(2)
-        ref = grown()
-        net = copy.deepcopy(ref)
-        shard_moe_layers(net, mesh)
-        assert count_parameters(net) == count_parameters(ref)  # the model's, not the shard's
-        full = gathered_state_dict(net)
-        assert full.keys() == ref.state_dict().keys()
-        for key, value in ref.state_dict().items():
-            assert torch.equal(full[key], value), key
-        mine = sharded_state_dict(net, full)
-        assert mine.keys() == net.state_dict().keys()
-        for key, value in net.state_dict().items():
-            assert torch.equal(mine[key], value), key
+def worker(rank: int, world: int) -> None:
+    mesh = expert_mesh(2)
+    ref = grown()
+    net = copy.deepcopy(ref)
+    shard_moe_layers(net, mesh)
+    assert count_parameters(net) == count_parameters(ref)  # the model's, not the shard's
+    full = gathered_state_dict(net)
+    assert full.keys() == ref.state_dict().keys()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(full[key], value), key
+    mine = sharded_state_dict(net, full)
+    assert mine.keys() == net.state_dict().keys()
+    for key, value in net.state_dict().items():
+        assert torch.equal(mine[key], value), key
 
-        x = torch.randn(10, 12, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            want = ref(x)[0]
-        payload = model_payload(net)
-        plain = model()  # one process: a freshly built model at the first size
-        restore_model(plain, payload)
-        with torch.no_grad():
-            torch.testing.assert_close(plain(x)[0], want, rtol=1e-5, atol=1e-6)
-        fresh = model()  # a resume: freshly built, sharded, then restored (re-sharded)
-        shard_moe_layers(fresh, mesh)
-        restore_model(fresh, payload)
-        assert [layer.n_experts for layer in moe_layers(fresh).values()] == [7, 7]
-        assert all(layer.experts.n_experts <= 4 for layer in moe_layers(fresh).values())
-        with torch.no_grad():
-            rows = slice(rank * 5, rank * 5 + 5)
-            torch.testing.assert_close(fresh.eval()(x[rows])[0], want[rows], rtol=1e-5, atol=1e-6)
-        dist.barrier()
-    except BaseException:
-        Path(f"{out}.error{rank}").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    x = torch.randn(10, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(x)[0]
+    payload = model_payload(net)
+    plain = model()  # one process: a freshly built model at the first size
+    restore_model(plain, payload)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x)[0], want, rtol=1e-5, atol=1e-6)
+    fresh = model()  # a resume: freshly built, sharded, then restored (re-sharded)
+    shard_moe_layers(fresh, mesh)
+    restore_model(fresh, payload)
+    assert [layer.n_experts for layer in moe_layers(fresh).values()] == [7, 7]
+    assert all(layer.experts.n_experts <= 4 for layer in moe_layers(fresh).values())
+    with torch.no_grad():
+        rows = slice(rank * 5, rank * 5 + 5)
+        torch.testing.assert_close(fresh.eval()(x[rows])[0], want[rows], rtol=1e-5, atol=1e-6)
 
 
 def test_gathered_checkpoints_load_whole_and_reshard(tmp_path: Path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    out = str(tmp_path / "out")
-    try:
-        mp.start_processes(worker, args=(str(tmp_path / "rdv"), out), nprocs=2, start_method="fork")
-    except Exception:
-        errors = [p.read_text() for p in sorted(tmp_path.glob("out.error*"))]
-        pytest.fail("\n".join(errors) or "a worker failed")
+    run_ranks(worker, 2, tmp_path)
 
 
 def test_training_checkpoints_drop_the_experts_optimizer_moments() -> None:

@@ -5,14 +5,13 @@ forward and backward, and growth with the family's default init (copy_most_used)
 from __future__ import annotations
 
 import copy
-import os
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.gloo_ranks import run_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,59 +33,41 @@ def loss_of(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     )
 
 
-def worker(rank: int, world: int, rdv: str, out: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
-        torch.manual_seed(0)
-        ref = HFMoECausalLM([LENGTH], VOCAB, family="olmoe", config=CONFIG)
-        for layer in moe_layers(ref).values():  # the most used expert lives on ep rank 1
-            layer.expert_usage.copy_(torch.tensor([1e3, 5e3, 2e3, 3e3, 0.0, 4e3]))
-        model = copy.deepcopy(ref)
-        sharded = shard_moe_layers(model, expert_mesh(world))
-        assert len(sharded) == 2 and all(s.experts.n_experts == 3 for s in sharded.values())
-        x = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
-        rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        logits_ref, loss_ref = loss_of(ref.train(), x)
-        loss_ref.backward()
-        logits, loss = loss_of(model.train(), x[rows])
-        loss.backward()
-        torch.testing.assert_close(logits, logits_ref[rows], **TOL)
-        embed = model.get_input_embeddings().weight.grad.clone()
-        dist.all_reduce(embed)  # the data-parallel (DDP) part
-        torch.testing.assert_close(embed, ref.get_input_embeddings().weight.grad, **TOL)
-        for name, layer in sharded.items():
-            full = moe_layers(ref)[name]
-            for w in ("w1", "w2"):
-                expected = getattr(full.experts, w).grad[layer.owned()]
-                torch.testing.assert_close(getattr(layer.experts, w).grad, expected, **TOL)
-        # growth with the family's default init: the gathered layers equal one process's
-        assert ref.growth_init["expand_init"] == "copy_most_used"
-        for m in (ref, model):
-            torch.manual_seed(3)
-            for layer in moe_layers(m).values():
-                layer.freeze_existing()
-                layer.expand(2, init="copy_most_used", gate_init=ref.growth_init["gate_init"])
-        for name, layer in sharded.items():
-            gathered = layer.full_state_dict()
-            for k, v in moe_layers(ref)[name].state_dict().items():
-                assert torch.equal(gathered[k], v), (name, k)
-        dist.barrier()
-    except BaseException:
-        Path(f"{out}.error{rank}").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def worker(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    ref = HFMoECausalLM([LENGTH], VOCAB, family="olmoe", config=CONFIG)
+    for layer in moe_layers(ref).values():  # the most used expert lives on ep rank 1
+        layer.expert_usage.copy_(torch.tensor([1e3, 5e3, 2e3, 3e3, 0.0, 4e3]))
+    model = copy.deepcopy(ref)
+    sharded = shard_moe_layers(model, expert_mesh(world))
+    assert len(sharded) == 2 and all(s.experts.n_experts == 3 for s in sharded.values())
+    x = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+    rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    logits_ref, loss_ref = loss_of(ref.train(), x)
+    loss_ref.backward()
+    logits, loss = loss_of(model.train(), x[rows])
+    loss.backward()
+    torch.testing.assert_close(logits, logits_ref[rows], **TOL)
+    embed = model.get_input_embeddings().weight.grad.clone()
+    dist.all_reduce(embed)  # the data-parallel (DDP) part
+    torch.testing.assert_close(embed, ref.get_input_embeddings().weight.grad, **TOL)
+    for name, layer in sharded.items():
+        full = moe_layers(ref)[name]
+        for w in ("w1", "w2"):
+            expected = getattr(full.experts, w).grad[layer.owned()]
+            torch.testing.assert_close(getattr(layer.experts, w).grad, expected, **TOL)
+    # growth with the family's default init: the gathered layers equal one process's
+    assert ref.growth_init["expand_init"] == "copy_most_used"
+    for m in (ref, model):
+        torch.manual_seed(3)
+        for layer in moe_layers(m).values():
+            layer.freeze_existing()
+            layer.expand(2, init="copy_most_used", gate_init=ref.growth_init["gate_init"])
+    for name, layer in sharded.items():
+        gathered = layer.full_state_dict()
+        for k, v in moe_layers(ref)[name].state_dict().items():
+            assert torch.equal(gathered[k], v), (name, k)
 
 
 def test_olmoe_sharded_over_two_processes_matches_one(tmp_path: Path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    out = str(tmp_path / "hf")
-    try:
-        mp.start_processes(
-            worker, args=(2, str(tmp_path / "rdv"), out), nprocs=2, start_method="fork"
-        )
-    except Exception:
-        errors = [p.read_text() for p in sorted(tmp_path.glob("hf.error*"))]
-        pytest.fail("\n".join(errors) or "a worker failed")
+    run_ranks(worker, 2, tmp_path)
