@@ -268,15 +268,17 @@ STUDIES = {
                 "method=naive,ewc,lwf,replay,lifelong_moe,lifelong_moe_no_kd,"
                 "lifelong_moe_specialized",
                 DIGITS_EPOCHS,
+                DIGITS_VALIDATION,
             ],
             # SEED is class-incremental only (its Bayes classifiers are per class).
-            "seed": ["benchmark=split_digits", "method=seed", DIGITS_EPOCHS],
+            "seed": ["benchmark=split_digits", "method=seed", DIGITS_EPOCHS, DIGITS_VALIDATION],
             "lifelong_moe + replay": [
                 DIGITS,
                 "method=lifelong_moe",
                 "method.replay_buffer_size=200",
                 "method.name=lifelong_moe_replay",
                 DIGITS_EPOCHS,
+                DIGITS_VALIDATION,
             ],
             **{
                 f"Avalanche {strategy}": [
@@ -286,6 +288,7 @@ STUDIES = {
                     f"method.strategy_args={args}",
                     f"method.name=avalanche_{strategy.lower()}",
                     DIGITS_EPOCHS,
+                    DIGITS_VALIDATION,
                 ]
                 for strategy, args in (
                     ("EWC", "{ewc_lambda:0.4}"),
@@ -296,6 +299,7 @@ STUDIES = {
         },
         "plots": {b: [f"benchmark={b}"] for b in ("split_digits", "permuted_digits")},
         "routing": ("lifelong_moe_specialized", "permuted_digits"),
+        "reference": "lifelong_moe",
     },
     "ablations_digits": {
         "title": "Issue 24's ablations on permuted digits (10 epochs): routing source, capacity",
