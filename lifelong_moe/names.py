@@ -28,41 +28,27 @@ def exp_metric(family: str, j: int) -> str:
     return f"{family}/exp_{j}"
 
 
-def seen(family: str) -> str:
-    """``acc/seen``: A_t, the mean over experiences seen so far."""
-    return f"{family}/seen"
+SUMMARIES = ("seen", "final", "avg_incremental", "forgetting", "bwt", "fwt")
 
 
-def forgetting(family: str) -> str:
-    return f"{family}/forgetting"
+def summary(family: str, statistic: str) -> str:
+    """``acc/forgetting``: one of SUMMARIES over the family's matrix, e.g. ``acc/seen`` (A_t, the
+    mean over experiences seen so far)."""
+    if statistic not in SUMMARIES:
+        raise ValueError(f"unknown summary statistic {statistic!r}; expected one of {SUMMARIES}")
+    return f"{family}/{statistic}"
 
 
-def bwt(family: str) -> str:
-    return f"{family}/bwt"
-
-
-def fwt(family: str) -> str:
-    return f"{family}/fwt"
-
-
-def final(family: str) -> str:
-    return f"{family}/final"
-
-
-def avg_incremental(family: str) -> str:
-    return f"{family}/avg_incremental"
-
-
-ACC_SEEN = seen(ACC)
-ACC_FINAL = final(ACC)
-ACC_AVG_INCREMENTAL = avg_incremental(ACC)
-ACC_FORGETTING = forgetting(ACC)
-ACC_BWT = bwt(ACC)
-ACC_FWT = fwt(ACC)
-PPL_SEEN = seen(PPL)
-PPL_FINAL = final(PPL)
-PPL_FORGETTING = forgetting(PPL)
-LOSS_BWT = bwt(LOSS)
+ACC_SEEN = summary(ACC, "seen")
+ACC_FINAL = summary(ACC, "final")
+ACC_AVG_INCREMENTAL = summary(ACC, "avg_incremental")
+ACC_FORGETTING = summary(ACC, "forgetting")
+ACC_BWT = summary(ACC, "bwt")
+ACC_FWT = summary(ACC, "fwt")
+PPL_SEEN = summary(PPL, "seen")
+PPL_FINAL = summary(PPL, "final")
+PPL_FORGETTING = summary(PPL, "forgetting")
+LOSS_BWT = summary(LOSS, "bwt")
 
 # --- costs --------------------------------------------------------------------------------------
 

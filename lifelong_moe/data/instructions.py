@@ -41,7 +41,6 @@ from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Experience, Stream
 
 IGNORE = -100
-SCENARIO = "language_modeling"
 
 
 def read_examples(domain: Domain) -> list[tuple[str, str]]:
@@ -154,12 +153,11 @@ def instruction_domains(
                 task_id=task,
             )
         )
-    return InstructionStream(
-        name="instruction_domains",
-        experiences=experiences,
-        n_classes=tok.vocab_size,
-        input_shape=(context_length,),
-        scenario=SCENARIO,
-        task_labels=bool(task_labels),
+    return InstructionStream.of_windows(
+        "instruction_domains",
+        experiences,
+        tok.vocab_size,
+        context_length,
+        task_labels,
         tokenizer=tok,
     )

@@ -69,13 +69,12 @@ from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
 from lifelong_moe.data.corpus import find_domains, select_domains
-from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, Tokenizer, load_tokenizer
-from lifelong_moe.data.tokens import domain_record, split_documents
+from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, load_tokenizer
+from lifelong_moe.data.tokens import TokenStream, domain_record, split_documents
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.stream import Experience, Stream
+from lifelong_moe.stream import Experience
 
 VOCAB_SIZE = 256
-SCENARIO = "language_modeling"
 MIN_DOMAIN_BYTES = 400_000
 SEPARATOR = b"\n\n"
 # Stable across Python 3.10-3.13; sorted, so the selection reads as documented.
@@ -341,20 +340,12 @@ def _check(
 
 
 @dataclass
-class TextStream(Stream):
+class TextStream(TokenStream):
     """A Stream whose experiences are text domains; ``domains`` says what each one holds,
     ``validation[i]`` domain i's validation windows (none at validation_fraction 0),
     ``splits[i]`` its document indices per split (``train``, ``val``, ``test``), and
-    ``tokenizer`` what made the ids (None: UTF-8 bytes)."""
-
-    domains: list[DomainInfo] = field(default_factory=list)
-    validation: list[TensorDataset] = field(default_factory=list)
-    splits: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
-    tokenizer: Tokenizer | None = field(default=None, repr=False)
-
-    def domain_records(self) -> list[dict[str, Any]]:
-        """One plain record per experience (name, where, sha256, sizes), in stream order."""
-        return [d.record() for d in self.domains]
+    ``tokenizer`` what made the ids (None: UTF-8 bytes). Held in memory; the fields are
+    TokenStream's, whose windows are memory-mapped shards instead."""
 
 
 def text_domains(
@@ -441,13 +432,12 @@ def text_domains(
                 task_id=task,
             )
         )
-    return TextStream(
-        name="text_domains",
-        experiences=experiences,
-        n_classes=vocab,
-        input_shape=(context_length,),
-        scenario=SCENARIO,
-        task_labels=bool(task_labels),
+    return TextStream.of_windows(
+        "text_domains",
+        experiences,
+        vocab,
+        context_length,
+        task_labels,
         domains=infos,
         validation=validation,
         splits=splits,

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -39,7 +39,6 @@ from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, Tokenizer, load_tok
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Experience, Stream
 
-SCENARIO = "language_modeling"
 SPLITS = ("train", "val", "test")
 EVALUATED = {"test": "test", "validation": "val"}  # benchmark.split: what Experience.test holds
 
@@ -147,11 +146,17 @@ def domain_record(info: Any, fields: Sequence[str]) -> dict[str, Any]:
     }
 
 
+class DomainProfile(Protocol):
+    """What an experience's domain reports: TokenDomainInfo here, text.DomainInfo in memory."""
+
+    def record(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class TokenStream(Stream):
     """The text benchmark's Stream, plus the tokenizer, validation windows and domain records."""
 
-    domains: list[TokenDomainInfo] = field(default_factory=list)
+    domains: Sequence[DomainProfile] = field(default_factory=list)
     validation: list[Dataset] = field(default_factory=list)
     splits: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
     tokenizer: Tokenizer | None = field(default=None, repr=False)
@@ -247,13 +252,12 @@ def token_domains(
         )
         validation.append(windows["val"])
         splits.append(indices)
-    return TokenStream(
-        name="token_domains",
-        experiences=experiences,
-        n_classes=tok.vocab_size,
-        input_shape=(context_length,),
-        scenario=SCENARIO,
-        task_labels=bool(task_labels),
+    return TokenStream.of_windows(
+        "token_domains",
+        experiences,
+        tok.vocab_size,
+        context_length,
+        task_labels,
         domains=infos,
         validation=validation,
         splits=splits,

@@ -9,4 +9,4 @@ from lifelong_moe.stream import Stream
 
 def evaluator_for(stream: Stream) -> Evaluator:
     """The evaluator of the stream's scenario; both return one ``Evaluation``."""
-    return evaluate_lm if stream.scenario == "language_modeling" else evaluate
+    return evaluate_lm if stream.language_modeling else evaluate

@@ -23,9 +23,9 @@ def matrix_row(i: int, family: str, R: Matrix) -> dict[str, float]:
     """Row i of an accuracy matrix and what follows from it (family ``acc`` or ``acc_til``)."""
     Ri = np.array(R)
     out = {names.exp_metric(family, j): v for j, v in enumerate(R[i])}
-    out[names.seen(family)] = metrics.average_accuracy(Ri, i)
-    out[names.forgetting(family)] = metrics.forgetting(Ri, i)
-    out[names.bwt(family)] = metrics.bwt(Ri, i)
+    out[names.summary(family, "seen")] = metrics.average_accuracy(Ri, i)
+    out[names.summary(family, "forgetting")] = metrics.forgetting(Ri, i)
+    out[names.summary(family, "bwt")] = metrics.bwt(Ri, i)
     return out
 
 

@@ -67,7 +67,7 @@ class DenseHeads(ContinualMethod):
 
     def setup_stream(self, stream: Stream) -> None:
         super().setup_stream(stream)
-        if stream.scenario == "language_modeling":
+        if stream.language_modeling:
             self.statistics.vocab_size = stream.n_classes
 
     def before_experience(self, exp: Experience) -> None:

@@ -208,7 +208,7 @@ class LifelongMoE(ContinualMethod):
 
     def setup_stream(self, stream) -> None:
         super().setup_stream(stream)
-        if self.infer_routing and stream.scenario == "language_modeling":
+        if self.infer_routing and stream.language_modeling:
             self.statistics.vocab_size = stream.n_classes
         if self.task_aware_routing and not stream.task_labels:
             raise ConfigError(

@@ -50,6 +50,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lifelong_moe import checks, compat
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.moe.banks import TwoBanks
 from lifelong_moe.moe.dispatch import combine, grouped_experts
 from lifelong_moe.moe.experts import EXPERT_INITS, Experts, glu
 from lifelong_moe.moe.layer import ACTIVATIONS, MoEAux, MoELayer
@@ -121,8 +122,11 @@ class _Groups:
         return self
 
 
-class ExpertParallelMoE(nn.Module):
+class ExpertParallelMoE(TwoBanks, nn.Module):
     """A MoELayer whose experts are spread over the ep group of `mesh`; same forward contract."""
+
+    # Counted on the router, which holds every expert's gate row on every rank.
+    FROZEN, TRAINABLE = "router.weight_frozen", "router.weight"
 
     def __init__(self, layer: MoELayer, mesh: DeviceMesh, placement: list[int] | None = None):
         super().__init__()
@@ -172,16 +176,8 @@ class ExpertParallelMoE(nn.Module):
         return cls(layer, mesh)
 
     @property
-    def n_experts(self) -> int:
-        return self.placement.numel()
-
-    @property
     def d_model(self) -> int:
         return self.config["d_model"]
-
-    @property
-    def n_frozen(self) -> int:
-        return self.router.n_frozen
 
     def owned(self, rank: int | None = None) -> torch.Tensor:
         """Global ids of the experts held by ep rank `rank` (default: this one), ascending."""
@@ -272,10 +268,9 @@ class ExpertParallelMoE(nn.Module):
         checks.choice("init", init, EXPERT_INITS)
         checks.choice("gate_init", gate_init, GATE_INITS)
         donor = self._donor(init, n_new)
-        n_donor = donor.n_experts
+        n_donor, start = donor.n_experts, self.n_experts
         donor.expand(n_new, init, noise_std)  # sources in donor order: no usage needed
         self.router.expand(n_new, gate_init, noise_std, domain=domain)
-        start = self.n_experts
         placement = place(self.placement.tolist(), n_new, self.ep_size)
         self.placement = torch.tensor(placement, dtype=torch.long, device=self.placement.device)
         mine = (self.placement[start:] == self.ep_rank).nonzero().squeeze(1)

@@ -23,6 +23,7 @@ from torch import nn
 
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe import quant
+from lifelong_moe.moe.banks import TwoBanks
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -52,8 +53,10 @@ def _uniform(n: int, fan_in: int, fan_out: int, like: torch.Tensor | None = None
     return torch.empty(n, fan_in, fan_out, **kw).uniform_(-bound, bound)
 
 
-class Experts(nn.Module):
+class Experts(TwoBanks, nn.Module):
     """The expert weights; dispatch.py does the computation."""
+
+    FROZEN, TRAINABLE = "w1_frozen", "w1"
 
     def __init__(
         self,
@@ -88,18 +91,6 @@ class Experts(nn.Module):
 
     def _new_w1(self, n: int, like: torch.Tensor | None = None) -> torch.Tensor:
         return _uniform(n, self.d_model, self.w1_width, like=like)
-
-    @property
-    def n_frozen(self) -> int:
-        return self.w1_frozen.shape[0]
-
-    @property
-    def n_trainable(self) -> int:
-        return self.w1.shape[0]
-
-    @property
-    def n_experts(self) -> int:
-        return self.n_frozen + self.n_trainable
 
     def frozen_weight(
         self, name: str, dtype: torch.dtype | None = None, experts: slice = slice(None)

@@ -25,6 +25,7 @@ from lifelong_moe import checks
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.moe import fused
 from lifelong_moe.moe.balance import BALANCE_LOSSES
+from lifelong_moe.moe.banks import TwoBanks
 from lifelong_moe.moe.dispatch import capacity_for, grouped_experts, loop_experts
 from lifelong_moe.moe.experts import ACTIVATIONS, EXPERT_INITS, Experts, glu
 from lifelong_moe.moe.router import BALANCE_SCOPES, GATE_INITS, ROUTER_ORDERS, Router, Routing
@@ -72,8 +73,10 @@ class MoEAux:
 AuxList = list[MoEAux]
 
 
-class MoELayer(nn.Module):
+class MoELayer(TwoBanks, nn.Module):
     """Sparse top-k mixture of bias-free MLP experts, applied token-wise to x [..., d_model]."""
+
+    FROZEN, TRAINABLE = "experts.w1_frozen", "experts.w1"
 
     def __init__(
         self,
@@ -149,18 +152,6 @@ class MoELayer(nn.Module):
         )
         # Cumulative training assignments per expert, kept on the device (no sync per step).
         self.register_buffer("expert_usage", torch.zeros(n_experts))
-
-    @property
-    def n_experts(self) -> int:
-        return self.experts.n_experts
-
-    @property
-    def n_frozen(self) -> int:
-        return self.experts.n_frozen
-
-    @property
-    def n_trainable(self) -> int:
-        return self.experts.n_trainable
 
     def forward(
         self, x: torch.Tensor, expert_mask: torch.Tensor | None = None

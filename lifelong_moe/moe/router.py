@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.moe.banks import TwoBanks
 
 BALANCE_SCOPES = ("all", "trainable")
 # softmax_topk: softmax over all experts, then the k largest (Switch, OLMoE, Qwen2-MoE; with
@@ -45,8 +46,10 @@ def _uniform_rows(n: int, d: int, like: torch.Tensor | None = None) -> torch.Ten
     return torch.empty(n, d, **kw).uniform_(-bound, bound)
 
 
-class Router(nn.Module):
+class Router(TwoBanks, nn.Module):
     """logits = x W_g^T in fp32 -> optional noise and mask -> softmax -> top-k -> gates."""
+
+    FROZEN, TRAINABLE = "weight_frozen", "weight"
 
     def __init__(
         self,
@@ -73,18 +76,6 @@ class Router(nn.Module):
         self.balance_scope = balance_scope
         self.register_buffer("weight_frozen", _uniform_rows(n_frozen, d_model))
         self.weight = nn.Parameter(_uniform_rows(n_experts - n_frozen, d_model))
-
-    @property
-    def n_frozen(self) -> int:
-        return self.weight_frozen.shape[0]
-
-    @property
-    def n_trainable(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def n_experts(self) -> int:
-        return self.n_frozen + self.n_trainable
 
     def full_weight(self) -> torch.Tensor:
         """All gate rows in expert-id order (frozen first)."""

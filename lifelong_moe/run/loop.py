@@ -119,7 +119,7 @@ def check_downstream(cfg: DictConfig, stream: Stream) -> Any:
     lm_eval = cfg.get("evaluation", {}).get("lm_eval", {})
     if not lm_eval.get("tasks"):
         return None
-    if stream.scenario != "language_modeling":
+    if not stream.language_modeling:
         raise ConfigError(
             f"evaluation.lm_eval.tasks={list(lm_eval.tasks)}: expected a language-model stream, "
             f"got benchmark {stream.name} ({stream.scenario})"

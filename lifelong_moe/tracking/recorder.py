@@ -33,7 +33,7 @@ def run_tags(
     cfg: DictConfig, stream: Stream, identity: Mapping[str, str], slurm_job: str | None
 ) -> dict[str, str]:
     """Every tag of a new run: its identity, what kind of matrix it has, code and job."""
-    language = stream.scenario == "language_modeling"
+    language = stream.language_modeling
     tags = {
         **identity,
         names.TAG_SPLIT: cfg.benchmark.get("split", "test"),  # the held-out set evaluated
