@@ -245,6 +245,7 @@ STUDIES = {
         "sweeps": lm_sweeps(1),
         "plots": {"text_domains": ["benchmark=text_domains"]},
         "routing": ("lifelong_moe_specialized", "text_domains"),
+        "reference": "lifelong_moe",
         "note": "The `naive` row is the dense twin `model=lm`; the other rows use `moe_lm`.",
     },
     "routing_lm_long": {
@@ -259,6 +260,7 @@ STUDIES = {
         },
         "plots": {"text_domains": ["benchmark=text_domains"]},
         "routing": ("lifelong_moe_specialized", "text_domains"),
+        "reference": "lifelong_moe",
     },
     "routing_digits": {
         "title": "Baselines, SEED, Lifelong-MoE and Avalanche's strategies on split and permuted digits",
