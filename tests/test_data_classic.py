@@ -318,3 +318,33 @@ def test_validation_split_needs_a_fraction(tmp_path):
         )
     with pytest.raises(ConfigError, match="benchmark.validation_fraction=1.0"):
         from_yaml("core50", dataset_root=str(tmp_path), download=False, validation_fraction=1.0)
+
+
+def test_avalanche_strategies_train_on_the_split_stream(fmnist_root):
+    """method=avalanche on a split classic: Avalanche's EWC runs on the split experiences, which
+    carry the task label and experience index its plugins read."""
+    from lifelong_moe.methods.avalanche_peer import AvalanchePeer
+    from lifelong_moe.models.mlp import ResidualMLP
+    from lifelong_moe.moe import MoESettings
+
+    stream = from_yaml(
+        "split_fmnist",
+        dataset_root=str(fmnist_root),
+        n_experiences=2,
+        validation_fraction=0.25,
+        split="validation",
+    )
+    torch.manual_seed(0)
+    model = ResidualMLP([1, 28, 28], 10, d_model=8, d_hidden=8, moe=MoESettings(blocks=[0]))
+    method = AvalanchePeer(
+        model, strategy="EWC", strategy_args={"ewc_lambda": 0.4}, train_epochs=1, seed=0
+    )
+    method.setup_stream(stream)
+    for exp in stream.experiences:
+        before = [p.detach().clone() for p in model.parameters()]
+        method.before_experience(exp)
+        method.fit_experience(exp, None, None)
+        method.after_experience(exp)
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    ewc = next(p for p in method.strategy.plugins if hasattr(p, "saved_params"))
+    assert sorted(ewc.saved_params) == [0, 1]  # one entry per experience
