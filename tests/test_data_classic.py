@@ -226,3 +226,125 @@ def test_loading_turns_library_errors_into_one_line(tmp_path):
         f"benchmark.dataset_root={tmp_path}: could not load or download MNIST "
         "(RuntimeError: Dataset not found.)"
     )
+
+
+# ---------------------------------------------------------------- validation split (issue 24)
+
+
+def rows(x: torch.Tensor) -> set[bytes]:
+    return {r.numpy().tobytes() for r in x.flatten(1)}
+
+
+@pytest.fixture(scope="module")
+def fmnist_root(tmp_path_factory) -> Path:
+    """80 train images (8 per class) and 40 test images, random pixels: no two alike."""
+    rng = np.random.default_rng(0)
+    labels = np.tile(np.arange(10), 12).astype(np.uint8)
+    images = rng.integers(0, 256, size=(120, 28, 28), dtype=np.uint8)
+    root = tmp_path_factory.mktemp("fmnist")
+    write_mnist_root(root, "FashionMNIST", images, labels, n_train=80)
+    return root
+
+
+def test_classic_validation_is_carved_from_train_fixed_by_seed(fmnist_root):
+    def build(seed: int = 0, **keys):
+        return from_yaml(
+            "split_fmnist", seed=seed, dataset_root=str(fmnist_root), n_experiences=2, **keys
+        )
+
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    full = build()
+    test = build(validation_fraction=0.25)
+    valid = build(validation_fraction=0.25, split="validation")
+    assert torch.equal(torch.rand(3), expected)  # the caller's RNG is untouched
+    for i, exp in enumerate(valid.experiences):
+        train, held = exp.train.tensors, exp.test.tensors
+        # the training data is the same whichever set is evaluated; test is the untouched test
+        assert torch.equal(train[0], test.experiences[i].train.tensors[0])
+        assert torch.equal(test.experiences[i].test.tensors[0], full.experiences[i].test.tensors[0])
+        # validation and train are disjoint and together are the original training part
+        assert not rows(train[0]) & rows(held[0])
+        assert rows(train[0]) | rows(held[0]) == rows(full.experiences[i].train.tensors[0])
+        assert len(train[0]) + len(held[0]) == len(full.experiences[i].train) == 40
+        assert not rows(held[0]) & rows(full.experiences[i].test.tensors[0])
+        # class-balanced: 2 of each of the experience's 5 classes (8 training images each)
+        assert sorted(held[1].tolist()) == sorted(exp.classes * 2)
+        # Avalanche strategies (method=avalanche) train on exactly our training tensors
+        theirs = read_tensors(valid.avalanche.train_stream[i].dataset).tensors
+        assert torch.equal(theirs[0], train[0]) and not rows(theirs[0]) & rows(held[0])
+    # same seed, same split; another seed draws other validation images
+    again = build(validation_fraction=0.25, split="validation")
+    other = build(seed=1, validation_fraction=0.25, split="validation")
+    for a, b in zip(again.experiences, valid.experiences, strict=True):
+        assert torch.equal(a.test.tensors[0], b.test.tensors[0])
+    pooled = [rows(torch.cat([e.test.tensors[0] for e in s.experiences])) for s in (valid, other)]
+    assert pooled[0] != pooled[1]
+
+
+def test_shared_test_sets_pool_the_validation_parts():
+    """CORe50's path: one shared held-out set, served whole ("all") or by class ("by_class")."""
+    from avalanche.benchmarks import nc_benchmark
+    from torch.utils.data import TensorDataset
+
+    from lifelong_moe.data.materialize import materialize
+    from lifelong_moe.data.validation import with_validation_stream
+
+    x, y = torch.randn(40, 3), torch.arange(4).repeat(10)
+    with torch.random.fork_rng(devices=[]):
+        benchmark = nc_benchmark(
+            TensorDataset(x, y), TensorDataset(x[:8], y[:8]), 2, task_labels=False, seed=0
+        )
+    split = with_validation_stream(benchmark, 0.2, seed=0)
+    parts = [rows(read_tensors(e.dataset).tensors[0]) for e in split.valid_stream]
+    assert [len(p) for p in parts] == [4, 4]
+    args = dict(name="toy", scenario="class_incremental", n_classes=4, task_labels=False)
+    every = materialize(split, shared_test="all", split="validation", **args)
+    by_class = materialize(split, shared_test="by_class", split="validation", **args)
+    for i in range(2):
+        assert rows(every.experiences[i].test.tensors[0]) == parts[0] | parts[1]
+        assert rows(by_class.experiences[i].test.tensors[0]) == parts[i]
+        assert not rows(by_class.experiences[i].train.tensors[0]) & (parts[0] | parts[1])
+
+
+def test_validation_split_needs_a_fraction(tmp_path):
+    for name in CLASSICS:
+        with pytest.raises(ConfigError) as err:
+            from_yaml(name, dataset_root=str(tmp_path / "none"), download=False, split="validation")
+        assert str(err.value) == (
+            "benchmark.split=validation needs benchmark.validation_fraction > 0 (the share of "
+            "the training part held out for validation), got 0"
+        )
+    with pytest.raises(ConfigError, match="benchmark.validation_fraction=1.0"):
+        from_yaml("core50", dataset_root=str(tmp_path), download=False, validation_fraction=1.0)
+
+
+def test_avalanche_strategies_train_on_the_split_stream(fmnist_root):
+    """method=avalanche on a split classic: Avalanche's EWC runs on the split experiences, which
+    carry the task label and experience index its plugins read."""
+    from lifelong_moe.methods.avalanche_peer import AvalanchePeer
+    from lifelong_moe.models.mlp import ResidualMLP
+    from lifelong_moe.moe import MoESettings
+
+    stream = from_yaml(
+        "split_fmnist",
+        dataset_root=str(fmnist_root),
+        n_experiences=2,
+        validation_fraction=0.25,
+        split="validation",
+    )
+    torch.manual_seed(0)
+    model = ResidualMLP([1, 28, 28], 10, d_model=8, d_hidden=8, moe=MoESettings(blocks=[0]))
+    method = AvalanchePeer(
+        model, strategy="EWC", strategy_args={"ewc_lambda": 0.4}, train_epochs=1, seed=0
+    )
+    method.setup_stream(stream)
+    for exp in stream.experiences:
+        before = [p.detach().clone() for p in model.parameters()]
+        method.before_experience(exp)
+        method.fit_experience(exp, None, None)
+        method.after_experience(exp)
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    ewc = next(p for p in method.strategy.plugins if hasattr(p, "saved_params"))
+    assert sorted(ewc.saved_params) == [0, 1]  # one entry per experience

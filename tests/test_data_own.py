@@ -331,3 +331,54 @@ def test_image_folder_invalid(tmp_path):
         test_roots=[],
         scenario="domain_incremental",
     )
+
+
+# ------------------------------------------------------------------ validation split (issue 24)
+
+
+def rows(x: torch.Tensor) -> set[bytes]:
+    return {r.numpy().tobytes() for r in x.flatten(1)}
+
+
+def pooled(stream, part: str) -> torch.Tensor:
+    return torch.cat([getattr(e, part).tensors[0] for e in stream.experiences])
+
+
+def test_npz_validation_is_carved_from_train_fixed_by_seed(tmp_path):
+    x, y = blobs(20, [0, 1, 2, 3])
+    path = save(tmp_path / "d.npz", x=x, y=y)
+
+    def build(seed: int = 2, **keys):
+        keys |= dict(path=path, n_experiences=2, test_fraction=0.25, normalize=False)
+        return from_yaml("npz", seed=seed, **keys)
+
+    full, test = build(), build(validation_fraction=0.25)
+    valid = build(validation_fraction=0.25, split="validation")
+    train, held = pooled(valid, "train"), pooled(valid, "test")
+    assert torch.equal(train, pooled(test, "train"))  # same training data either way
+    assert torch.equal(pooled(test, "test"), pooled(full, "test"))  # test untouched
+    assert len(held) == 15 and len(train) == 45 and len(pooled(full, "test")) == 20
+    assert not rows(train) & rows(held) and not rows(held) & rows(pooled(full, "test"))
+    assert rows(train) | rows(held) == rows(pooled(full, "train"))
+    for exp in valid.experiences:  # stratified: each experience's classes in its validation set
+        assert set(exp.test.tensors[1].tolist()) == set(exp.classes)
+        theirs = valid.avalanche.train_stream[exp.index].dataset
+        assert not rows(torch.stack([item[0] for item in theirs])) & rows(held)
+    assert torch.equal(pooled(build(validation_fraction=0.25, split="validation"), "test"), held)
+    other = build(seed=3, validation_fraction=0.25, split="validation")
+    assert rows(pooled(other, "test")) != rows(held)
+    message = one_line_error(npz, path=path, n_experiences=1, split="validation")
+    assert message.startswith("benchmark.split=validation needs benchmark.validation_fraction > 0")
+    message = one_line_error(npz, path=path, n_experiences=1, validation_fraction=0.01)
+    assert "benchmark.validation_fraction=0.01" in message
+
+
+def test_image_folder_validation_split(tmp_path):
+    write_images(tmp_path / "imgs", ["a", "b"], n=10)
+    keys = dict(root=str(tmp_path / "imgs"), n_experiences=2, image_size=4, normalize=False)
+    full = from_yaml("image_folder", **keys)
+    valid = from_yaml("image_folder", validation_fraction=0.3, split="validation", **keys)
+    train, held = pooled(valid, "train"), pooled(valid, "test")
+    assert len(train) == 9 and len(held) == 5  # 14 training images, ceil(30 %) held out
+    assert not rows(train) & rows(held)
+    assert rows(train) | rows(held) == rows(pooled(full, "train"))

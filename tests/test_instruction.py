@@ -79,7 +79,7 @@ def test_loss_is_over_response_tokens_only(tmp_path: Path) -> None:
 
 def test_exact_match_counts_whole_examples(tmp_path: Path) -> None:
     stream = instruction_domains(
-        str(write(tmp_path, "math", EXAMPLES)), context_length=24, val_fraction=0.2
+        str(write(tmp_path, "math", EXAMPLES)), context_length=24, test_fraction=0.2
     )
     x, y, _ = stream.experiences[0].test.tensors
     lookup = {tuple(a.tolist()): b.clone() for a, b in zip(x, y, strict=True)}
@@ -122,3 +122,38 @@ def test_a_line_without_response_names_file_and_line(tmp_path: Path) -> None:
     write(tmp_path, "bad", [EXAMPLES[0], {"prompt": "x"}])
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: expected a JSON object"):
         instruction_domains(str(tmp_path))
+
+
+def test_train_validation_and_test_are_disjoint_and_fixed_by_seed(tmp_path: Path, capsys) -> None:
+    text = str(write(tmp_path, "math", EXAMPLES))
+
+    def examples(data) -> set[bytes]:
+        return {row.numpy().tobytes() for row in data.tensors[0]}
+
+    def build(**keys):
+        return instruction_domains(text, context_length=24, **keys).experiences[0]
+
+    old = build()  # the defaults: one held-out set of 10 %, the test set
+    test = build(validation_fraction=0.2, seed=0)
+    valid = build(validation_fraction=0.2, seed=0, split="validation")
+    train = examples(valid.train)
+    assert examples(test.train) == train  # the same training examples either way
+    assert (len(valid.train), len(valid.test), len(test.test)) == (21, 6, 3)
+    parts = [train, examples(valid.test), examples(test.test)]
+    assert sum(map(len, parts)) == len(set().union(*parts)) == len(EXAMPLES)  # disjoint, cover
+    assert examples(test.test) == examples(old.test)  # drawn first: the old held-out set
+    assert examples(build(validation_fraction=0.2, split="validation").test) == parts[1]
+    other = build(validation_fraction=0.2, seed=1, split="validation")
+    assert examples(other.test) != parts[1]
+    # the old key still works and means what it meant: the share held out and evaluated
+    capsys.readouterr()
+    renamed = build(val_fraction=0.2)
+    assert capsys.readouterr().out == (
+        "note: benchmark.val_fraction of instruction_domains is now benchmark.test_fraction; "
+        "read val_fraction=0.2 as test_fraction=0.2\n"
+    )
+    assert examples(renamed.test) == examples(build(test_fraction=0.2).test)
+    with pytest.raises(ConfigError, match=r"^benchmark.split=validation needs benchmark.valid"):
+        build(split="validation")
+    with pytest.raises(ConfigError, match="no example left to train on"):
+        build(test_fraction=0.5, validation_fraction=0.5)

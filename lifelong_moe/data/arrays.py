@@ -66,10 +66,31 @@ def check_class_order(
     return values
 
 
-def check_fraction(test_fraction: float) -> float:
+def check_fraction(fraction: float, key: str = "test_fraction") -> float:
     """A share of the examples strictly between 0 and 1: both halves must hold something."""
-    key = "benchmark.test_fraction"
-    return float(checks.number(key, test_fraction, low=0, high=1, low_open=True, high_open=True))
+    return float(
+        checks.number(f"benchmark.{key}", fraction, low=0, high=1, low_open=True, high_open=True)
+    )
+
+
+SPLITS = ("test", "validation")
+"""``benchmark.split``: which held-out set ``Experience.test`` holds. ``test`` is what studies
+report; ``validation`` (carved out of the training part, never trained on) is what settings are
+chosen on."""
+
+
+def check_split(split: str, validation_fraction: float) -> float:
+    """Check ``benchmark.split`` and ``benchmark.validation_fraction`` together; the fraction
+    (0: no validation set) is returned as a float."""
+    checks.choice("benchmark.split", split, SPLITS)
+    key = "benchmark.validation_fraction"
+    fraction = float(checks.number(key, validation_fraction, low=0, high=1, high_open=True))
+    if split == "validation" and not fraction:
+        raise ConfigError(
+            "benchmark.split=validation needs benchmark.validation_fraction > 0 (the share of "
+            "the training part held out for validation), got 0"
+        )
+    return fraction
 
 
 def stratified_split(
@@ -79,14 +100,17 @@ def stratified_split(
     seed: int,
     where: str,
     names: Sequence | None = None,
+    key: str = "test_fraction",
 ) -> Arrays:
     """Seeded split that keeps each class's share in both halves (sklearn's stratify).
 
-    ``names[c]`` is how the user knows class ``c`` (its original label), for messages.
+    ``names[c]`` is how the user knows class ``c`` (its original label), for messages; ``key``
+    is the benchmark key that set ``test_fraction`` (``validation_fraction`` for a validation
+    set carved out of the training part).
     """
     from sklearn.model_selection import train_test_split
 
-    test_fraction = check_fraction(test_fraction)
+    test_fraction = check_fraction(test_fraction, key)
     labels, counts = np.unique(y.numpy(), return_counts=True)
     if counts.min() < 2:
         rare = int(labels[counts.argmin()])
@@ -101,7 +125,7 @@ def stratified_split(
             index, test_size=test_fraction, random_state=seed, stratify=y.numpy()
         )
     except ValueError as err:
-        raise ConfigError(f"{where}: benchmark.test_fraction={test_fraction}: {err}") from None
+        raise ConfigError(f"{where}: benchmark.{key}={test_fraction}: {err}") from None
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 

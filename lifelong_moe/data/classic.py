@@ -14,6 +14,13 @@ orders and permutations for a seed are the ones Avalanche users get. Two deliber
 * Data must be on disk or downloadable; otherwise one ConfigError line, after at most a
   3-second connection probe (see :mod:`lifelong_moe.data.downloads`).
 
+``validation_fraction`` > 0 moves that share of each training experience's examples of every
+class into a validation set, drawn by the seed and never trained on (Avalanche's own split, see
+:mod:`lifelong_moe.data.validation`); ``split`` says which held-out set ``Experience.test``
+holds: ``test`` (what studies report) or ``validation`` (what settings are chosen on). The
+training data is the same either way, and ``Stream.avalanche`` is the split benchmark, so
+``method=avalanche`` never trains on a validation example either.
+
 MNIST-sized and CIFAR-sized streams are read into memory; TinyImageNet and CORe50 stay lazy by
 default (``in_memory: false``) because their float32 tensors would need 5 GB and more.
 """
@@ -28,9 +35,15 @@ from typing import Any
 import torch
 
 from lifelong_moe import checks
-from lifelong_moe.data.arrays import check_class_order, check_count, check_n_experiences
+from lifelong_moe.data.arrays import (
+    check_class_order,
+    check_count,
+    check_n_experiences,
+    check_split,
+)
 from lifelong_moe.data.downloads import loading, require, resolve_root
 from lifelong_moe.data.materialize import materialize
+from lifelong_moe.data.validation import with_validation_stream
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Stream
 
@@ -149,18 +162,23 @@ def build(
     dataset_root: str | None,
     download: bool,
     in_memory: bool,
+    seed: int,
+    validation_fraction: float = 0.0,
+    split: str = "test",
     task_labels: bool = False,
     extra_files: Sequence[str] = (),
     scenario: str | None = None,
     n_classes: int | None = None,
     shared_test: str | None = None,
 ) -> Stream:
-    """Check the data is there (or downloadable), run the generator, materialise the Stream.
+    """Check the data is there (or downloadable), run the generator, split off validation,
+    materialise the Stream.
 
     ``avalanche_args`` go to Avalanche's generator, with ``return_task_id`` and the transforms
     added as the spec says; ``extra_files`` are required before the spec's files; ``scenario``
-    and ``n_classes`` override the spec's.
+    and ``n_classes`` override the spec's. ``seed`` draws the validation split.
     """
+    validation_fraction = check_split(split, validation_fraction)
     root = resolve_root(dataset_root, spec.folder)
     files = [*extra_files, *spec.files]
     require(root, files, what=spec.what, url=spec.url, download=download, hint=spec.hint)
@@ -176,6 +194,8 @@ def build(
     # Avalanche's generators reseed torch's global RNG: keep that out of the caller.
     with torch.random.fork_rng(devices=[]), loading(root, spec.what):
         benchmark = generator(**args)
+    if validation_fraction:
+        benchmark = with_validation_stream(benchmark, validation_fraction, seed)
     return materialize(
         benchmark,
         name=spec.name,
@@ -184,6 +204,7 @@ def build(
         task_labels=bool(task_labels),
         in_memory=in_memory,
         shared_test=shared_test,
+        split=split,
     )
 
 
@@ -198,6 +219,8 @@ def _class_split(spec: Classic) -> Callable[..., Stream]:
         dataset_root: str | None = None,
         download: bool = True,
         in_memory: bool = spec.in_memory,
+        validation_fraction: float = 0.0,
+        split: str = "test",
     ) -> Stream:
         check_n_experiences(n_experiences, spec.n_classes)
         order = check_class_order(fixed_class_order, spec.n_classes)
@@ -207,6 +230,9 @@ def _class_split(spec: Classic) -> Callable[..., Stream]:
             dataset_root=dataset_root,
             download=download,
             in_memory=in_memory,
+            seed=seed,
+            validation_fraction=validation_fraction,
+            split=split,
             task_labels=task_labels,
         )
 
@@ -232,6 +258,8 @@ def permuted_mnist(
     dataset_root: str | None = None,
     download: bool = True,
     in_memory: bool = True,
+    validation_fraction: float = 0.0,
+    split: str = "test",
 ) -> Stream:
     """Domain-incremental MNIST: a seeded pixel permutation per experience, the first included
     (Avalanche's PermutedMNIST has no identity experience). ~220 MB per experience in memory."""
@@ -242,6 +270,9 @@ def permuted_mnist(
         dataset_root=dataset_root,
         download=download,
         in_memory=in_memory,
+        seed=seed,
+        validation_fraction=validation_fraction,
+        split=split,
         task_labels=task_labels,
     )
 
@@ -254,6 +285,8 @@ def rotated_mnist(
     dataset_root: str | None = None,
     download: bool = True,
     in_memory: bool = True,
+    validation_fraction: float = 0.0,
+    split: str = "test",
 ) -> Stream:
     """Domain-incremental MNIST: one fixed rotation per experience, seeded in [-180, 180] degrees
     unless ``rotations`` lists them."""
@@ -271,6 +304,9 @@ def rotated_mnist(
         dataset_root=dataset_root,
         download=download,
         in_memory=in_memory,
+        seed=seed,
+        validation_fraction=validation_fraction,
+        split=split,
         task_labels=task_labels,
     )
 
@@ -286,11 +322,16 @@ def core50(
     dataset_root: str | None = None,
     download: bool = True,
     in_memory: bool = False,
+    seed: int = 0,
+    validation_fraction: float = 0.0,
+    split: str = "test",
 ) -> Stream:
     """CORe50 with Avalanche's predefined runs; lazy by default.
 
     CORe50 has one test set. For ``nc`` each experience is tested on its own classes; for the
     other scenarios every experience is tested on the whole test set, as CORe50 reports it.
+    The validation set is drawn (by ``seed``; the run fixes the order) from each training
+    experience and pooled into one shared set that is served the same way.
     ``ni`` (same 50 objects, new sessions) is domain-incremental, the rest class-incremental.
     CORe50's file lists fix the task label at 0, so there is no ``task_labels`` knob.
     """
@@ -303,6 +344,9 @@ def core50(
         dataset_root=dataset_root,
         download=download,
         in_memory=in_memory,
+        seed=seed,
+        validation_fraction=validation_fraction,
+        split=split,
         extra_files=["core50_32x32" if mini else "core50_128x128", lists],
         scenario="domain_incremental" if scenario == "ni" else "class_incremental",
         n_classes=50 if object_level else 10,

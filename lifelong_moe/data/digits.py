@@ -7,24 +7,20 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from lifelong_moe import checks
 from lifelong_moe.data.arrays import (
     Arrays,
     check_class_order,
     check_count,
     check_n_experiences,
+    check_split,
     class_incremental,
     domain_incremental,
     standardize,
     stratified_split,
 )
-from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Stream
 
 N_CLASSES = 10
-
-
-SPLITS = ("test", "validation")
 
 
 def load_digits_split(
@@ -39,19 +35,14 @@ def load_digits_split(
     """
     from sklearn.datasets import load_digits
 
-    checks.choice("benchmark.split", split, SPLITS)
-    if split == "validation" and not validation_fraction:
-        raise ConfigError(
-            "benchmark.split=validation needs benchmark.validation_fraction > 0 (the share of "
-            "the training part held out for validation), got 0"
-        )
+    validation_fraction = check_split(split, validation_fraction)
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.int64)
     x_tr, y_tr, x_te, y_te = stratified_split(x, y, test_fraction, seed, "digits")
     if validation_fraction:
         x_tr, y_tr, x_va, y_va = stratified_split(
-            x_tr, y_tr, validation_fraction, seed, "digits validation"
+            x_tr, y_tr, validation_fraction, seed, "digits", key="validation_fraction"
         )
         if split == "validation":
             x_te, y_te = x_va, y_va

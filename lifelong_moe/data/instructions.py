@@ -11,11 +11,18 @@ predicts a prompt token or padding set to ``IGNORE`` (-100), so the LM loss
 (``cross_entropy``'s ``ignore_index``) is the mean over response tokens only; padding is EOS in
 ``x``. Sequences longer than the window are cut at the end (the response loses its tail).
 
-``val_fraction`` of the examples (at least one), drawn by seed, are held out: they are the
-experience's test set. The accuracy row is exact match per held-out example (every response
-token is the model's top-1 given the true prefix, which is exactly when greedy decoding
-reproduces the response), so the accuracy matrix is the exact-match forgetting matrix; the loss
-row is the mean loss per response token.
+Examples are split per domain by a seeded permutation: the first ``test_fraction`` of it (at
+least one example) is the test set, the next ``validation_fraction`` (at least one when > 0) the
+validation set, the rest is trained on. ``split`` says which held-out set ``Experience.test``
+holds: ``test`` (what studies report) or ``validation`` (what settings are chosen on); the
+training examples are the same either way. The test set is drawn first so that it is the very
+set the old ``val_fraction`` held out for the same seed and share: ``val_fraction`` named it
+before there was a validation set, and is still read as ``test_fraction``, with a note.
+
+The accuracy row is exact match per held-out example (every response token is the model's top-1
+given the true prefix, which is exactly when greedy decoding reproduces the response), so the
+accuracy matrix is the exact-match forgetting matrix; the loss row is the mean loss per response
+token.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
+from lifelong_moe.data.arrays import check_split
 from lifelong_moe.data.corpus import Domain, find_domains, jsonl_records
 from lifelong_moe.data.shards import default_cache_dir
 from lifelong_moe.data.tokenizer import (
@@ -38,6 +46,7 @@ from lifelong_moe.data.tokenizer import (
     load_tokenizer,
 )
 from lifelong_moe.errors import ConfigError
+from lifelong_moe.log import LOGGER
 from lifelong_moe.stream import Experience, Stream
 
 IGNORE = -100
@@ -102,22 +111,46 @@ class InstructionStream(Stream):
     tokenizer: Tokenizer | None = None
 
 
+def held_out(
+    n: int, test_fraction: float, validation_fraction: float, seed: int, index: int
+) -> dict[str, np.ndarray]:
+    """Sorted example indices of domain ``index``'s train, validation and test parts."""
+    n_test = max(1, round(test_fraction * n))
+    n_validation = max(1, round(validation_fraction * n)) if validation_fraction else 0
+    order = np.random.default_rng([seed, index]).permutation(n)
+    parts = np.split(order, [n_test, n_test + n_validation])
+    return {
+        s: np.sort(part) for s, part in zip(("test", "validation", "train"), parts, strict=True)
+    }
+
+
 def instruction_domains(
     text_dir: str | None = None,
     domains: Sequence[str] | None = None,
     tokenizer: str = "bytes",
     context_length: int = 128,
-    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    validation_fraction: float = 0.0,
+    split: str = "test",
     cache_dir: str | None = None,
     tokenizer_sample_bytes: int = 4_000_000,
     seed: int = 0,
     task_labels: bool = False,
+    val_fraction: float | None = None,
 ) -> InstructionStream:
-    """One experience per domain: TensorDataset(x [N, L], y [N, L] with IGNORE, t [N])."""
+    """One experience per domain: TensorDataset(x [N, L], y [N, L] with IGNORE, t [N]);
+    ``Experience.test`` holds the held-out examples that ``split`` names."""
     checks.positive_int("benchmark.context_length", context_length)
+    if val_fraction is not None:
+        LOGGER.info(
+            f"note: benchmark.val_fraction of instruction_domains is now benchmark.test_fraction;"
+            f" read val_fraction={val_fraction} as test_fraction={val_fraction}"
+        )
+        test_fraction = val_fraction
     checks.number(
-        "benchmark.val_fraction", val_fraction, low=0, high=1, low_open=True, high_open=True
+        "benchmark.test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True
     )
+    validation_fraction = check_split(split, validation_fraction)
     found = find_domains(text_dir, domains)
     data = [read_examples(d) for d in found]
     sample = None
@@ -138,11 +171,14 @@ def instruction_domains(
         ]
         x = torch.stack([p[0] for p in pairs])
         y = torch.stack([p[1] for p in pairs])
-        n_held = max(1, round(val_fraction * len(examples)))
-        order = np.random.default_rng([seed, index]).permutation(len(examples))
-        held, train = np.sort(order[:n_held]), np.sort(order[n_held:])
+        parts = held_out(len(examples), test_fraction, validation_fraction, seed, index)
+        train, held = parts["train"], parts[split]
         if not len(train):
-            raise ConfigError(f"benchmark domain {domain.name!r}: no example left to train on")
+            raise ConfigError(
+                f"benchmark domain {domain.name!r}: no example left to train on after "
+                f"test_fraction={test_fraction} and validation_fraction={validation_fraction} "
+                f"of its {len(examples)}"
+            )
         task = index if task_labels else 0
         experiences.append(
             Experience(

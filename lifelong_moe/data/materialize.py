@@ -14,6 +14,7 @@ the same triple on access. Reading costs ~40 us per MNIST item, ~150 us with a r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import reduce
 from typing import Any
 
 import torch
@@ -90,6 +91,7 @@ def materialize(
     task_labels: bool,
     in_memory: bool = True,
     shared_test: str | None = None,
+    split: str = "test",
     batch_size: int = 1024,
 ) -> Stream:
     """Build the runner's Stream from an Avalanche benchmark, reading each experience once.
@@ -98,26 +100,31 @@ def materialize(
     experience benchmarks (PermutedMNIST reports 10 x n_experiences). ``shared_test`` handles
     benchmarks with a single test experience (CORe50): ``"all"`` gives every experience the
     whole test set, ``"by_class"`` the part of it with that experience's classes.
+    ``split="validation"`` reads ``Experience.test`` from the benchmark's ``valid_stream``
+    (:mod:`lifelong_moe.data.validation`) instead of its ``test_stream``; with a shared test set
+    the experiences' validation parts are pooled into one shared validation set, served the
+    same way.
     """
     train_stream = list(benchmark.train_stream)
-    test_stream = list(benchmark.test_stream)
-    if shared_test is None and len(test_stream) != len(train_stream):
-        raise RuntimeError(
-            f"{name}: {len(train_stream)} train but {len(test_stream)} test experiences"
-        )
+    held_stream = benchmark.valid_stream if split == "validation" else benchmark.test_stream
+    held = [exp.dataset for exp in held_stream]
+    if split == "validation" and shared_test is not None:
+        held = [reduce(lambda a, b: a.concat(b), held)]
+    if shared_test is None and len(held) != len(train_stream):
+        raise RuntimeError(f"{name}: {len(train_stream)} train but {len(held)} {split} experiences")
     read = read_tensors if in_memory else TripleView
     shared = None
     if shared_test == "all":
-        shared = read(test_stream[0].dataset)
+        shared = read(held[0])
 
     experiences = []
     for i, exp in enumerate(train_stream):
         classes = sorted(int(c) for c in exp.classes_in_this_experience)
         train = read(exp.dataset)
         if shared_test is None:
-            test = read(test_stream[i].dataset)
+            test = read(held[i])
         elif shared_test == "by_class":
-            test = read(_class_subset(test_stream[0].dataset, classes))
+            test = read(_class_subset(held[0], classes))
         else:
             test = shared
         test_classes = range(n_classes) if shared_test == "all" else classes

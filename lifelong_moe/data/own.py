@@ -12,6 +12,10 @@ Scenarios:
   each source must contain every class (it is the same task on shifted inputs).
 
 Without a test set, each source is split with a seeded stratified split (``test_fraction``).
+``validation_fraction`` > 0 then carves a stratified, seeded validation set out of each source's
+training part (never trained on), and ``split`` says which held-out set ``Experience.test``
+holds: ``test`` (what studies report) or ``validation`` (what settings are chosen on), as for
+the digits.
 Inputs are standardised with the training statistics of the first experience's source, so the
 later domains' shift in scale stays visible.
 """
@@ -32,6 +36,7 @@ from lifelong_moe.data.arrays import (
     check_class_order,
     check_fraction,
     check_n_experiences,
+    check_split,
     class_incremental,
     divisors,
     domain_incremental,
@@ -83,22 +88,40 @@ def _floats(x: np.ndarray) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
-def _to_tensors(source: LabelledSource, codes: dict, seed: int, test_fraction: float) -> Arrays:
-    """Encode labels 0..C-1, split when there is no test set, and check the test set covers
-    every class (Avalanche's generators fail on a class without test examples)."""
+def _check_covers(
+    source: LabelledSource, codes: dict, y: torch.Tensor, held: torch.Tensor, what: str, fix: str
+) -> None:
+    """Avalanche's generators fail on a class without held-out examples: say which and why."""
+    absent = sorted(set(y.tolist()) - set(held.tolist()))
+    if absent:
+        names = [list(codes)[c] for c in absent[:5]]
+        raise ConfigError(f"{source.where}: no {what} example of classes {names}: {fix}")
+
+
+def _to_tensors(source: LabelledSource, codes: dict, spec: StreamSpec) -> Arrays:
+    """Encode labels 0..C-1, split off test (when there is no test set) and validation, check
+    each held-out set covers every class; the returned "test" arrays are the set ``split``
+    names."""
     encode = np.vectorize(codes.__getitem__, otypes=[np.int64])
     x, y = _floats(source.x), torch.from_numpy(encode(source.y))
+    names = list(codes)
     if source.x_test is None:
-        names = list(codes)
-        x, y, x_te, y_te = stratified_split(x, y, test_fraction, seed, source.where, names)
+        x, y, x_te, y_te = stratified_split(
+            x, y, spec.test_fraction, spec.seed, source.where, names
+        )
         fix = "raise benchmark.test_fraction"
     else:
         x_te, y_te = _floats(source.x_test), torch.from_numpy(encode(source.y_test))
         fix = "add test examples"
-    absent = sorted(set(y.tolist()) - set(y_te.tolist()))
-    if absent:
-        names = [list(codes)[c] for c in absent[:5]]
-        raise ConfigError(f"{source.where}: no test example of classes {names}: {fix}")
+    _check_covers(source, codes, y, y_te, "test", fix)
+    if spec.validation_fraction:
+        key = "validation_fraction"
+        x, y, x_va, y_va = stratified_split(
+            x, y, spec.validation_fraction, spec.seed, source.where, names, key
+        )
+        _check_covers(source, codes, y, y_va, "validation", f"raise benchmark.{key}")
+        if spec.split == "validation":
+            x_te, y_te = x_va, y_va
     return x, y, x_te, y_te
 
 
@@ -128,6 +151,8 @@ class StreamSpec:
     order_type: type  # what a class_order entry is: int (npz labels) or str (folder names)
     seed: int
     test_fraction: float
+    validation_fraction: float  # 0: no validation set
+    split: str  # which held-out set Experience.test holds: test or validation
     task_labels: bool
     normalize: bool
     channel_axis: int | None  # standardise per channel along this axis; None: one scalar
@@ -152,7 +177,7 @@ def _domain_stream(sources: list[LabelledSource], codes: dict, spec: StreamSpec)
                 f"{s.where} lacks classes {missing[:5]}: in a domain-incremental stream "
                 f"every source holds all {len(codes)} classes"
             )
-    parts = [_to_tensors(s, codes, spec.seed, spec.test_fraction) for s in sources]
+    parts = [_to_tensors(s, codes, spec) for s in sources]
     if spec.normalize:
         first, normed = parts[0][0], []
         for x_tr, y_tr, x_te, y_te in parts:
@@ -178,7 +203,7 @@ def _class_stream(source: LabelledSource, codes: dict, spec: StreamSpec) -> Stre
                 f"classes {list(codes)[:20]}"
             )
         order = check_class_order([codes[v] for v in values], n_classes, "class_order")
-    x_tr, y_tr, x_te, y_te = _to_tensors(source, codes, spec.seed, spec.test_fraction)
+    x_tr, y_tr, x_te, y_te = _to_tensors(source, codes, spec)
     if spec.normalize:
         x_tr, x_te = standardize(x_tr, x_te, channel_axis=spec.channel_axis)
     return class_incremental(
@@ -293,10 +318,13 @@ def npz(
     seed: int = 0,
     task_labels: bool = False,
     normalize: bool = True,
+    validation_fraction: float = 0.0,
+    split: str = "test",
 ) -> Stream:
     """A stream from ``.npz`` files with ``x`` (N, ...) float or uint8, ``y`` (N,) integers and
     optional ``x_test``/``y_test``. uint8 inputs are scaled to [0, 1]; ``normalize`` then
     standardises with one scalar mean/std, which is right for any array layout."""
+    validation_fraction = check_split(split, validation_fraction)
     entries = _sources(scenario, path, paths, "path", "FILE.npz")
     sources = [_read_npz(key, p) for key, p in entries]
     spec = StreamSpec(
@@ -308,6 +336,8 @@ def npz(
         order_type=int,
         seed=seed,
         test_fraction=test_fraction,
+        validation_fraction=validation_fraction,
+        split=split,
         task_labels=bool(task_labels),
         normalize=bool(normalize),
         channel_axis=None,
@@ -380,6 +410,8 @@ def image_folder(
     seed: int = 0,
     task_labels: bool = False,
     normalize: bool = True,
+    validation_fraction: float = 0.0,
+    split: str = "test",
 ) -> Stream:
     """A stream from ``ROOT/CLASS/*.png`` folders (class = sub-folder name, as torchvision's
     ImageFolder). Images are resized to ``image_size`` and read as (channels, H, W) in [0, 1];
@@ -387,6 +419,7 @@ def image_folder(
     (same layout) or a seeded stratified split."""
     if channels not in (1, 3):
         raise ConfigError(f"benchmark.channels={channels!r}: expected 1 (grayscale) or 3 (RGB)")
+    validation_fraction = check_split(split, validation_fraction)
     size = _image_size(image_size)
     mode = "L" if channels == 1 else "RGB"
     entries = _sources(scenario, root, roots, "root", "DIR")
@@ -421,6 +454,8 @@ def image_folder(
         order_type=str,
         seed=seed,
         test_fraction=test_fraction,
+        validation_fraction=validation_fraction,
+        split=split,
         task_labels=bool(task_labels),
         normalize=bool(normalize),
         channel_axis=1,
