@@ -474,13 +474,7 @@ def main() -> None:
             print(f"[{i + 1}/{len(study['sweeps'])}] {label}: {len(todo)} sweep(s) to run")
             for sweep in todo:
                 print(f"  lifelong-moe {' '.join(sweep)}")
-                subprocess.run(
-                    [str(BIN / "lifelong-moe"), *sweep],
-                    cwd=store,
-                    check=True,
-                    capture_output=True,
-                    env=env,
-                )
+                run_sweep(sweep, store, env)
         took = "" if options.tables_only else f" ({time.perf_counter() - start:.0f} s)"
         lines += [f"- `lifelong-moe {' '.join(quoted(args))}`{took}"]
         if plot_sets is None:
@@ -607,6 +601,21 @@ def identity(overrides: list[str]) -> tuple[str, str, str]:
         resolved["benchmark"].get("name", "?"),
         str(resolved["seed"]),
     )
+
+
+def run_sweep(sweep: list[str], store: Path, env: dict[str, str]) -> None:
+    """One ``lifelong-moe -m`` sweep; on failure, its last output lines and how to resume, not a
+    bare CalledProcessError (the finished runs stay in the store and are skipped next time)."""
+    result = subprocess.run(
+        [str(BIN / "lifelong-moe"), *sweep], cwd=store, capture_output=True, text=True, env=env
+    )
+    if result.returncode:
+        tail = (result.stdout + result.stderr).strip().splitlines()[-30:]
+        print("\n".join(["    " + line for line in tail]), file=sys.stderr)
+        sys.exit(
+            f"study: the sweep above exited with {result.returncode} (its runs' logs are under "
+            f"{store / 'multirun'}); run the same study command again to resume"
+        )
 
 
 def unfinished(args: list[str], done: set[tuple[str, str, str]]) -> list[list[str]]:
