@@ -238,6 +238,7 @@ STUDIES = {
             "text_domains (dense LM twin)": ["experiment=lm_cpu", "model=lm", "method=naive"],
         },
         "routing": ("lifelong_moe", "text_domains"),
+        "reference": "lifelong_moe",
         "note": "The `naive` row is the dense twin `model=lm`; the other rows use `moe_lm`.",
     },
     "routing_lm": {
