@@ -11,7 +11,8 @@ results/**/*.md; ``text`` is replaced by what KIND renders from results/STUDY/co
 - ``results STUDY``: the study's comparison table (its own columns, as lifelong-moe-compare wrote)
 - ``per_experience STUDY``: final accuracy (perplexity) on each experience
 - ``table STUDY METRIC,METRIC [method=a,b] [benchmark=x]``: an excerpt of the comparison
-- ``value STUDY METHOD BENCHMARK METRIC``: one cell, ``mean ± std`` (the mean alone for n = 1)
+- ``value STUDY METHOD BENCHMARK METRIC``: one cell, ``mean ± std`` (the mean alone for n = 1);
+  a per-experience METRIC (``ppl/exp_3``) is read from the per-experience table
 - ``mean STUDY METHOD BENCHMARK METRIC``: the mean alone
 - ``ratio STUDY METHOD OTHER BENCHMARK METRIC``: mean(METHOD) / mean(OTHER), ``1.7x``
 - ``paired STUDY``: each method's paired difference from the study's reference method over seeds
@@ -111,7 +112,10 @@ def _table(study: str, metrics: str, *filters: str) -> str:
 
 
 def _value(study: str, method: str, benchmark: str, metric: str) -> str:
-    value = cell(find(load(study)["rows"], method, benchmark, study), metric)
+    data = load(study)
+    # per-experience metrics (acc/exp_2, ppl/exp_0) live in the per_experience rows
+    rows = data["per_experience"] if "/exp_" in metric else data["rows"]
+    value = cell(find(rows, method, benchmark, study), metric)
     if value == "-":
         raise RenderError(f"{study}: {method} on {benchmark} has no {metric}")
     return value

@@ -48,6 +48,9 @@ def test_a_hand_edited_number_is_caught_and_a_bad_block_names_what_is_missing():
     difference = "<!-- render:difference study_digits naive permuted_digits acc/final -->"
     want = f"{difference}-0.296 [-0.355, -0.238]<!-- /render -->"
     assert render.render_text(f"{difference}?<!-- /render -->") == want
+    per_experience = "<!-- render:value study_digits lifelong_moe permuted_digits acc/exp_0 -->"
+    want = f"{per_experience}0.861 ± 0.022<!-- /render -->"
+    assert render.render_text(f"{per_experience}?<!-- /render -->") == want
     with pytest.raises(render.RenderError, match="no row for method=seed"):
         render.render_text(
             "<!-- render:value study_digits seed split_digits acc/final -->-<!-- /render -->"
