@@ -14,7 +14,8 @@ results/**/*.md; ``text`` is replaced by what KIND renders from results/STUDY/co
 - ``value STUDY METHOD BENCHMARK METRIC``: one cell, ``mean ± std`` (the mean alone for n = 1);
   a per-experience METRIC (``ppl/exp_3``) is read from the per-experience table
 - ``mean STUDY METHOD BENCHMARK METRIC``: the mean alone
-- ``ratio STUDY METHOD OTHER BENCHMARK METRIC``: mean(METHOD) / mean(OTHER), ``1.7x``
+- ``ratio STUDY METHOD OTHER BENCHMARK METRIC``: mean(METHOD) / mean(OTHER), ``1.7x`` (per-experience
+  metrics too)
 - ``paired STUDY``: each method's paired difference from the study's reference method over seeds
   (95 % paired t intervals, ``lifelong-moe-compare --reference``)
 - ``wall STUDY``: the study's total wall time in seconds
@@ -111,11 +112,14 @@ def _table(study: str, metrics: str, *filters: str) -> str:
     return "\n" + markdown(rows, metrics.split(",")) + "\n"
 
 
-def _value(study: str, method: str, benchmark: str, metric: str) -> str:
+def rows_for(study: str, metric: str) -> list[dict]:
+    """The rows that hold ``metric``: per-experience ones (``ppl/exp_0``) or the summary rows."""
     data = load(study)
-    # per-experience metrics (acc/exp_2, ppl/exp_0) live in the per_experience rows
-    rows = data["per_experience"] if "/exp_" in metric else data["rows"]
-    value = cell(find(rows, method, benchmark, study), metric)
+    return data["per_experience"] if "/exp_" in metric else data["rows"]
+
+
+def _value(study: str, method: str, benchmark: str, metric: str) -> str:
+    value = cell(find(rows_for(study, metric), method, benchmark, study), metric)
     if value == "-":
         raise RenderError(f"{study}: {method} on {benchmark} has no {metric}")
     return value
@@ -126,7 +130,7 @@ def _mean(study: str, method: str, benchmark: str, metric: str) -> str:
 
 
 def _ratio(study: str, method: str, other: str, benchmark: str, metric: str) -> str:
-    rows = load(study)["rows"]
+    rows = rows_for(study, metric)
     a = find(rows, method, benchmark, study)["metrics"][metric]["mean"]
     b = find(rows, other, benchmark, study)["metrics"][metric]["mean"]
     return f"{a / b:.1f}x"
