@@ -397,6 +397,7 @@ STUDIES = {
                 # One method name per lambda, so that the comparison keeps them apart.
                 "method.name=avalanche_ewc_${method.strategy_args.ewc_lambda}",
                 DIGITS_EPOCHS,
+                DIGITS_VALIDATION,
             ],
         },
         "note": "The method name carries `ewc_lambda`; Lifelong-MoE at the same epochs is in "
