@@ -79,3 +79,43 @@ def test_a_table_logged_again_replaces_the_first(tmp_path, monkeypatch):
     experiment_id = client.get_run(run_id).info.experiment_id
     loaded = client.load_table(experiment_id, "accuracy_table.json", [run_id])
     assert loaded["accuracy"].tolist() == pytest.approx([0.9, 0.8, 0.95])
+
+
+# What a run of a parallel sweep raised when another run inserted the same dataset row between
+# MLflow's look-up and its insert (study routing_lm_long, 2026-12-04).
+RACE = (
+    "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, "
+    "datasets.digest"
+)
+INPUT = {"name": "text_domains/english", "digest": "249c0f68", "source_type": "text_domain"}
+
+
+def test_dataset_inputs_survive_the_sweep_race_and_other_errors_still_raise(tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    uri = store_uri(tmp_path)
+    first, second = RunTracker(uri, "e"), RunTracker(uri, "e")
+    first.start("first", {}, {})
+    second.start("second", {}, {})
+    first.log_inputs([{**INPUT, "source": "{}"}])  # the winner's row now exists
+    real, calls = second.client.log_inputs, []
+
+    def loses_the_race_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise MlflowException(RACE)
+        return real(*args, **kwargs)
+
+    second.client.log_inputs = loses_the_race_once
+    second.log_inputs([{**INPUT, "source": "{}"}])
+    assert len(calls) == 2
+    for tracker in (first, second):
+        inputs = MlflowClient(uri).get_run(tracker.run_id).inputs.dataset_inputs
+        assert [d.dataset.name for d in inputs] == [INPUT["name"]]
+
+    def fails(*args, **kwargs):
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run gone")
+
+    second.client.log_inputs = fails
+    with pytest.raises(MlflowException, match="run gone"):
+        second.log_inputs([{**INPUT, "source": "{}"}])

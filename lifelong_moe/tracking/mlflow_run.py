@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from lifelong_moe import compat, names
 from lifelong_moe.tracking import queries, store
@@ -181,7 +182,17 @@ class RunTracker:
             )
             for d in inputs
         ]
-        self.client.log_inputs(self.run_id, datasets=datasets)
+        # MLflow looks a dataset up, then inserts it: runs of one sweep that start together
+        # race, and the loser fails on the UNIQUE constraint of (experiment, name, digest).
+        # On sqlite the store lock serialises them; elsewhere the loser retries once, when the
+        # winner's row exists.
+        with store.store_lock(self.uri):
+            try:
+                self.client.log_inputs(self.run_id, datasets=datasets)
+            except MlflowException as error:
+                if "unique" not in str(error).lower():
+                    raise
+                self.client.log_inputs(self.run_id, datasets=datasets)
 
     def delete_artifacts(self, path: str) -> None:
         """Remove an artifact file or folder (local, mlflow-artifacts over HTTP, object stores)."""

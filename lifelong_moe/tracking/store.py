@@ -228,7 +228,8 @@ def store_lock(uri: str) -> Iterator[None]:
     """Serialise first use of a sqlite store across processes (parallel sweep jobs).
 
     MLflow creates and migrates the schema on first connection; two processes doing that at
-    once break the migration. Later writes are ordinary sqlite transactions and need no lock.
+    once break the migration. Later writes are ordinary sqlite transactions and need no lock,
+    except MLflow's look-up-then-insert of dataset rows (``RunTracker.log_inputs``).
     """
     if not uri.startswith("sqlite:///"):
         yield
