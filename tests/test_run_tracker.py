@@ -119,3 +119,29 @@ def test_dataset_inputs_survive_the_sweep_race_and_other_errors_still_raise(tmp_
     second.client.log_inputs = fails
     with pytest.raises(MlflowException, match="run gone"):
         second.log_inputs([{**INPUT, "source": "{}"}])
+
+
+def test_a_run_that_fails_while_it_starts_ends_failed_not_running(tmp_path):
+    from mlflow.exceptions import MlflowException
+    from omegaconf import OmegaConf
+
+    from lifelong_moe import names
+    from lifelong_moe.tracking.recorder import RunRecorder
+
+    uri = store_uri(tmp_path)
+    tracker = RunTracker(uri, "e")
+    cfg = OmegaConf.create({"seed": 0, "tracking": {"run_name": None}, "benchmark": {}})
+
+    def disk_full(*args, **kwargs):
+        raise MlflowException("disk full")
+
+    tracker.log_text = disk_full
+    tags = {
+        names.TAG_METHOD: "naive",
+        names.TAG_BENCHMARK: "split_digits",
+        names.TAG_MODEL: "mlp",
+        names.TAG_SEED: "0",
+    }
+    with pytest.raises(MlflowException, match="disk full"):
+        RunRecorder(tracker, cfg).start([], tags, tmp_path)
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FAILED"

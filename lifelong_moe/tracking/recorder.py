@@ -74,10 +74,15 @@ class RunRecorder:
         method, benchmark = tags[names.TAG_METHOD], tags[names.TAG_BENCHMARK]
         run_name = cfg.tracking.run_name or f"{method}-{benchmark}-s{cfg.seed}"
         run_id = tracker.start(run_name, tags, flatten(resolved))
-        tracker.set_tags({names.TAG_CHECKPOINT_DIR: str((checkpoint_root / run_id).resolve())})
-        tracker.describe(report.running_description(tags, len(stream)))
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), names.CONFIG)
-        tracker.log_inputs(report.dataset_inputs(resolved["benchmark"], stream))
+        try:  # the run exists now: a failure before the recorder's context still ends it
+            tracker.set_tags({names.TAG_CHECKPOINT_DIR: str((checkpoint_root / run_id).resolve())})
+            tracker.describe(report.running_description(tags, len(stream)))
+            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), names.CONFIG)
+            tracker.log_inputs(report.dataset_inputs(resolved["benchmark"], stream))
+        except BaseException as error:
+            killed = isinstance(error, KeyboardInterrupt | SystemExit)
+            tracker.finish("KILLED" if killed else "FAILED")
+            raise
         LOGGER.info(f"run {run_id} ({run_name}): {len(stream)} experiences of {stream.name}")
         return run_id
 
