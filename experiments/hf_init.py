@@ -5,8 +5,8 @@ on text domain ``english`` (byte tokens), then for every (expand_init, gate_init
 grown by method=lifelong_moe's own ``before_experience`` (2 new experts per layer, old ones
 frozen) and trained on ``python`` with the method's loss (CE + balance + KD to the previous
 phase, lambda_kd 1, T 2). Reported: validation perplexity of both domains after growth (the
-validation documents of text_domains, split=validation; test is not read; results/hf_init.md
-was measured before text_domains split by document, on its one held-out block per domain), mean and spread over seeds. The choice
+validation documents of text_domains, split=validation; test is not read), mean and spread
+over seeds. The choice
 is the pair with the lowest mean log-perplexity over both domains. Writes results/hf_init.md
 and .json.
 
