@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
-from lifelong_moe.data.arrays import check_split
+from lifelong_moe.data.arrays import check_fraction, check_split
 from lifelong_moe.data.corpus import Domain, find_domains, jsonl_records
 from lifelong_moe.data.shards import default_cache_dir
 from lifelong_moe.data.tokenizer import (
@@ -147,9 +147,7 @@ def instruction_domains(
             f" read val_fraction={val_fraction} as test_fraction={val_fraction}"
         )
         test_fraction = val_fraction
-    checks.number(
-        "benchmark.test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True
-    )
+    test_fraction = check_fraction(test_fraction)
     validation_fraction = check_split(split, validation_fraction)
     found = find_domains(text_dir, domains)
     data = [read_examples(d) for d in found]

@@ -80,8 +80,7 @@ class RunRecorder:
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), names.CONFIG)
             tracker.log_inputs(report.dataset_inputs(resolved["benchmark"], stream))
         except BaseException as error:
-            killed = isinstance(error, KeyboardInterrupt | SystemExit)
-            tracker.finish("KILLED" if killed else "FAILED")
+            tracker.finish(_end_status(error))
             raise
         LOGGER.info(f"run {run_id} ({run_name}): {len(stream)} experiences of {stream.name}")
         return run_id
@@ -108,10 +107,7 @@ class RunRecorder:
             self.tracker.finish("FINISHED")
             self._drop_resume_state()
             return
-        killed = isinstance(error, KeyboardInterrupt | SystemExit) or getattr(
-            error, "kills_run", False
-        )
-        self.tracker.finish("KILLED" if killed else "FAILED")
+        self.tracker.finish(_end_status(error))
 
     def _drop_resume_state(self) -> None:
         if self.cfg.tracking.get("keep_resume_state", False):
@@ -125,3 +121,9 @@ class RunRecorder:
     def summary(self, summary: dict[str, Any]) -> None:
         """The run's end-of-stream summary, as summary.json."""
         self.tracker.log_json(report.rounded(summary), names.SUMMARY)
+
+
+def _end_status(error: BaseException) -> str:
+    """KILLED for Ctrl-C, an exit, or an exception whose ``kills_run`` is true; else FAILED."""
+    killed = isinstance(error, KeyboardInterrupt | SystemExit) or getattr(error, "kills_run", False)
+    return "KILLED" if killed else "FAILED"
