@@ -70,9 +70,8 @@ from torch.utils.data import TensorDataset
 from lifelong_moe import checks
 from lifelong_moe.data.corpus import find_domains, select_domains
 from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, load_tokenizer
-from lifelong_moe.data.tokens import TokenStream, domain_record, split_documents
+from lifelong_moe.data.tokens import DomainWindows, TokenStream, domain_record, split_documents
 from lifelong_moe.errors import ConfigError
-from lifelong_moe.stream import Experience
 
 VOCAB_SIZE = 256
 MIN_DOMAIN_BYTES = 400_000
@@ -398,8 +397,7 @@ def text_domains(
         texts = [text["train"].decode("utf-8", errors="replace") for _, text in parts]
         tok = load_tokenizer(tokenizer, texts if tokenizer.startswith(TRAIN_PREFIX) else None)
     vocab = VOCAB_SIZE if tok is None else tok.vocab_size
-    held_out = "test" if split == "test" else "val"
-    experiences, infos, validation, splits = [], [], [], []
+    split_domains = []
     for index, (name, (_, info), (indices, text)) in enumerate(
         zip(names, read, parts, strict=True)
     ):
@@ -417,29 +415,14 @@ def text_domains(
                     f"{len(data)} bytes, too few for one window of context_length={context_length}"
                 )
             sets[s] = TensorDataset(x, y, torch.full((len(x),), task))
-        info.n_windows = {s: len(d) for s, d in sets.items()}
-        info.n_split_documents = {s: len(d) for s, d in indices.items()}
-        infos.append(info)
-        if validation_fraction > 0:
-            validation.append(sets["val"])
-        splits.append(indices)
-        experiences.append(
-            Experience(
-                index=index,
-                train=sets["train"],
-                test=sets[held_out],
-                classes=list(range(vocab)),
-                task_id=task,
-            )
-        )
-    return TextStream.of_windows(
+        split_domains.append(DomainWindows(info, sets, indices))
+    return TextStream.of_domains(
         "text_domains",
-        experiences,
+        split_domains,
         vocab,
         context_length,
-        task_labels,
-        domains=infos,
-        validation=validation,
-        splits=splits,
+        task_labels=task_labels,
+        split=split,
         tokenizer=tok,
+        keep_validation=validation_fraction > 0,
     )

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from lifelong_moe.data.shards import TokenShard, default_cache_dir, token_shard
 from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, Tokenizer, load_tokenizer
 from lifelong_moe.errors import ConfigError
 from lifelong_moe.stream import Experience, Stream
+
+if TYPE_CHECKING:
+    from typing import Self
 
 SPLITS = ("train", "val", "test")
 EVALUATED = {"test": "test", "validation": "val"}  # benchmark.split: what Experience.test holds
@@ -149,7 +152,20 @@ def domain_record(info: Any, fields: Sequence[str]) -> dict[str, Any]:
 class DomainProfile(Protocol):
     """What an experience's domain reports: TokenDomainInfo here, text.DomainInfo in memory."""
 
+    n_windows: dict[str, int]  # per split: train, val, test
+    n_split_documents: dict[str, int]
+
     def record(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class DomainWindows:
+    """One domain, split by document: its windows and document indices per split (``train``,
+    ``val``, ``test``) and its profile."""
+
+    info: DomainProfile
+    windows: dict[str, Dataset]
+    documents: dict[str, np.ndarray]
 
 
 @dataclass
@@ -163,6 +179,47 @@ class TokenStream(Stream):
 
     def domain_records(self) -> list[dict[str, Any]]:
         return [d.record() for d in self.domains]
+
+    @classmethod
+    def of_domains(
+        cls,
+        name: str,
+        domains: Sequence[DomainWindows],
+        vocab_size: int,
+        context_length: int,
+        *,
+        task_labels: bool,
+        split: str,
+        tokenizer: Tokenizer | None,
+        keep_validation: bool,
+    ) -> Self:
+        """One experience per domain, trained on its train windows; ``Experience.test`` holds the
+        held-out windows that ``split`` names. ``keep_validation``: ``validation[i]`` is domain
+        i's validation windows (else the list is empty)."""
+        experiences = []
+        for index, domain in enumerate(domains):
+            domain.info.n_windows = {s: len(w) for s, w in domain.windows.items()}
+            domain.info.n_split_documents = {s: len(d) for s, d in domain.documents.items()}
+            experiences.append(
+                Experience(
+                    index=index,
+                    train=domain.windows["train"],
+                    test=domain.windows[EVALUATED[split]],
+                    classes=list(range(vocab_size)),
+                    task_id=index if task_labels else 0,
+                )
+            )
+        return cls.of_windows(
+            name,
+            experiences,
+            vocab_size,
+            context_length,
+            task_labels,
+            domains=[d.info for d in domains],
+            validation=[d.windows["val"] for d in domains] if keep_validation else [],
+            splits=[d.documents for d in domains],
+            tokenizer=tokenizer,
+        )
 
 
 def _check(
@@ -207,7 +264,7 @@ def token_domains(
         corpus = sample(found, tokenizer_sample_bytes, text_field)
     tok = load_tokenizer(tokenizer, corpus, cache)
     del corpus
-    experiences, infos, validation, splits = [], [], [], []
+    split_domains = []
     for index, domain in enumerate(found):
         shard = token_shard(domain, tok, cache, text_field)
         try:
@@ -228,38 +285,23 @@ def token_domains(
                     f"documents hold {windows[s].n_tokens} tokens, one window needs "
                     f"context_length + 1 = {context_length + 1}"
                 )
-        infos.append(
-            TokenDomainInfo(
-                name=domain.name,
-                where=str(domain.root),
-                sha256=shard.meta["key"],
-                n_bytes=shard.meta["n_bytes"],
-                n_documents=shard.n_documents,
-                n_tokens=shard.meta["n_tokens"],
-                tokenizer=tok.fingerprint,
-                n_windows={s: len(w) for s, w in windows.items()},
-                n_split_documents={s: len(d) for s, d in indices.items()},
-            )
+        info = TokenDomainInfo(
+            name=domain.name,
+            where=str(domain.root),
+            sha256=shard.meta["key"],
+            n_bytes=shard.meta["n_bytes"],
+            n_documents=shard.n_documents,
+            n_tokens=shard.meta["n_tokens"],
+            tokenizer=tok.fingerprint,
         )
-        experiences.append(
-            Experience(
-                index=index,
-                train=windows["train"],
-                test=windows[EVALUATED[split]],
-                classes=list(range(tok.vocab_size)),
-                task_id=task,
-            )
-        )
-        validation.append(windows["val"])
-        splits.append(indices)
-    return TokenStream.of_windows(
+        split_domains.append(DomainWindows(info, windows, indices))
+    return TokenStream.of_domains(
         "token_domains",
-        experiences,
+        split_domains,
         tok.vocab_size,
         context_length,
-        task_labels,
-        domains=infos,
-        validation=validation,
-        splits=splits,
+        task_labels=task_labels,
+        split=split,
         tokenizer=tok,
+        keep_validation=True,
     )
