@@ -1,14 +1,17 @@
-"""Evaluate a model on every test experience: one interface, one result type for every stream.
+"""Evaluate a model on every test experience: one loop, one result type for every stream.
 
-``evaluation.evaluator.evaluator_for(stream)`` picks :func:`evaluate` (classification: class-IL and task-IL accuracy
-through torchmetrics) or :func:`lifelong_moe.evaluation.evaluate_lm.evaluate_lm` (language
-modelling: exact per-byte loss, perplexity, next-byte accuracy). Both take the same arguments
-and return an :class:`Evaluation`, so the runner never asks which one it called. Routing shares
-come from the MoE layers' own token counts (:class:`RoutingCounts`), so they cost nothing extra.
+:class:`Evaluator` is the loop (eval mode, no gradients, DDP shards, expert masks, routing
+counts, progress); ``evaluation.evaluator.evaluator_for(stream)`` picks its classification
+instance :data:`evaluate` (class-IL and task-IL accuracy through torchmetrics) or
+:data:`lifelong_moe.evaluation.evaluate_lm.evaluate_lm` (language modelling: exact per-token
+loss, perplexity, next-token accuracy). Both take the same arguments and return an
+:class:`Evaluation`, so the runner never asks which one it called. Routing shares come from the
+MoE layers' own token counts (:class:`RoutingCounts`), so they cost nothing extra.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,9 +23,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from lifelong_moe.evaluation import routing
 from lifelong_moe.evaluation.routing import RoutingStats
 from lifelong_moe.evaluation.shard import gather_from_ranks, shard_loader, sum_over_ranks
+from lifelong_moe.log import LOGGER
 from lifelong_moe.stream import Experience, Stream
 
 ExpertMask = Callable[[Experience], torch.Tensor | None]
+PROGRESS_S = 10.0  # a long evaluation says how far it is at most this often
 
 
 @dataclass
@@ -37,17 +42,6 @@ class Evaluation:
     routing_stats: list[list[RoutingStats]] = field(default_factory=list)
     loss: list[float] | None = None  # language models: nats per byte
     perplexity: list[float] | None = None  # exp(loss)
-
-
-class Evaluator(Protocol):
-    def __call__(
-        self,
-        model: nn.Module,
-        stream: Stream,
-        batch_size: int = ...,
-        device: str | torch.device = ...,
-        expert_mask: ExpertMask | None = None,
-    ) -> Evaluation: ...
 
 
 class RoutingCounts:
@@ -108,44 +102,106 @@ def forward(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> tup
     return model(x) if mask is None else model(x, expert_mask=mask)
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    stream: Stream,
-    batch_size: int = 1024,
-    device: str | torch.device = "cpu",
-    expert_mask: ExpertMask | None = None,
-) -> Evaluation:
-    """Accuracy of ``model`` on each of the stream's test experiences (all of them, also future).
+class Scores(Protocol):
+    """What one test experience accumulates, batch by batch, and its entries of the rows."""
 
-    ``expert_mask`` gives the MoE expert mask for a test experience: task-aware routing, where
-    the task label (known at test time in task-IL) picks the experts. Under DDP each rank
-    evaluates a shard; torchmetrics sums the ranks' counts in ``compute`` (its default
-    ``sync_on_compute``), the routing counts are summed here.
+    def update(self, logits: torch.Tensor, y: torch.Tensor) -> None: ...
+
+    def compute(self) -> tuple[float, ...]: ...
+
+
+class Evaluator:
+    """One pass of a model over every test experience of a stream, in eval mode, without
+    gradients; subclasses say how a batch is scored (:meth:`scores`) and what the rows become
+    (:meth:`evaluation`). One loop, so both evaluators shard, mask, count routing and report
+    progress alike, and take the same arguments.
     """
-    was_training = model.training
-    model.eval()
-    accuracy, accuracy_task, counts = [], [], RoutingCounts()
-    for exp in stream.experiences:
-        overall = MulticlassAccuracy(stream.n_classes, average="micro").to(device)
-        within_task = MulticlassAccuracy(stream.n_classes, average="micro").to(device)
-        task_mask = torch.full((stream.n_classes,), float("-inf"), device=device)
-        task_mask[exp.classes] = 0.0
-        mask = expert_mask(exp) if expert_mask is not None else None
-        for batch in shard_loader(exp.test, batch_size):
-            x, y = batch[0].to(device), batch[1].to(device)
-            logits, aux = forward(model, x, mask)
-            if len(y):  # an empty batch keeps the ranks in step (shard.py); torchmetrics refuses it
-                overall.update(logits, y)
-                within_task.update(logits + task_mask, y)
-            counts.add(aux, len(y))
-        accuracy.append(overall.compute().item())
-        accuracy_task.append(within_task.compute().item())
-        counts.end_experience()
-    model.train(was_training)
-    return Evaluation(
-        accuracy=accuracy,
-        accuracy_task=accuracy_task if stream.task_labels else None,
-        routing=counts.by_layer(),
-        routing_stats=counts.stats_by_layer(),
-    )
+
+    batch_size = 1024  # the default eval batch of this kind of stream
+    unit = "experiences"  # what the progress line counts
+
+    def scores(self, stream: Stream, exp: Experience, device: str | torch.device) -> Scores:
+        raise NotImplementedError
+
+    def evaluation(
+        self, stream: Stream, rows: list[tuple[float, ...]], routing: RoutingCounts
+    ) -> Evaluation:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        model: nn.Module,
+        stream: Stream,
+        batch_size: int | None = None,
+        device: str | torch.device = "cpu",
+        expert_mask: ExpertMask | None = None,
+    ) -> Evaluation:
+        """Score ``model`` on each of the stream's test experiences (all of them, also future).
+
+        ``expert_mask`` gives the MoE expert mask for a test experience: task-aware routing,
+        where the task label (known at test time in task-IL) picks the experts. Under DDP each
+        rank evaluates a shard; the scores and routing counts are summed over the ranks.
+        """
+        was_training = model.training
+        model.eval()
+        rows, routing = [], RoutingCounts()
+        start = last = time.perf_counter()
+        for j, exp in enumerate(stream.experiences):
+            scores = self.scores(stream, exp, device)
+            mask = expert_mask(exp) if expert_mask is not None else None
+            for batch in shard_loader(exp.test, batch_size or self.batch_size):
+                x, y = batch[0].to(device), batch[1].to(device)
+                logits, aux = forward(model, x, mask)
+                scores.update(logits, y)
+                routing.add(aux, len(y))
+            rows.append(scores.compute())
+            routing.end_experience()
+            now = time.perf_counter()
+            if now - last >= PROGRESS_S:  # only long evaluations print; outcomes never depend on it
+                last = now
+                LOGGER.info(
+                    f"evaluating: {j + 1}/{len(stream.experiences)} {self.unit} "
+                    f"in {now - start:.0f}s"
+                )
+        model.train(was_training)
+        return self.evaluation(stream, rows, routing)
+
+
+class Accuracies:
+    """Class-IL and task-IL accuracy of one experience through torchmetrics, which sums the
+    ranks' counts in ``compute`` (its default ``sync_on_compute``)."""
+
+    def __init__(self, stream: Stream, exp: Experience, device: str | torch.device) -> None:
+        self.overall = MulticlassAccuracy(stream.n_classes, average="micro").to(device)
+        self.within_task = MulticlassAccuracy(stream.n_classes, average="micro").to(device)
+        self.task_mask = torch.full((stream.n_classes,), float("-inf"), device=device)
+        self.task_mask[exp.classes] = 0.0
+
+    def update(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if len(y):  # an empty batch keeps the ranks in step (shard.py); torchmetrics refuses it
+            self.overall.update(logits, y)
+            self.within_task.update(logits + self.task_mask, y)
+
+    def compute(self) -> tuple[float, float]:
+        return self.overall.compute().item(), self.within_task.compute().item()
+
+
+class ClassificationEvaluator(Evaluator):
+    """Accuracy on every test experience; task-IL accuracy too when the stream has task labels."""
+
+    def scores(self, stream: Stream, exp: Experience, device: str | torch.device) -> Accuracies:
+        return Accuracies(stream, exp, device)
+
+    def evaluation(
+        self, stream: Stream, rows: list[tuple[float, ...]], routing: RoutingCounts
+    ) -> Evaluation:
+        return Evaluation(
+            accuracy=[row[0] for row in rows],
+            accuracy_task=[row[1] for row in rows] if stream.task_labels else None,
+            routing=routing.by_layer(),
+            routing_stats=routing.stats_by_layer(),
+        )
+
+
+evaluate = ClassificationEvaluator()
