@@ -79,18 +79,38 @@ report; ``validation`` (carved out of the training part, never trained on) is wh
 chosen on."""
 
 
-def check_split(split: str, validation_fraction: float) -> float:
-    """Check ``benchmark.split`` and ``benchmark.validation_fraction`` together; the fraction
-    (0: no validation set) is returned as a float."""
+def check_split(
+    split: str,
+    validation_fraction: float,
+    key: str = "validation_fraction",
+    held_from: str = "the training part",
+) -> float:
+    """Check ``benchmark.split`` and the validation share (``benchmark.<key>``, taken from
+    ``held_from``) together; the fraction (0: no validation set) is returned as a float."""
     checks.choice("benchmark.split", split, SPLITS)
-    key = "benchmark.validation_fraction"
-    fraction = float(checks.number(key, validation_fraction, low=0, high=1, high_open=True))
+    fraction = float(
+        checks.number(f"benchmark.{key}", validation_fraction, low=0, high=1, high_open=True)
+    )
     if split == "validation" and not fraction:
         raise ConfigError(
-            "benchmark.split=validation needs benchmark.validation_fraction > 0 (the share of "
-            "the training part held out for validation), got 0"
+            f"benchmark.split=validation needs benchmark.{key} > 0 (the share of "
+            f"{held_from} held out for validation), got 0"
         )
     return fraction
+
+
+def held_out_size(fraction: float, n: int) -> int:
+    """Items a held-out part of ``n`` takes at ``fraction``: at least one when > 0, none at 0."""
+    return max(1, round(fraction * n)) if fraction > 0 else 0
+
+
+def seeded_parts(n: int, sizes: dict[str, int], seed: int, index: int) -> dict[str, np.ndarray]:
+    """Sorted indices of the parts of ``n`` items (``index``: which item set, e.g. a domain): a
+    permutation seeded by ``[seed, index]`` is cut into ``sizes`` in their order, and ``train``
+    is the rest. The same seed gives the same parts on every machine."""
+    order = np.random.default_rng([seed, index]).permutation(n)
+    parts = np.split(order, np.cumsum(list(sizes.values())))
+    return {name: np.sort(part) for name, part in zip([*sizes, "train"], parts, strict=True)}
 
 
 def stratified_split(

@@ -31,12 +31,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
-from lifelong_moe.data.arrays import check_fraction, check_split
+from lifelong_moe.data.arrays import check_fraction, check_split, held_out_size, seeded_parts
 from lifelong_moe.data.corpus import Domain, find_domains, jsonl_records
 from lifelong_moe.data.shards import default_cache_dir
 from lifelong_moe.data.tokenizer import (
@@ -111,19 +110,6 @@ class InstructionStream(Stream):
     tokenizer: Tokenizer | None = None
 
 
-def held_out(
-    n: int, test_fraction: float, validation_fraction: float, seed: int, index: int
-) -> dict[str, np.ndarray]:
-    """Sorted example indices of domain ``index``'s train, validation and test parts."""
-    n_test = max(1, round(test_fraction * n))
-    n_validation = max(1, round(validation_fraction * n)) if validation_fraction else 0
-    order = np.random.default_rng([seed, index]).permutation(n)
-    parts = np.split(order, [n_test, n_test + n_validation])
-    return {
-        s: np.sort(part) for s, part in zip(("test", "validation", "train"), parts, strict=True)
-    }
-
-
 def instruction_domains(
     text_dir: str | None = None,
     domains: Sequence[str] | None = None,
@@ -169,7 +155,11 @@ def instruction_domains(
         ]
         x = torch.stack([p[0] for p in pairs])
         y = torch.stack([p[1] for p in pairs])
-        parts = held_out(len(examples), test_fraction, validation_fraction, seed, index)
+        n = len(examples)
+        # test first: the very set the old val_fraction held out for the same seed and share
+        sizes = {"test": held_out_size(test_fraction, n)}
+        sizes["validation"] = held_out_size(validation_fraction, n)
+        parts = seeded_parts(n, sizes, seed, index)
         train, held = parts["train"], parts[split]
         if not len(train):
             raise ConfigError(

@@ -68,6 +68,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lifelong_moe import checks
+from lifelong_moe.data.arrays import check_fraction, check_split
 from lifelong_moe.data.corpus import find_domains, select_domains
 from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, load_tokenizer
 from lifelong_moe.data.tokens import DomainWindows, TokenStream, domain_record, split_documents
@@ -293,8 +294,6 @@ def read_domain(
 
 # ---------------------------------------------------------------- windows and split
 
-SPLITS = ("test", "validation")  # benchmark.split: what Experience.test holds
-
 
 def windows(data: bytes, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, L] and y [N, L] = x shifted by one byte; stride L, so each target appears once."""
@@ -322,18 +321,8 @@ def _check(
 ) -> None:
     checks.positive_int("benchmark.context_length", context_length)
     checks.optional(checks.positive_int, "benchmark.max_bytes_per_domain", max_bytes)
-    checks.number(
-        "benchmark.validation_fraction", validation_fraction, low=0, high=1, high_open=True
-    )
-    checks.number(
-        "benchmark.test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True
-    )
-    checks.choice("benchmark.split", split, SPLITS)
-    if split == "validation" and not validation_fraction:
-        raise ConfigError(
-            "benchmark.split=validation needs benchmark.validation_fraction > 0 (the share of "
-            "each domain's documents held out for validation), got 0"
-        )
+    check_fraction(test_fraction)
+    check_split(split, validation_fraction, held_from="each domain's documents")
     if domains is not None and (isinstance(domains, str) or not isinstance(domains, Sequence)):
         raise ConfigError(f"benchmark.domains={domains!r}: expected null or a list of names")
 

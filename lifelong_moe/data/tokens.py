@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lifelong_moe import checks
+from lifelong_moe.data.arrays import check_fraction, check_split, held_out_size, seeded_parts
 from lifelong_moe.data.corpus import find_domains, sample
 from lifelong_moe.data.shards import TokenShard, default_cache_dir, token_shard
 from lifelong_moe.data.tokenizer import BYTES, TRAIN_PREFIX, Tokenizer, load_tokenizer
@@ -56,20 +57,15 @@ def split_documents(
     ``max(1, round(test_fraction * n))`` test (none when a fraction is 0), the rest train.
     The same seed gives the same split on every machine; the sets are disjoint and cover all.
     """
-    n_val = max(1, round(val_fraction * n_documents)) if val_fraction > 0 else 0
-    n_test = max(1, round(test_fraction * n_documents)) if test_fraction > 0 else 0
+    n_val = held_out_size(val_fraction, n_documents)
+    n_test = held_out_size(test_fraction, n_documents)
     if n_documents - n_val - n_test < 1:
         raise ConfigError(
             f"a domain has {n_documents} documents: too few to hold out {n_val} validation and "
             f"{n_test} test documents and train on the rest; split its text into more files or "
             "jsonl lines"
         )
-    order = np.random.default_rng([seed, index]).permutation(n_documents)
-    return {
-        "val": np.sort(order[:n_val]),
-        "test": np.sort(order[n_val : n_val + n_test]),
-        "train": np.sort(order[n_val + n_test :]),
-    }
+    return seeded_parts(n_documents, {"val": n_val, "test": n_test}, seed, index)
 
 
 def document_runs(offsets: np.ndarray, documents: np.ndarray) -> np.ndarray:
@@ -226,17 +222,9 @@ def _check(
     context_length: int, val_fraction: float, test_fraction: float, sample_bytes: int, split: str
 ) -> None:
     checks.positive_int("benchmark.context_length", context_length)
-    checks.number("benchmark.val_fraction", val_fraction, low=0, high=1, high_open=True)
-    checks.number(
-        "benchmark.test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True
-    )
+    check_fraction(test_fraction)
     checks.positive_int("benchmark.tokenizer_sample_bytes", sample_bytes)
-    checks.choice("benchmark.split", split, tuple(EVALUATED))
-    if split == "validation" and not val_fraction:
-        raise ConfigError(
-            "benchmark.split=validation needs benchmark.val_fraction > 0 (the share of each "
-            "domain's documents held out for validation), got 0"
-        )
+    check_split(split, val_fraction, key="val_fraction", held_from="each domain's documents")
 
 
 def token_domains(
