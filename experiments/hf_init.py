@@ -6,9 +6,8 @@ grown by method=lifelong_moe's own ``before_experience`` (2 new experts per laye
 frozen) and trained on ``python`` with the method's loss (CE + balance + KD to the previous
 phase, lambda_kd 1, T 2). Reported: validation perplexity of both domains after growth (the
 validation documents of text_domains, split=validation; test is not read), mean and spread
-over seeds. The choice
-is the pair with the lowest mean log-perplexity over both domains. Writes results/hf_init.md
-and .json.
+over seeds. The choice is the pair with the lowest mean log-perplexity over both domains.
+Writes results/hf_init.md and .json.
 
     OMP_NUM_THREADS=1 python experiments/hf_init.py --seeds 0 1 2 --pretrain-steps 200 --grow-steps 60
 """
